@@ -1,0 +1,246 @@
+"""The ``aumai-fedtrain`` command line: run the simulation, hash and verify updates.
+
+Every failure is one line on stderr: exit 2 for bad input (files, JSON, config keys, options),
+exit 1 for a failed verification or a run that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from pydantic import BaseModel, ValidationError
+
+from aumai_fedtrain import __version__
+from aumai_fedtrain.checkpoint import CheckpointError
+from aumai_fedtrain.coordinator import DiLoCoCoordinator
+from aumai_fedtrain.models import FederatedNode, LocalUpdate, RoundRecord, TrainingConfig
+from aumai_fedtrain.models import TrainingResult as Result
+from aumai_fedtrain.verification import HashVerifier, normalize_digest
+
+PROG_NAME = "aumai-fedtrain"
+MAX_CREDIT_LINES = 50
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class InputError(click.ClickException):
+    """Bad input from the user: a file, its JSON, a config key or an option value."""
+
+    exit_code = 2
+
+
+def describe_validation_error(error: ValidationError, limit: int = 3) -> str:
+    """One line naming each invalid field (``unknown key 'x'`` for unexpected ones)."""
+    parts = []
+    for item in error.errors()[:limit]:
+        location = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key {location!r}")
+        elif location:
+            parts.append(f"{location}: {item['msg']}")
+        else:
+            parts.append(item["msg"])
+    more = error.error_count() - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def load_model_file(path: Path, model: type[ModelT], what: str) -> ModelT:
+    """Read and validate a JSON file, raising :class:`InputError` with one line on failure."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputError(f"cannot read {what} file {str(path)!r}: {reason}") from None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise InputError(f"invalid {what} file {str(path)!r}: "
+                         f"{describe_validation_error(exc)}") from None
+
+
+def simulated_nodes(count: int) -> list[FederatedNode]:
+    """``count`` virtual nodes named ``node-000``, ``node-001``, ..."""
+    width = max(3, len(str(count - 1)))
+    return [
+        FederatedNode(node_id=f"node-{index:0{width}d}", address=f"sim://{index}")
+        for index in range(count)
+    ]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=PROG_NAME)
+def cli() -> None:
+    """Federated, low-communication (DiLoCo) training."""
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="TrainingConfig JSON file (default: the built-in configuration).")
+@click.option("--nodes", type=click.IntRange(min=1), help="Number of simulated nodes.")
+@click.option("--rounds", type=click.IntRange(min=1), help="Number of global rounds.")
+@click.option("--seed", type=int, help="Seed of the data, model and node sampling.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the run state here after every round.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run checkpointed in --checkpoint-dir.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def run(
+    config_path: Path | None,
+    nodes: int | None,
+    rounds: int | None,
+    seed: int | None,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    as_json: bool,
+) -> None:
+    """Train a model with the built-in DiLoCo simulation."""
+    from aumai_fedtrain.simulation import SimulationProvider
+
+    if resume and checkpoint_dir is None:
+        raise InputError("--resume needs --checkpoint-dir")
+    config = (load_model_file(config_path, TrainingConfig, "config")
+              if config_path is not None else TrainingConfig())
+    overrides = {"num_nodes": nodes, "global_rounds": rounds, "seed": seed}
+    config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    node_list = simulated_nodes(config.num_nodes)
+    if not as_json:
+        click.echo(f"Starting federated training: {config.model_name}  "
+                   f"nodes={config.num_nodes}  rounds={config.global_rounds}")
+    progress = _RoundProgress(config.global_rounds, enabled=not as_json and _is_terminal())
+    coordinator = DiLoCoCoordinator()
+    try:
+        result = coordinator.run_training(
+            config, node_list, SimulationProvider(),
+            checkpoint_dir=checkpoint_dir, resume=resume, on_round=progress,
+        )
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from None
+    finally:
+        progress.close()
+    if as_json:
+        click.echo(json.dumps(_result_summary(config, result), indent=2))
+    else:
+        _print_result(config, result)
+
+
+@cli.command("hash")
+@click.option("--update", "update_path", required=True, type=click.Path(path_type=Path),
+              help="LocalUpdate JSON file.")
+def hash_command(update_path: Path) -> None:
+    """Print the canonical SHA-256 of an update's gradients."""
+    update = load_model_file(update_path, LocalUpdate, "update")
+    click.echo(HashVerifier().compute_hash(update.gradients))
+
+
+@cli.command()
+@click.option("--update", "update_path", required=True, type=click.Path(path_type=Path),
+              help="LocalUpdate JSON file.")
+@click.option("--hash", "expected", required=True, help="Expected SHA-256 hex digest.")
+def verify(update_path: Path, expected: str) -> None:
+    """Check an update's gradients against a SHA-256 digest (exit 1 on mismatch)."""
+    try:
+        normalize_digest(expected)
+    except ValueError as exc:
+        raise InputError(f"--hash: {exc}") from None
+    update = load_model_file(update_path, LocalUpdate, "update")
+    verifier = HashVerifier()
+    actual = verifier.compute_hash(update.gradients)
+    if verifier.verify(update, expected):
+        click.echo(f"Verification PASSED.  Hash: {actual}")
+        return
+    click.echo(f"Verification FAILED.  Expected: {expected.strip().lower()}  Actual: {actual}")
+    raise click.exceptions.Exit(1)
+
+
+class _RoundProgress:
+    """A one-line, in-place progress display of the rounds on a terminal (stderr)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self._shown = False
+
+    def __call__(self, record: RoundRecord) -> None:
+        if not self.enabled:
+            return
+        line = f"  round {record.round_id}/{self.total}  loss {record.avg_loss:.6f}"
+        if record.eval_accuracy is not None:
+            line += f"  eval acc {record.eval_accuracy:.2%}"
+        click.echo(f"\r\x1b[2K{line}", nl=False, err=True)
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            click.echo(err=True)
+
+
+def _is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _last_eval(result: Result) -> RoundRecord | None:
+    evaluated = [record for record in result.history if record.eval_loss is not None]
+    return evaluated[-1] if evaluated else None
+
+
+def _result_summary(config: TrainingConfig, result: Result) -> dict[str, Any]:
+    last = _last_eval(result)
+    return {
+        "model_name": config.model_name,
+        "num_nodes": config.num_nodes,
+        "global_rounds": config.global_rounds,
+        "rounds_completed": result.rounds_completed,
+        "total_samples": result.total_samples,
+        "final_loss": result.final_loss,
+        "eval_loss": last.eval_loss if last else None,
+        "eval_accuracy": last.eval_accuracy if last else None,
+        "duration_seconds": result.duration_seconds,
+        "history": [record.model_dump(mode="json") for record in result.history],
+        "credits": result.credits,
+    }
+
+
+def _print_result(config: TrainingConfig, result: Result) -> None:
+    echo = click.echo
+    echo()
+    echo("Training complete.")
+    echo(f"  Rounds completed:  {result.rounds_completed}/{config.global_rounds}")
+    echo(f"  Total samples:     {result.total_samples}")
+    echo(f"  Final avg loss:    {result.final_loss:.6f}")
+    last = _last_eval(result)
+    if last is not None and last.eval_loss is not None and last.eval_accuracy is not None:
+        echo(f"  Eval loss:         {last.eval_loss:.6f}")
+        echo(f"  Eval accuracy:     {last.eval_accuracy:.2%}")
+    echo(f"  Duration:          {result.duration_seconds:.3f}s")
+    echo()
+    echo("Node credits (samples processed):")
+    credits = sorted(result.credits.items())
+    for node_id, samples in credits[:MAX_CREDIT_LINES]:
+        echo(f"  {node_id}: {samples} samples")
+    if len(credits) > MAX_CREDIT_LINES:
+        echo(f"  ... and {len(credits) - MAX_CREDIT_LINES} more nodes (--json lists all)")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``aumai-fedtrain`` command; errors are one line, never a traceback."""
+    try:
+        code = cli.main(args=list(argv) if argv is not None else None, prog_name=PROG_NAME,
+                        standalone_mode=False)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:  # a failing run: report it in one line, not a traceback
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+    sys.exit(code if isinstance(code, int) else 0)

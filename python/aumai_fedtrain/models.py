@@ -1,0 +1,205 @@
+"""Pydantic data model of a federated run.
+
+Tensor-valued fields (gradients, weights, parameters, optimizer state) accept lists, nested
+lists and NumPy arrays and hold float64 NumPy arrays; their JSON form is nested lists of
+floats (``NaN``/``Infinity`` written as ``json.dumps`` writes them), so
+``Model.model_validate_json(m.model_dump_json())`` gives back an equal model. Models compare
+equal by value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+)
+
+__all__ = [
+    "FederatedNode",
+    "GlobalState",
+    "LocalUpdate",
+    "RoundRecord",
+    "SimulationConfig",
+    "Tensor",
+    "TensorMap",
+    "TrainingConfig",
+    "TrainingResult",
+]
+
+_NUMERIC_KINDS = frozenset("iuf")
+
+
+def to_tensor(value: Any) -> np.ndarray:
+    """Convert a number, (nested) list or array to a float64 array (no copy for float64 input).
+
+    Raises ``ValueError`` for strings, booleans, objects and ragged nested lists.
+    """
+    if isinstance(value, np.ndarray) and value.dtype == np.float64:
+        return value
+    if isinstance(value, str | bytes | Mapping):
+        raise ValueError(f"expected a number or a (nested) list of numbers, got "
+                         f"{type(value).__name__}")
+    try:
+        array = np.asarray(value)
+    except ValueError as exc:
+        raise ValueError(f"not a rectangular array of numbers ({exc})") from None
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"expected numbers, got values of type {array.dtype}")
+    return array.astype(np.float64, copy=False)
+
+
+def _tensor_to_json(array: np.ndarray) -> Any:
+    return array.tolist()
+
+
+Tensor = Annotated[
+    np.ndarray,
+    PlainValidator(to_tensor),
+    PlainSerializer(_tensor_to_json, when_used="json"),
+    WithJsonSchema({"type": "array", "items": {}}),
+]
+"""A float64 NumPy array; nested lists of floats in JSON."""
+
+TensorMap = dict[str, Tensor]
+"""Parameter name -> tensor."""
+
+
+def values_equal(left: Any, right: Any) -> bool:
+    """Structural equality that compares arrays by shape and value (NaN equal to NaN)."""
+    if isinstance(left, np.ndarray) or isinstance(right, np.ndarray):
+        if not (isinstance(left, np.ndarray) and isinstance(right, np.ndarray)):
+            return False
+        return left.shape == right.shape and bool(np.array_equal(left, right, equal_nan=True))
+    if isinstance(left, dict) and isinstance(right, dict):
+        return left.keys() == right.keys() and all(values_equal(left[k], right[k]) for k in left)
+    if isinstance(left, list | tuple) and isinstance(right, list | tuple):
+        return len(left) == len(right) and all(
+            values_equal(a, b) for a, b in zip(left, right, strict=True)
+        )
+    if isinstance(left, float) and isinstance(right, float) and left != left and right != right:
+        return True  # NaN == NaN for value equality
+    return bool(left == right)
+
+
+class _Model(BaseModel):
+    """Base: unknown fields are errors, non-finite floats serialise as JSON constants."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants", validate_assignment=True)
+
+    def __eq__(self, other: object) -> bool:
+        if type(self) is not type(other):
+            return NotImplemented
+        assert isinstance(other, BaseModel)
+        return values_equal(self.__dict__, other.__dict__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class FederatedNode(_Model):
+    """A participant in the run: an id, a network address and capability metadata."""
+
+    node_id: Annotated[str, Field(min_length=1)]
+    address: str = ""
+    capabilities: dict[str, Any] = Field(default_factory=dict)
+    status: Literal["idle", "training", "offline"] = "idle"
+
+
+class LocalUpdate(_Model):
+    """What a node sends after its local steps: the pseudo-gradient, its loss and samples."""
+
+    node_id: Annotated[str, Field(min_length=1)]
+    round_id: Annotated[int, Field(ge=0)]
+    gradients: TensorMap
+    loss: FiniteFloat
+    samples_used: Annotated[int, Field(ge=0)]
+
+
+class SimulationConfig(_Model):
+    """Settings of the built-in simulation: dataset, model and how data is split."""
+
+    num_features: PositiveInt = 32
+    num_classes: Annotated[int, Field(ge=2)] = 10
+    hidden_units: PositiveInt = 64
+    samples_per_node: PositiveInt = 512
+    eval_samples: PositiveInt = 2000
+    dirichlet_alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
+
+
+class TrainingConfig(_Model):
+    """Configuration of a run: inner (node) and outer (coordinator) optimisation settings."""
+
+    model_name: Annotated[str, Field(min_length=1)] = "mlp-synthetic"
+    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.001
+    batch_size: PositiveInt = 32
+    local_steps: PositiveInt = 10
+    global_rounds: PositiveInt = 5
+    num_nodes: PositiveInt = 3
+    outer_learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.7
+    outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = True
+    aggregation_weights: Literal["samples", "uniform"] = "samples"
+    seed: int = 0
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+
+class GlobalState(_Model):
+    """The coordinator's view after a round.
+
+    ``global_weights`` is the aggregated (averaged) update of the last round. When the run has
+    a model, ``parameters`` holds the global model and ``momentum`` the outer optimizer's
+    buffer, so a checkpointed state is all that a resume needs.
+    """
+
+    round_id: Annotated[int, Field(ge=0)] = 0
+    global_weights: TensorMap = Field(default_factory=dict)
+    participating_nodes: list[str] = Field(default_factory=list)
+    avg_loss: FiniteFloat | None = None
+    total_samples: Annotated[int, Field(ge=0)] = 0
+    parameters: TensorMap | None = None
+    momentum: TensorMap | None = None
+
+
+class RoundRecord(_Model):
+    """One line of a run's history."""
+
+    round_id: PositiveInt
+    avg_loss: FiniteFloat
+    total_samples: Annotated[int, Field(ge=0)]
+    num_participants: Annotated[int, Field(ge=0)]
+    duration_seconds: Annotated[float, Field(ge=0)]
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+
+
+class TrainingResult(_Model):
+    """Outcome of :meth:`DiLoCoCoordinator.run_training`."""
+
+    final_loss: float
+    total_samples: Annotated[int, Field(ge=0)]
+    duration_seconds: Annotated[float, Field(ge=0)]
+    rounds_completed: Annotated[int, Field(ge=0)]
+    history: list[RoundRecord] = Field(default_factory=list)
+    credits: dict[str, int] = Field(default_factory=dict)
+    final_state: GlobalState
+
+    @field_validator("credits")
+    @classmethod
+    def _non_negative_credits(cls, credits: dict[str, int]) -> dict[str, int]:
+        for node_id, samples in credits.items():
+            if samples < 0:
+                raise ValueError(f"credit of {node_id!r} is negative ({samples})")
+        return credits

@@ -1,0 +1,47 @@
+"""The injection point between the coordinator and the nodes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from aumai_fedtrain.models import FederatedNode, GlobalState, LocalUpdate, TensorMap, TrainingConfig
+
+
+class UpdateProvider(ABC):
+    """Produces the nodes' :class:`LocalUpdate` objects for each round.
+
+    Implement :meth:`get_updates` to plug in real nodes or a simulator. The coordinator calls
+    :meth:`configure` with the run's :class:`TrainingConfig` before the first round, so
+    ``self.config`` (e.g. ``self.config.local_steps``) is available inside ``get_updates``.
+
+    A provider that trains a model also implements :meth:`initial_parameters` (the coordinator
+    then keeps global parameters and applies the outer optimizer to them) and may implement
+    :meth:`evaluate` to report held-out loss and accuracy of the global model every round.
+    """
+
+    config: TrainingConfig | None = None
+
+    def configure(self, config: TrainingConfig) -> None:
+        """Receive the run's configuration before the first round."""
+        self.config = config
+
+    def initial_parameters(self, config: TrainingConfig) -> TensorMap | None:
+        """Global model parameters at round 0, or None when the run has no model."""
+        return None
+
+    def evaluate(self, parameters: TensorMap) -> tuple[float, float] | None:
+        """Held-out ``(loss, accuracy)`` of the global ``parameters``, or None."""
+        return None
+
+    @abstractmethod
+    def get_updates(
+        self,
+        round_id: int,
+        state: GlobalState,
+        nodes: list[FederatedNode],
+    ) -> list[LocalUpdate]:
+        """Return the nodes' updates for ``round_id`` given the previous round's ``state``.
+
+        When the run has a model, ``state.parameters`` holds the global parameters the nodes
+        start from. Returning an empty list ends the run early.
+        """

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need into a virtualenv,
+# builds the Rust extension, checks formatting and lints, runs cargo test and pytest.
+#   bash tests/run.sh            (set AUMAI_FEDTRAIN_VENV to use another virtualenv path)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="${AUMAI_FEDTRAIN_VENV:-.venv}"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "virtualenv ($venv) and dependencies"
+python3 -m venv "$venv"
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+python -m pip install --quiet --upgrade pip
+step "pip install -e .[dev] (builds the native extension with maturin)"
+python -m pip install --quiet -e ".[dev]"
+python -c "import aumai_fedtrain.backend as b; assert b.native_available(), 'native extension missing'"
+
+step "Rust: fmt, clippy, tests"
+cargo fmt --check
+cargo clippy --quiet --all-targets -- -D warnings
+cargo clippy --quiet --all-targets --features python -- -D warnings
+cargo test --quiet
+
+step "Python: ruff, pytest"
+ruff check .
+ruff format --check .
+python -m pytest -q
