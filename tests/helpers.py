@@ -1,0 +1,57 @@
+"""Test doubles shared by the coordinator and checkpoint tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aumai_fedtrain import FederatedNode, GlobalState, LocalUpdate, TrainingConfig, UpdateProvider
+from aumai_fedtrain.models import TensorMap
+
+
+class QuadraticProvider(UpdateProvider):
+    """Nodes that minimise ``0.5 * |theta - target_i|^2`` with plain gradient steps.
+
+    A real (if tiny) model with a known optimum, so outer-step arithmetic can be checked by
+    hand. ``stop_after`` makes the provider return no updates from that round on.
+    """
+
+    def __init__(self, targets: dict[str, float], stop_after: int | None = None) -> None:
+        self.targets = targets
+        self.stop_after = stop_after
+        self.rounds_seen: list[int] = []
+
+    def initial_parameters(self, config: TrainingConfig) -> TensorMap:
+        return {"theta": np.zeros(3)}
+
+    def evaluate(self, parameters: TensorMap) -> tuple[float, float]:
+        centre = np.mean(list(self.targets.values()))
+        return float(np.sum((parameters["theta"] - centre) ** 2)), 1.0
+
+    def get_updates(
+        self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
+    ) -> list[LocalUpdate]:
+        assert self.config is not None, "configure() must run before get_updates()"
+        self.rounds_seen.append(round_id)
+        if self.stop_after is not None and round_id > self.stop_after:
+            return []
+        assert state.parameters is not None
+        updates = []
+        for node in nodes:
+            theta = state.parameters["theta"].copy()
+            target = self.targets[node.node_id]
+            losses = []
+            for _ in range(self.config.local_steps):
+                losses.append(0.5 * float(np.sum((theta - target) ** 2)))
+                theta -= self.config.learning_rate * (theta - target)
+            updates.append(LocalUpdate(
+                node_id=node.node_id, round_id=round_id,
+                gradients={"theta": state.parameters["theta"] - theta},
+                loss=float(np.mean(losses)),
+                samples_used=self.config.batch_size * self.config.local_steps,
+            ))
+        return updates
+
+
+def quadratic_nodes() -> tuple[list[FederatedNode], dict[str, float]]:
+    targets = {"a": 1.0, "b": 3.0}
+    return [FederatedNode(node_id=node_id) for node_id in targets], targets
