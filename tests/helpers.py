@@ -43,12 +43,15 @@ class QuadraticProvider(UpdateProvider):
             for _ in range(self.config.local_steps):
                 losses.append(0.5 * float(np.sum((theta - target) ** 2)))
                 theta -= self.config.learning_rate * (theta - target)
-            updates.append(LocalUpdate(
-                node_id=node.node_id, round_id=round_id,
-                gradients={"theta": state.parameters["theta"] - theta},
-                loss=float(np.mean(losses)),
-                samples_used=self.config.batch_size * self.config.local_steps,
-            ))
+            updates.append(
+                LocalUpdate(
+                    node_id=node.node_id,
+                    round_id=round_id,
+                    gradients={"theta": state.parameters["theta"] - theta},
+                    loss=float(np.mean(losses)),
+                    samples_used=self.config.batch_size * self.config.local_steps,
+                )
+            )
         return updates
 
 

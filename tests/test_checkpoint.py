@@ -11,14 +11,16 @@ from aumai_fedtrain import CheckpointError, DiLoCoCoordinator, TrainingConfig
 from aumai_fedtrain.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from tests.helpers import QuadraticProvider, quadratic_nodes
 
-CONFIG = TrainingConfig(model_name="ckpt", learning_rate=0.3, batch_size=2, local_steps=2,
-                        global_rounds=5, num_nodes=2)
+CONFIG = TrainingConfig(
+    model_name="ckpt", learning_rate=0.3, batch_size=2, local_steps=2, global_rounds=5, num_nodes=2
+)
 
 
 def train(config: TrainingConfig, directory: Path | None, resume: bool = False):
     nodes, targets = quadratic_nodes()
-    return DiLoCoCoordinator().run_training(config, nodes, QuadraticProvider(targets),
-                                            checkpoint_dir=directory, resume=resume)
+    return DiLoCoCoordinator().run_training(
+        config, nodes, QuadraticProvider(targets), checkpoint_dir=directory, resume=resume
+    )
 
 
 def test_checkpoint_holds_the_complete_state_after_every_round(tmp_path: Path) -> None:
@@ -42,8 +44,10 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path: Path) -> Non
 
     assert resumed.rounds_completed == 5
     assert resumed.final_state == uninterrupted.final_state
-    assert resumed.final_state.parameters["theta"].tobytes() == \
-        uninterrupted.final_state.parameters["theta"].tobytes()
+    assert (
+        resumed.final_state.parameters["theta"].tobytes()
+        == uninterrupted.final_state.parameters["theta"].tobytes()
+    )
     assert resumed.credits == uninterrupted.credits
     assert [r.avg_loss for r in resumed.history] == [r.avg_loss for r in uninterrupted.history]
 
@@ -91,11 +95,24 @@ def test_state_without_model_round_trips(tmp_path: Path) -> None:
 
     coordinator = DiLoCoCoordinator()
     state = coordinator.initialize(CONFIG, [FederatedNode(node_id="a")])
-    state = coordinator.run_round(state, [LocalUpdate(
-        node_id="a", round_id=1, gradients={"w": [[1.0, 2.0]], "e": []}, loss=1.0,
-        samples_used=3)])
-    save_checkpoint(tmp_path, Checkpoint(config=CONFIG, node_ids=["a"], state=state,
-                                         credits={"a": 3}, history=[], elapsed=1.5))
+    state = coordinator.run_round(
+        state,
+        [
+            LocalUpdate(
+                node_id="a",
+                round_id=1,
+                gradients={"w": [[1.0, 2.0]], "e": []},
+                loss=1.0,
+                samples_used=3,
+            )
+        ],
+    )
+    save_checkpoint(
+        tmp_path,
+        Checkpoint(
+            config=CONFIG, node_ids=["a"], state=state, credits={"a": 3}, history=[], elapsed=1.5
+        ),
+    )
 
     restored = load_checkpoint(tmp_path)
 

@@ -12,8 +12,9 @@ from aumai_fedtrain import CreditTracker, GradientAverager, HashVerifier, LocalU
 
 
 def update(node: str, gradients: dict[str, object], samples: int = 10) -> LocalUpdate:
-    return LocalUpdate(node_id=node, round_id=1, gradients=gradients, loss=0.5,
-                       samples_used=samples)
+    return LocalUpdate(
+        node_id=node, round_id=1, gradients=gradients, loss=0.5, samples_used=samples
+    )
 
 
 def test_compute_hash_is_json_dumps_sha256(backend_name: str) -> None:

@@ -14,30 +14,36 @@ from aumai_fedtrain import (
 )
 from tests.helpers import QuadraticProvider, quadratic_nodes
 
-CONFIG = TrainingConfig(model_name="t", learning_rate=0.5, batch_size=4, local_steps=3,
-                        global_rounds=4, num_nodes=2)
+CONFIG = TrainingConfig(
+    model_name="t", learning_rate=0.5, batch_size=4, local_steps=3, global_rounds=4, num_nodes=2
+)
 
 
 def two_nodes() -> list[FederatedNode]:
-    return [FederatedNode(node_id="node-a", address="10.0.0.1:5000"),
-            FederatedNode(node_id="node-b", address="10.0.0.2:5000")]
+    return [
+        FederatedNode(node_id="node-a", address="10.0.0.1:5000"),
+        FederatedNode(node_id="node-b", address="10.0.0.2:5000"),
+    ]
 
 
 def upd(node: str, round_id: int = 1, w: object = (0.1, 0.2), samples: int = 64) -> LocalUpdate:
-    return LocalUpdate(node_id=node, round_id=round_id, gradients={"w": list(w)}, loss=0.5,
-                       samples_used=samples)
+    return LocalUpdate(
+        node_id=node, round_id=round_id, gradients={"w": list(w)}, loss=0.5, samples_used=samples
+    )
 
 
 def test_round_without_model_averages_and_credits() -> None:
     coordinator = DiLoCoCoordinator()
     state = coordinator.initialize(CONFIG, two_nodes())
 
-    new_state = coordinator.run_round(state, [upd("node-a", w=(0.1, 0.2)),
-                                              upd("node-b", w=(0.2, 0.1), samples=32)])
+    new_state = coordinator.run_round(
+        state, [upd("node-a", w=(0.1, 0.2)), upd("node-b", w=(0.2, 0.1), samples=32)]
+    )
 
     assert state.round_id == 0 and new_state.round_id == 1
-    np.testing.assert_allclose(new_state.global_weights["w"], [(0.1 * 2 + 0.2) / 3,
-                                                               (0.2 * 2 + 0.1) / 3])
+    np.testing.assert_allclose(
+        new_state.global_weights["w"], [(0.1 * 2 + 0.2) / 3, (0.2 * 2 + 0.1) / 3]
+    )
     assert new_state.participating_nodes == ["node-a", "node-b"]
     assert new_state.total_samples == 96
     assert new_state.parameters is None
@@ -54,8 +60,7 @@ def test_round_without_model_averages_and_credits() -> None:
         ([upd("node-a"), upd("node-b", w=(0.1, 0.2, 0.3))], "'w'.*node-b"),
     ],
 )
-def test_bad_rounds_are_rejected_naming_the_node(updates: list[LocalUpdate],
-                                                 message: str) -> None:
+def test_bad_rounds_are_rejected_naming_the_node(updates: list[LocalUpdate], message: str) -> None:
     coordinator = DiLoCoCoordinator()
     state = coordinator.initialize(CONFIG, two_nodes())
 
@@ -69,10 +74,11 @@ def test_updates_must_match_the_model() -> None:
     coordinator = DiLoCoCoordinator()
     state = coordinator.initialize(CONFIG, two_nodes(), parameters={"w": np.zeros(2)})
 
-    with pytest.raises(ValueError, match="node 'node-a'.*shape"):
+    with pytest.raises(ValueError, match=r"node 'node-a'.*shape"):
         coordinator.run_round(state, [upd("node-a", w=(1.0, 2.0, 3.0))])
-    bad_keys = LocalUpdate(node_id="node-a", round_id=1, gradients={"v": [1.0, 2.0]}, loss=0.1,
-                           samples_used=1)
+    bad_keys = LocalUpdate(
+        node_id="node-a", round_id=1, gradients={"v": [1.0, 2.0]}, loss=0.1, samples_used=1
+    )
     with pytest.raises(ValueError, match=r"node 'node-a'.*missing keys \['w'\]"):
         coordinator.run_round(state, [bad_keys])
 
@@ -125,8 +131,9 @@ def test_run_training_converges_and_reports_history() -> None:
     coordinator = DiLoCoCoordinator()
     records = []
 
-    result = coordinator.run_training(CONFIG.model_copy(update={"global_rounds": 12}), nodes,
-                                      provider, on_round=records.append)
+    result = coordinator.run_training(
+        CONFIG.model_copy(update={"global_rounds": 12}), nodes, provider, on_round=records.append
+    )
 
     assert provider.config is not None and provider.config.local_steps == CONFIG.local_steps
     assert result.rounds_completed == 12 and records == result.history

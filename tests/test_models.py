@@ -116,8 +116,12 @@ def test_config_rejects_unknown_keys_and_loads_the_guide_file() -> None:
 
 
 def test_node_capabilities_and_status() -> None:
-    node = FederatedNode(node_id="gpu-0", address="10.0.0.1:5000",
-                         capabilities={"gpu": True, "ram_gb": 80}, status="idle")
+    node = FederatedNode(
+        node_id="gpu-0",
+        address="10.0.0.1:5000",
+        capabilities={"gpu": True, "ram_gb": 80},
+        status="idle",
+    )
 
     assert node.capabilities["gpu"] is True
     with pytest.raises(ValidationError, match="status"):
@@ -143,5 +147,11 @@ def test_global_state_round_trip_with_parameters_and_momentum() -> None:
 
 def test_training_result_rejects_negative_credits() -> None:
     with pytest.raises(ValidationError, match="negative"):
-        TrainingResult(final_loss=0.1, total_samples=1, duration_seconds=0.0,
-                       rounds_completed=1, credits={"a": -1}, final_state=GlobalState())
+        TrainingResult(
+            final_loss=0.1,
+            total_samples=1,
+            duration_seconds=0.0,
+            rounds_completed=1,
+            credits={"a": -1},
+            final_state=GlobalState(),
+        )

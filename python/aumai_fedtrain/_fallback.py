@@ -42,8 +42,9 @@ def _plain_value(key: str, value: Any) -> Any:
         _check_numbers(key, value)
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"gradient {key!r}: expected a number or a list of numbers, "
-                        f"got {_describe(value)}")
+        raise TypeError(
+            f"gradient {key!r}: expected a number or a list of numbers, got {_describe(value)}"
+        )
     return value
 
 
@@ -55,14 +56,14 @@ def _check_numbers(key: str, values: list[Any] | tuple[Any, ...]) -> None:
         if isinstance(item, list | tuple):
             _check_numbers(key, item)
         elif isinstance(item, bool) or not isinstance(item, int | float):
-            raise TypeError(f"gradient {key!r}: expected numbers, found {_describe(item)} "
-                            f"{item!r}")
+            raise TypeError(f"gradient {key!r}: expected numbers, found {_describe(item)} {item!r}")
 
 
 def _plain(gradients: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(gradients, Mapping):
-        raise TypeError(f"gradients must be a mapping of str to numbers, got "
-                        f"{_describe(gradients)}")
+        raise TypeError(
+            f"gradients must be a mapping of str to numbers, got {_describe(gradients)}"
+        )
     plain: dict[str, Any] = {}
     for key, value in gradients.items():
         if not isinstance(key, str):
@@ -86,7 +87,9 @@ def _as_float_array(key: str, label: str, value: Any) -> np.ndarray:
     try:
         return np.asarray(plain, dtype=np.float64)
     except ValueError as exc:  # ragged nested lists
-        raise ValueError(f"gradient {key!r} from {label}: not a rectangular array ({exc})") from None
+        raise ValueError(
+            f"gradient {key!r} from {label}: not a rectangular array ({exc})"
+        ) from None
 
 
 def _check_weights(weights: Sequence[float], count: int) -> list[float]:
@@ -131,8 +134,7 @@ def weighted_average(
             raise TypeError(f"{label}: gradients must be a mapping, got {_describe(update)}")
         for key, value in update.items():
             if not isinstance(key, str):
-                raise TypeError(f"{label}: gradient keys must be str, got {_describe(key)} "
-                                f"{key!r}")
+                raise TypeError(f"{label}: gradient keys must be str, got {_describe(key)} {key!r}")
             array = _as_float_array(key, label, value)
             entries = carriers.setdefault(key, [])
             if array.size:
@@ -146,12 +148,13 @@ def weighted_average(
         first_label, _, first = entries[0]
         for label, _, array in entries[1:]:
             if array.shape != first.shape:
-                raise ValueError(f"gradient {key!r}: shape {array.shape} from {label} does not "
-                                 f"match shape {first.shape} from {first_label}")
+                raise ValueError(
+                    f"gradient {key!r}: shape {array.shape} from {label} does not "
+                    f"match shape {first.shape} from {first_label}"
+                )
         total = sum(weight for _, weight, _ in entries)
         if total == 0:
-            raise ValueError(f"gradient {key!r}: all weights of the updates that carry it are "
-                             "zero")
+            raise ValueError(f"gradient {key!r}: all weights of the updates that carry it are zero")
         acc = np.zeros(first.shape, dtype=np.float64)
         for _, weight, array in entries:
             acc += (weight / total) * array

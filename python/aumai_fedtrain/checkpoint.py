@@ -50,8 +50,9 @@ class Checkpoint(BaseModel):
         """
         saved = self.config.model_dump(mode="json", exclude={"global_rounds"})
         wanted = config.model_dump(mode="json", exclude={"global_rounds"})
-        differing = sorted(key for key in saved.keys() | wanted.keys()
-                           if saved.get(key) != wanted.get(key))
+        differing = sorted(
+            key for key in saved.keys() | wanted.keys() if saved.get(key) != wanted.get(key)
+        )
         if differing:
             raise CheckpointError(
                 "the checkpoint was written by a run with a different configuration "
@@ -135,8 +136,10 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         return None
     metadata, tensors = _read(path)
     if metadata.get("format") != FORMAT_NAME or metadata.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not an aumai-fedtrain checkpoint (format "
-                              f"{metadata.get('format')!r}, version {metadata.get('version')!r})")
+        raise CheckpointError(
+            f"{path} is not an aumai-fedtrain checkpoint (format "
+            f"{metadata.get('format')!r}, version {metadata.get('version')!r})"
+        )
     if _tensor_digest(tensors) != metadata.get("tensors_sha256"):
         raise CheckpointError(f"{path} is corrupt: its tensors do not match their SHA-256")
     try:
@@ -151,5 +154,8 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
 
 def _group(tensors: dict[str, np.ndarray], group: str) -> TensorMap:
     prefix = f"{group}/"
-    return {name[len(prefix):]: value.astype(np.float64, copy=False)
-            for name, value in tensors.items() if name.startswith(prefix)}
+    return {
+        name[len(prefix) :]: value.astype(np.float64, copy=False)
+        for name, value in tensors.items()
+        if name.startswith(prefix)
+    }

@@ -58,8 +58,9 @@ def load_model_file(path: Path, model: type[ModelT], what: str) -> ModelT:
     try:
         return model.model_validate_json(text)
     except ValidationError as exc:
-        raise InputError(f"invalid {what} file {str(path)!r}: "
-                         f"{describe_validation_error(exc)}") from None
+        raise InputError(
+            f"invalid {what} file {str(path)!r}: {describe_validation_error(exc)}"
+        ) from None
 
 
 def simulated_nodes(count: int) -> list[FederatedNode]:
@@ -78,15 +79,21 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path),
-              help="TrainingConfig JSON file (default: the built-in configuration).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="TrainingConfig JSON file (default: the built-in configuration).",
+)
 @click.option("--nodes", type=click.IntRange(min=1), help="Number of simulated nodes.")
 @click.option("--rounds", type=click.IntRange(min=1), help="Number of global rounds.")
 @click.option("--seed", type=int, help="Seed of the data, model and node sampling.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write the run state here after every round.")
-@click.option("--resume", is_flag=True,
-              help="Continue the run checkpointed in --checkpoint-dir.")
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the run state here after every round.",
+)
+@click.option("--resume", is_flag=True, help="Continue the run checkpointed in --checkpoint-dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run(
     config_path: Path | None,
@@ -102,20 +109,29 @@ def run(
 
     if resume and checkpoint_dir is None:
         raise InputError("--resume needs --checkpoint-dir")
-    config = (load_model_file(config_path, TrainingConfig, "config")
-              if config_path is not None else TrainingConfig())
+    config = (
+        load_model_file(config_path, TrainingConfig, "config")
+        if config_path is not None
+        else TrainingConfig()
+    )
     overrides = {"num_nodes": nodes, "global_rounds": rounds, "seed": seed}
     config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     node_list = simulated_nodes(config.num_nodes)
     if not as_json:
-        click.echo(f"Starting federated training: {config.model_name}  "
-                   f"nodes={config.num_nodes}  rounds={config.global_rounds}")
+        click.echo(
+            f"Starting federated training: {config.model_name}  "
+            f"nodes={config.num_nodes}  rounds={config.global_rounds}"
+        )
     progress = _RoundProgress(config.global_rounds, enabled=not as_json and _is_terminal())
     coordinator = DiLoCoCoordinator()
     try:
         result = coordinator.run_training(
-            config, node_list, SimulationProvider(),
-            checkpoint_dir=checkpoint_dir, resume=resume, on_round=progress,
+            config,
+            node_list,
+            SimulationProvider(),
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            on_round=progress,
         )
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
@@ -128,8 +144,13 @@ def run(
 
 
 @cli.command("hash")
-@click.option("--update", "update_path", required=True, type=click.Path(path_type=Path),
-              help="LocalUpdate JSON file.")
+@click.option(
+    "--update",
+    "update_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="LocalUpdate JSON file.",
+)
 def hash_command(update_path: Path) -> None:
     """Print the canonical SHA-256 of an update's gradients."""
     update = load_model_file(update_path, LocalUpdate, "update")
@@ -137,8 +158,13 @@ def hash_command(update_path: Path) -> None:
 
 
 @cli.command()
-@click.option("--update", "update_path", required=True, type=click.Path(path_type=Path),
-              help="LocalUpdate JSON file.")
+@click.option(
+    "--update",
+    "update_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="LocalUpdate JSON file.",
+)
 @click.option("--hash", "expected", required=True, help="Expected SHA-256 hex digest.")
 def verify(update_path: Path, expected: str) -> None:
     """Check an update's gradients against a SHA-256 digest (exit 1 on mismatch)."""
@@ -233,8 +259,11 @@ def _fail(message: str, code: int) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``aumai-fedtrain`` command; errors are one line, never a traceback."""
     try:
-        code = cli.main(args=list(argv) if argv is not None else None, prog_name=PROG_NAME,
-                        standalone_mode=False)
+        code = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name=PROG_NAME,
+            standalone_mode=False,
+        )
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
     except click.exceptions.Abort:

@@ -208,8 +208,9 @@ class DiLoCoCoordinator:
                 )
             for key, value in update.gradients.items():
                 if not np.isfinite(value).all():
-                    raise ValueError(f"update from node {node!r}: gradient {key!r} has "
-                                     "non-finite values")
+                    raise ValueError(
+                        f"update from node {node!r}: gradient {key!r} has non-finite values"
+                    )
             if state.parameters is not None:
                 _check_matches_model(node, update.gradients, state.parameters)
 
@@ -251,9 +252,13 @@ def _check_matches_model(node: str, gradients: TensorMap, parameters: TensorMap)
     if gradients.keys() != parameters.keys():
         missing = sorted(parameters.keys() - gradients.keys())
         extra = sorted(gradients.keys() - parameters.keys())
-        raise ValueError(f"update from node {node!r} does not match the model: "
-                         f"missing keys {missing}, unknown keys {extra}")
+        raise ValueError(
+            f"update from node {node!r} does not match the model: "
+            f"missing keys {missing}, unknown keys {extra}"
+        )
     for key, value in gradients.items():
         if value.shape != parameters[key].shape:
-            raise ValueError(f"update from node {node!r}: gradient {key!r} has shape "
-                             f"{value.shape}, the model's is {parameters[key].shape}")
+            raise ValueError(
+                f"update from node {node!r}: gradient {key!r} has shape "
+                f"{value.shape}, the model's is {parameters[key].shape}"
+            )
