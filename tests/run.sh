@@ -13,8 +13,8 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 python -m pip install --quiet --upgrade pip
-step "pip install -e .[dev] (builds the native extension with maturin)"
-python -m pip install --quiet -e ".[dev]"
+step "pip install -e .[dev,http] (builds the native extension with maturin)"
+python -m pip install --quiet -e ".[dev,http]"
 python -c "import aumai_fedtrain.backend as b; assert b.native_available(), 'native extension missing'"
 
 step "Rust: fmt, clippy, tests"

@@ -32,8 +32,8 @@ def upd(node: str, round_id: int = 1, w: object = (0.1, 0.2), samples: int = 64)
     )
 
 
-def test_round_without_model_averages_and_credits() -> None:
-    coordinator = DiLoCoCoordinator()
+def test_round_without_model_averages_and_credits(backend_name: str) -> None:
+    coordinator = DiLoCoCoordinator(backend=backend_name)
     state = coordinator.initialize(CONFIG, two_nodes())
 
     new_state = coordinator.run_round(
@@ -107,9 +107,9 @@ def test_fedavg_outer_step_moves_to_the_average_of_node_models() -> None:
     np.testing.assert_allclose(new_state.parameters["w"], [1.0, 3.0])
 
 
-def test_nesterov_outer_step_matches_hand_computation() -> None:
+def test_nesterov_outer_step_matches_hand_computation(backend_name: str) -> None:
     lr, mu = CONFIG.outer_learning_rate, CONFIG.outer_momentum
-    coordinator = DiLoCoCoordinator()
+    coordinator = DiLoCoCoordinator(backend=backend_name)
     state = coordinator.initialize(CONFIG, two_nodes(), parameters={"w": [0.0, 0.0]})
     d1, d2 = np.array([1.0, -2.0]), np.array([0.5, 0.5])
 

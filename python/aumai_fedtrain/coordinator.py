@@ -49,18 +49,19 @@ class DiLoCoCoordinator:
 
     Parameters
     ----------
-    averager
-        How updates are averaged; defaults to sample-weighted averaging on the default backend.
+    backend
+        Hot-path backend for averaging: ``"native"``, ``"python"`` or None for the default.
     credit_tracker
         Where node credits accumulate; a fresh tracker by default.
     """
 
     def __init__(
         self,
-        averager: GradientAverager | None = None,
+        backend: str | None = None,
         credit_tracker: CreditTracker | None = None,
     ) -> None:
-        self._averager = averager if averager is not None else GradientAverager()
+        self._backend = backend
+        self._averager = GradientAverager(backend=backend)
         self.credit_tracker = credit_tracker if credit_tracker is not None else CreditTracker()
         self._config: TrainingConfig | None = None
         self._node_ids: frozenset[str] = frozenset()
@@ -81,8 +82,7 @@ class DiLoCoCoordinator:
         check_unique_node_ids(nodes)
         self._config = config
         self._node_ids = frozenset(node.node_id for node in nodes)
-        if self._averager.weighting != config.aggregation_weights:
-            self._averager = GradientAverager(config.aggregation_weights)
+        self._averager = GradientAverager(config.aggregation_weights, self._backend)
         if parameters is None:
             return GlobalState(round_id=0)
         params = {key: to_tensor(value).copy() for key, value in parameters.items()}
