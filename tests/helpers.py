@@ -37,6 +37,8 @@ class QuadraticProvider(UpdateProvider):
         assert state.parameters is not None
         updates = []
         for node in nodes:
+            if node.node_id not in self.targets:  # an absent node: sends nothing
+                continue
             theta = state.parameters["theta"].copy()
             target = self.targets[node.node_id]
             losses = []

@@ -113,7 +113,8 @@ def test_verify_passes_and_fails_with_exit_codes(tmp_path: Path) -> None:
     write_update(update, {"w": [0.5, 0.250001]})
     failed = cli("verify", "--update", str(update), "--hash", digest)
 
-    assert passed.returncode == 0 and passed.stdout.strip() == f"Verification PASSED.  Hash: {digest}"
+    assert passed.returncode == 0
+    assert passed.stdout.strip() == f"Verification PASSED.  Hash: {digest}"
     assert failed.returncode == 1 and failed.stdout.startswith("Verification FAILED.")
     assert digest in failed.stdout
 

@@ -152,3 +152,13 @@ def test_run_training_stops_when_the_provider_returns_nothing() -> None:
 
     assert result.rounds_completed == 2
     assert result.final_state.round_id == 2
+
+
+def test_result_credits_list_every_node_even_one_that_never_sent() -> None:
+    nodes, targets = quadratic_nodes()
+    nodes.append(FederatedNode(node_id="silent"))
+
+    result = DiLoCoCoordinator().run_training(CONFIG, nodes, QuadraticProvider(targets))
+
+    assert result.credits["silent"] == 0
+    assert result.credits["a"] == result.credits["b"] > 0

@@ -110,7 +110,7 @@ def guide_python_blocks() -> list[str]:
 @pytest.mark.skipif(not GUIDE.is_file(), reason="the published guide is not beside the repo")
 def test_examples_contain_the_guides_code_verbatim() -> None:
     sources = {path.name: path.read_text() for path in EXAMPLES.glob("*.py")}
-    skipped = ("class HttpUpdateProvider", "param.grad")  # networking issue; a PyTorch fragment
+    skipped = ("param.grad",)  # the FAQ's PyTorch fragment
     for block in guide_python_blocks():
         if any(marker in block for marker in skipped):
             continue

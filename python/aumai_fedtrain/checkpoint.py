@@ -65,7 +65,7 @@ class Checkpoint(BaseModel):
 def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name], dtype="<f8")
+        array = np.asarray(tensors[name], dtype="<f8", order="C")
         digest.update(json.dumps([name, list(array.shape)]).encode("utf-8"))
         digest.update(array.tobytes())
     return digest.hexdigest()
@@ -75,7 +75,7 @@ def _flatten(state: GlobalState) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for group in _TENSOR_GROUPS:
         for key, value in (getattr(state, group) or {}).items():
-            tensors[f"{group}/{key}"] = np.ascontiguousarray(value, dtype="<f8")
+            tensors[f"{group}/{key}"] = np.asarray(value, dtype="<f8", order="C")
     return tensors
 
 

@@ -182,7 +182,7 @@ class DiLoCoCoordinator:
             duration_seconds=elapsed_before + time.perf_counter() - started,
             rounds_completed=len(history),
             history=history,
-            credits=self.credit_tracker.all_credits(),
+            credits={node.node_id: 0 for node in node_list} | self.credit_tracker.all_credits(),
             final_state=state,
         )
 
