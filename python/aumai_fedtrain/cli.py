@@ -20,6 +20,7 @@ from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.coordinator import DiLoCoCoordinator
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, RoundRecord, TrainingConfig
 from aumai_fedtrain.models import TrainingResult as Result
+from aumai_fedtrain.network.cli import node_command, nodes_file_options, prepare_http_run
 from aumai_fedtrain.verification import HashVerifier, normalize_digest
 
 PROG_NAME = "aumai-fedtrain"
@@ -95,6 +96,7 @@ def cli() -> None:
 )
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --checkpoint-dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@nodes_file_options
 def run(
     config_path: Path | None,
     nodes: int | None,
@@ -103,8 +105,9 @@ def run(
     checkpoint_dir: Path | None,
     resume: bool,
     as_json: bool,
+    **network: Any,
 ) -> None:
-    """Train a model with the built-in DiLoCo simulation."""
+    """Train a model with the built-in DiLoCo simulation, or with real nodes (--nodes-file)."""
     from aumai_fedtrain.simulation import SimulationProvider
 
     if resume and checkpoint_dir is None:
@@ -116,7 +119,11 @@ def run(
     )
     overrides = {"num_nodes": nodes, "global_rounds": rounds, "seed": seed}
     config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    node_list = simulated_nodes(config.num_nodes)
+    http_run = prepare_http_run(config, nodes, **network)
+    if http_run is None:
+        node_list, provider = simulated_nodes(config.num_nodes), SimulationProvider()
+    else:
+        config, node_list, provider = http_run
     if not as_json:
         click.echo(
             f"Starting federated training: {config.model_name}  "
@@ -128,7 +135,7 @@ def run(
         result = coordinator.run_training(
             config,
             node_list,
-            SimulationProvider(),
+            provider,
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             on_round=progress,
@@ -155,6 +162,9 @@ def hash_command(update_path: Path) -> None:
     """Print the canonical SHA-256 of an update's gradients."""
     update = load_model_file(update_path, LocalUpdate, "update")
     click.echo(HashVerifier().compute_hash(update.gradients))
+
+
+cli.add_command(node_command)
 
 
 @cli.command()

@@ -1,0 +1,299 @@
+"""The network side of the CLI: the ``node`` command and ``run --nodes-file``.
+
+``aumai_fedtrain.cli`` registers :data:`node_command` and decorates ``run`` with
+:func:`nodes_file_options`; the work is done here so that the CLI module stays small.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import ssl
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+import click
+
+from aumai_fedtrain.models import FederatedNode, TrainingConfig
+from aumai_fedtrain.network import http_module
+from aumai_fedtrain.network.auth import SecretError, load_secret
+from aumai_fedtrain.network.nodes_file import NodesFileError, load_nodes_file
+from aumai_fedtrain.providers.base import UpdateProvider
+
+__all__ = ["node_command", "nodes_file_options", "prepare_http_run"]
+
+logger = logging.getLogger("aumai_fedtrain.network")
+CommandT = TypeVar("CommandT", bound=Callable[..., Any])
+_MIB = 1024 * 1024
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _input_error(message: str) -> click.ClickException:
+    from aumai_fedtrain.cli import InputError
+
+    return InputError(message)
+
+
+def _require_http(name: str) -> ModuleType:
+    try:
+        return http_module(name)
+    except ImportError as exc:
+        raise _input_error(str(exc)) from None
+
+
+def _secret(path: Path, what: str) -> bytes:
+    try:
+        return load_secret(path, what)
+    except SecretError as exc:
+        raise _input_error(str(exc)) from None
+
+
+def load_trainer(spec: str) -> Callable[..., Any]:
+    """The function named by ``module:function`` (the current folder is importable)."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise _input_error(f"--trainer must look like module:function, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure of the user's module, reported in one line
+        raise _input_error(
+            f"--trainer: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise _input_error(f"--trainer: {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
+    if (certfile is None) != (keyfile is None):
+        raise _input_error("--ssl-certfile and --ssl-keyfile go together")
+    if certfile is None or keyfile is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise _input_error(f"cannot load --ssl-certfile/--ssl-keyfile: {exc}") from None
+
+
+@click.command("node")
+@click.option("--port", required=True, type=click.IntRange(0, 65535), help="Port (0: any).")
+@click.option("--node-id", required=True, help="This node's id in the coordinator's nodes file.")
+@click.option(
+    "--key-file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Secret shared with the coordinator; every update is signed with it.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    help="The coordinator's bearer token; without it anyone may ask for training.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="TrainingConfig JSON file for local training (default: the built-in configuration).",
+)
+@click.option(
+    "--shard",
+    type=click.IntRange(min=0),
+    help="Shard of the built-in synthetic dataset this node trains on (default 0).",
+)
+@click.option(
+    "--trainer",
+    "trainer_spec",
+    help="Your training function as module:function (default: the built-in simulation).",
+)
+@click.option("--ssl-certfile", type=click.Path(path_type=Path), help="TLS certificate (PEM).")
+@click.option("--ssl-keyfile", type=click.Path(path_type=Path), help="TLS private key (PEM).")
+@click.option(
+    "--max-body-mb",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Largest request body accepted, in MiB.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(_LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="How much the node logs.",
+)
+def node_command(
+    port: int,
+    node_id: str,
+    key_file: Path,
+    host: str,
+    token_file: Path | None,
+    config_path: Path | None,
+    shard: int | None,
+    trainer_spec: str | None,
+    ssl_certfile: Path | None,
+    ssl_keyfile: Path | None,
+    max_body_mb: int,
+    log_level: str,
+) -> None:
+    """Serve a training node: POST /train trains one round, GET /health."""
+    from aumai_fedtrain.cli import load_model_file
+
+    server = _require_http("server")
+    if not node_id.strip():
+        raise _input_error("--node-id must not be empty")
+    key = _secret(key_file, "key")
+    token = _secret(token_file, "token") if token_file is not None else None
+    config = (
+        load_model_file(config_path, TrainingConfig, "config")
+        if config_path is not None
+        else TrainingConfig()
+    )
+    if trainer_spec is not None:
+        if shard is not None:
+            raise _input_error("--shard is for the built-in trainer; it cannot go with --trainer")
+        trainer, trainer_name = load_trainer(trainer_spec), trainer_spec
+    else:
+        trainer = server.SimulationTrainer(shard or 0, config)
+        trainer_name = f"built-in simulation, shard {shard or 0}"
+    _check_tls(ssl_certfile, ssl_keyfile)
+    try:
+        sock = server.listen(host, port)
+    except OSError as exc:
+        raise _input_error(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if token is None:
+        logger.warning("no --token-file: anyone who reaches this node may ask it to train")
+    scheme = "https" if ssl_certfile is not None else "http"
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"Node {node_id} serving on {scheme}://{shown_host}:{sock.getsockname()[1]}  "
+        f"(trainer: {trainer_name})"
+    )
+    sys.stdout.flush()
+    settings = server.NodeSettings(
+        node_id=node_id,
+        key=key,
+        trainer=trainer,
+        config=config,
+        token=token,
+        max_body_bytes=max_body_mb * _MIB,
+        trainer_name=trainer_name,
+    )
+    server.serve(
+        settings,
+        sock,
+        ssl_certfile=str(ssl_certfile) if ssl_certfile is not None else None,
+        ssl_keyfile=str(ssl_keyfile) if ssl_keyfile is not None else None,
+        log_level=log_level,
+    )
+
+
+_RUN_OPTIONS: list[tuple[str, click.ParamType, str]] = [
+    (
+        "--nodes-file",
+        click.Path(path_type=Path),
+        "Train with the real nodes listed in this JSON file, over HTTP(S).",
+    ),
+    ("--token-file", click.Path(path_type=Path), "Bearer token sent to the nodes."),
+    (
+        "--ca-file",
+        click.Path(path_type=Path),
+        "CA certificate of the nodes' TLS certificates (host:port addresses use https).",
+    ),
+    ("--min-nodes", click.IntRange(min=1), "Fewest valid updates a round needs (default 1)."),
+    (
+        "--timeout",
+        click.FloatRange(min=0, min_open=True),
+        "Seconds a node may take to answer a round (default 120).",
+    ),
+]
+
+
+def nodes_file_options(command: CommandT) -> CommandT:
+    """Add ``--nodes-file`` and the coordinator's network options to the ``run`` command."""
+    for name, kind, help_text in reversed(_RUN_OPTIONS):
+        command = click.option(name, type=kind, help=help_text)(command)
+    return command
+
+
+def prepare_http_run(
+    config: TrainingConfig,
+    nodes: int | None,
+    *,
+    nodes_file: Path | None,
+    token_file: Path | None,
+    ca_file: Path | None,
+    min_nodes: int | None,
+    timeout: float | None,
+) -> tuple[TrainingConfig, list[FederatedNode], UpdateProvider] | None:
+    """For ``run --nodes-file``: the config, the nodes and an ``HttpUpdateProvider``.
+
+    Returns None without ``--nodes-file`` (the simulation runs), after checking that no other
+    network option was given.
+    """
+    if nodes_file is None:
+        given = [
+            name
+            for name, value in (
+                ("--token-file", token_file),
+                ("--ca-file", ca_file),
+                ("--min-nodes", min_nodes),
+                ("--timeout", timeout),
+            )
+            if value is not None
+        ]
+        if given:
+            raise _input_error(f"{given[0]} needs --nodes-file")
+        return None
+    if nodes is not None:
+        raise _input_error("--nodes cannot go with --nodes-file (the file lists the nodes)")
+    provider_module = _require_http("provider")
+    try:
+        node_list, keys = load_nodes_file(nodes_file)
+    except NodesFileError as exc:
+        raise _input_error(str(exc)) from None
+    if min_nodes is not None and min_nodes > len(node_list):
+        raise _input_error(
+            f"--min-nodes {min_nodes} exceeds the {len(node_list)} nodes of the file"
+        )
+    config = config.model_copy(update={"num_nodes": len(node_list)})
+    _show_dropped_updates()
+    try:
+        provider = provider_module.HttpUpdateProvider(
+            keys,
+            token=_secret(token_file, "token") if token_file is not None else None,
+            ca_file=ca_file,
+            min_nodes=min_nodes or 1,
+            timeout=timeout or 120.0,
+            evaluator=builtin_evaluator(config),
+        )
+    except ValueError as exc:
+        raise _input_error(str(exc)) from None
+    return config, node_list, provider
+
+
+def _show_dropped_updates() -> None:
+    """Print the provider's warnings (dropped updates, stragglers) on stderr."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
+def builtin_evaluator(config: TrainingConfig) -> Callable[[Any], tuple[float, float]]:
+    """Held-out loss and accuracy of the built-in model on the synthetic task's eval set."""
+    from aumai_fedtrain.simulation import SyntheticTask, mlp
+
+    task = SyntheticTask(config.simulation, config.seed, cache_size=0)
+    return lambda parameters: mlp.evaluate(parameters, *task.eval_set())

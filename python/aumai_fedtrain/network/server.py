@@ -1,0 +1,289 @@
+"""The node: a Starlette app that trains one round per ``POST /train``, served by uvicorn.
+
+``POST /train`` takes a :class:`~aumai_fedtrain.network.wire.TrainRequest` (JSON or
+safetensors, by ``Content-Type``), runs the node's trainer from the global weights, and answers
+the :class:`LocalUpdate` (JSON, or safetensors when ``Accept`` names it) with its HMAC
+signature in the ``X-Fedtrain-Signature`` header. ``GET /health`` tells that the node is up.
+
+Answers: 401 without a bearer token and 403 with a wrong one (when the node has a token), 413
+for a body over the size limit, 415 for another content type, 400 for a malformed body, 422 for
+weights the trainer cannot use, 500 when the trainer fails. Training runs in a worker thread,
+one round at a time, so the node keeps answering while it trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import uvicorn
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig
+from aumai_fedtrain.network.auth import (
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    check_nonce,
+    sign_update,
+    tokens_equal,
+)
+from aumai_fedtrain.network.wire import (
+    DEFAULT_MAX_BODY_BYTES,
+    TrainRequest,
+    WireError,
+    body_media_type,
+    decode_request,
+    describe,
+    encode_update,
+    response_media_type,
+)
+from aumai_fedtrain.simulation import SyntheticTask, initial_model, train_locally
+from aumai_fedtrain.verification import HashVerifier
+
+__all__ = ["NodeSettings", "SimulationTrainer", "Trainer", "create_app", "listen", "serve"]
+
+logger = logging.getLogger("aumai_fedtrain.network")
+
+Trainer = Callable[[int, TensorMap, TrainingConfig], tuple[Mapping[str, Any], float, int]]
+"""``(round_id, weights, config) -> (pseudo_gradient, mean_loss, samples_used)``.
+
+``weights`` are the global model weights to start from (float64 arrays; empty when the
+coordinator sent none, then start from your initial model); ``config`` is the node's
+:class:`TrainingConfig`. Return ``weights - trained_weights`` per key, the mean training loss of
+the round and the number of samples processed. Raise ``ValueError`` for weights you cannot use
+(the coordinator gets a 422 with your message).
+"""
+
+
+class SimulationTrainer:
+    """The built-in trainer: the simulation's MLP on shard ``shard`` of the synthetic task.
+
+    Parameters
+    ----------
+    shard
+        Which node's shard of the seeded synthetic dataset this node holds.
+    config
+        The node's configuration; its ``seed`` and ``simulation`` settings define the task and
+        the initial model, which must match the coordinator's.
+    """
+
+    def __init__(self, shard: int, config: TrainingConfig) -> None:
+        self.shard = shard
+        self.task = SyntheticTask(config.simulation, config.seed, cache_size=1)
+        self._shapes = {key: value.shape for key, value in initial_model(config).items()}
+
+    def __call__(
+        self, round_id: int, weights: TensorMap, config: TrainingConfig
+    ) -> tuple[TensorMap, float, int]:
+        """Train ``local_steps`` AdamW steps from ``weights`` (the initial model when empty)."""
+        start = weights if weights else initial_model(config)
+        shapes = {key: value.shape for key, value in start.items()}
+        if shapes != self._shapes:
+            raise ValueError(
+                f"global_weights do not match the built-in model: got shapes {shapes}, "
+                f"expected {self._shapes}"
+            )
+        delta, loss = train_locally(start, self.task, self.shard, round_id, config)
+        return delta, loss, config.local_steps * config.batch_size
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Everything a node needs to serve.
+
+    Parameters
+    ----------
+    node_id
+        The id the coordinator knows this node by (in its nodes file).
+    key
+        The secret shared with the coordinator; every update is signed with it.
+    trainer
+        The local training function (see :data:`Trainer`).
+    config
+        The node's training configuration, passed to the trainer.
+    token
+        The coordinator's bearer token; None accepts training requests from anyone.
+    max_body_bytes
+        Largest request body accepted (413 above).
+    trainer_name
+        How ``GET /health`` and the logs name the trainer.
+    """
+
+    node_id: str
+    key: bytes
+    trainer: Trainer
+    config: TrainingConfig = field(default_factory=TrainingConfig)
+    token: bytes | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    trainer_name: str = "custom"
+
+
+class _Node:
+    """State and endpoints of one node."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.rounds_trained = 0
+        self._lock = threading.Lock()
+        self._verifier = HashVerifier()
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "node_id": self.settings.node_id,
+                "trainer": self.settings.trainer_name,
+                "rounds_trained": self.rounds_trained,
+            }
+        )
+
+    async def train(self, request: Request) -> Response:
+        denied = self._authorize(request.headers.get("authorization"))
+        if denied is not None:
+            return denied
+        try:
+            content_type = body_media_type(request.headers.get("content-type"))
+            try:
+                nonce = check_nonce(request.headers.get(NONCE_HEADER, ""))
+            except ValueError as exc:
+                raise WireError(str(exc)) from None
+            body = await _read_body(request, self.settings.max_body_bytes)
+            train_request = await run_in_threadpool(decode_request, body, content_type)
+            fmt = response_media_type(request.headers.get("accept"))
+            content, signature = await run_in_threadpool(self._train, train_request, nonce, fmt)
+        except WireError as exc:
+            return _problem(str(exc), exc.status)
+        return Response(content, media_type=fmt, headers={SIGNATURE_HEADER: signature})
+
+    def _authorize(self, header: str | None) -> Response | None:
+        expected = self.settings.token
+        if expected is None:
+            return None
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            response = _problem("a bearer token is required", 401)
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        if not tokens_equal(token.strip(), expected):
+            return _problem("wrong token", 403)
+        return None
+
+    def _train(self, request: TrainRequest, nonce: str, fmt: str) -> tuple[bytes, str]:
+        """Run the trainer (one round at a time), sign and encode the update."""
+        _check_finite(request.global_weights)
+        started = time.perf_counter()
+        with self._lock:
+            try:
+                result = self.settings.trainer(
+                    request.round_id, request.global_weights, self.settings.config
+                )
+            except ValueError as exc:
+                raise WireError(f"the trainer cannot use this request: {exc}", 422) from None
+            except Exception as exc:
+                logger.exception("round %d: the trainer failed", request.round_id)
+                raise WireError(f"the trainer failed: {type(exc).__name__}: {exc}", 500) from None
+            update = _as_update(result, self.settings.node_id, request.round_id)
+            self.rounds_trained += 1
+        signature = sign_update(self.settings.key, update, nonce, self._verifier)
+        logger.info(
+            "round %d: trained on %d samples, loss %.6f (%.3f s)",
+            update.round_id,
+            update.samples_used,
+            update.loss,
+            time.perf_counter() - started,
+        )
+        return encode_update(update, fmt), signature
+
+
+def _problem(detail: str, status: int) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise WireError(f"body of {declared} bytes exceeds the limit of {limit} bytes", 413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise WireError(f"body exceeds the limit of {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_finite(weights: TensorMap) -> None:
+    for key, value in weights.items():
+        if not np.isfinite(value).all():
+            raise WireError(f"global_weights[{key!r}] has non-finite values", 422)
+
+
+def _as_update(result: Any, node_id: str, round_id: int) -> LocalUpdate:
+    """The trainer's ``(gradients, loss, samples)`` as an update, or a 500 saying what is wrong."""
+    try:
+        gradients, loss, samples = result
+        return LocalUpdate(
+            node_id=node_id,
+            round_id=round_id,
+            gradients=dict(gradients),
+            loss=loss,
+            samples_used=operator.index(samples),
+        )
+    except (TypeError, ValueError) as exc:
+        reason = describe(exc) if isinstance(exc, ValidationError) else str(exc)
+        logger.error("round %d: the trainer returned an invalid result: %s", round_id, reason)
+        raise WireError(
+            "the trainer returned an invalid result (expected (pseudo_gradient, loss, "
+            f"samples_used)): {reason}",
+            500,
+        ) from None
+
+
+def create_app(settings: NodeSettings) -> Starlette:
+    """The node's ASGI application (``POST /train``, ``GET /health``)."""
+    node = _Node(settings)
+    return Starlette(
+        routes=[
+            Route("/train", node.train, methods=["POST"]),
+            Route("/health", node.health, methods=["GET"]),
+        ]
+    )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0 picks a free one); ``OSError`` if busy."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family)
+
+
+def serve(
+    settings: NodeSettings,
+    sock: socket.socket,
+    *,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve the node on the listening socket ``sock`` until interrupted (SIGINT/SIGTERM)."""
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level=log_level,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run(sockets=[sock])

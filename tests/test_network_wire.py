@@ -1,0 +1,332 @@
+"""Wire formats, signatures, secrets and nodes files of the network layer (no processes)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save
+
+from aumai_fedtrain import LocalUpdate
+from aumai_fedtrain.network import (
+    JSON,
+    SAFETENSORS,
+    NodesFileError,
+    SecretError,
+    TrainRequest,
+    WireError,
+    load_nodes_file,
+    load_secret,
+    sign_update,
+    verify_update,
+)
+from aumai_fedtrain.network.auth import check_nonce, tokens_equal
+from aumai_fedtrain.network.wire import (
+    decode_request,
+    decode_update,
+    encode_request,
+    encode_update,
+    response_media_type,
+)
+
+KEY = b"k" * 40
+# Floats whose text forms are tricky: subnormal, negative zero, huge, tiny, long digits.
+AWKWARD = np.array([5e-324, -0.0, 1e16, 1e-05, 0.1 + 0.2, -1.7976931348623157e308, 3.0])
+
+
+def make_update(**changes: object) -> LocalUpdate:
+    fields: dict[str, object] = {
+        "node_id": "node-ä",
+        "round_id": 3,
+        "gradients": {"w": AWKWARD.reshape(7, 1), "b": np.array(0.25), "e": np.zeros(0)},
+        "loss": 0.1 + 0.7,
+        "samples_used": 320,
+    }
+    return LocalUpdate.model_validate({**fields, **changes})
+
+
+@pytest.mark.parametrize("fmt", [JSON, SAFETENSORS])
+def test_updates_round_trip_exactly(fmt: str) -> None:
+    update = make_update()
+
+    decoded = decode_update(encode_update(update, fmt), fmt + "; charset=utf-8")
+
+    assert decoded == update
+    assert decoded.gradients["w"].shape == (7, 1) and decoded.gradients["b"].shape == ()
+    assert decoded.gradients["w"].tobytes() == update.gradients["w"].tobytes()  # -0.0 kept
+
+
+@pytest.mark.parametrize("fmt", [JSON, SAFETENSORS])
+def test_requests_round_trip_exactly(fmt: str) -> None:
+    request = TrainRequest(round_id=2, global_weights={"w": AWKWARD, "m": np.eye(3)})
+
+    decoded = decode_request(encode_request(request, fmt), fmt)
+
+    assert decoded.round_id == 2
+    assert decoded.global_weights.keys() == {"w", "m"}
+    for key, value in request.global_weights.items():
+        assert decoded.global_weights[key].tobytes() == value.tobytes()
+
+
+def test_the_guides_json_request_is_accepted() -> None:
+    empty = decode_request(b'{"round_id": 1, "global_weights": {}}', JSON)
+    nested = decode_request(b'{"round_id": 4, "global_weights": {"w": [[1, 2], [3, 4]]}}', JSON)
+
+    assert empty.round_id == 1 and empty.global_weights == {}
+    assert nested.global_weights["w"].dtype == np.float64
+    assert nested.global_weights["w"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_safetensors_bodies_may_hold_float32_tensors() -> None:
+    body = save(
+        {"w": np.array([0.5, 1.5], dtype=np.float32)},
+        metadata={"aumai-fedtrain": "train-request/1", "round_id": "7"},
+    )
+
+    decoded = decode_request(body, SAFETENSORS)
+
+    assert decoded.round_id == 7
+    assert decoded.global_weights["w"].dtype == np.float64
+    assert decoded.global_weights["w"].tolist() == [0.5, 1.5]
+
+
+def request_body(**metadata: str) -> bytes:
+    return save({"w": np.zeros(2)}, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "needle"),
+    [
+        (b"{}", "text/plain", 415, "unsupported content type 'text/plain'"),
+        (b"{}", "", 415, "(none)"),
+        (b"{", JSON, 400, "Invalid JSON"),
+        (b'{"round_id": 1, "extra": 2}', JSON, 400, "unknown key 'extra'"),
+        (b'{"round_id": -1}', JSON, 400, "round_id"),
+        (b'{"round_id": 1, "global_weights": {"w": ["a"]}}', JSON, 400, "global_weights.w"),
+        (b'{"round_id": 1, "global_weights": {"w": [[1], [2, 3]]}}', JSON, 400, "rectangular"),
+        (b"not safetensors", SAFETENSORS, 400, "malformed safetensors body"),
+        (request_body(round_id="1"), SAFETENSORS, 400, "is not a train-request/1"),
+        (
+            request_body(**{"aumai-fedtrain": "local-update/1"}),
+            SAFETENSORS,
+            400,
+            "is not a train-request/1",
+        ),
+        (request_body(**{"aumai-fedtrain": "train-request/1"}), SAFETENSORS, 400, "'round_id'"),
+        (
+            request_body(**{"aumai-fedtrain": "train-request/1", "round_id": "one"}),
+            SAFETENSORS,
+            400,
+            "round_id",
+        ),
+    ],
+)
+def test_bad_requests_are_named(body: bytes, content_type: str, status: int, needle: str) -> None:
+    with pytest.raises(WireError) as caught:
+        decode_request(body, content_type)
+
+    assert caught.value.status == status
+    assert needle in str(caught.value)
+
+
+def test_bad_binary_updates_are_named() -> None:
+    metadata = {
+        "aumai-fedtrain": "local-update/1",
+        "node_id": "a",
+        "round_id": "1",
+        "loss": "nan",
+        "samples_used": "3",
+    }
+    body = encode_update(make_update(), SAFETENSORS)
+
+    with pytest.raises(WireError, match="invalid update: loss"):
+        decode_update(save({"w": np.zeros(2)}, metadata=metadata), SAFETENSORS)
+    with pytest.raises(WireError, match="malformed safetensors body"):
+        decode_update(body[:-1], SAFETENSORS)
+
+
+def test_unsupported_dtypes_and_reserved_names_are_refused() -> None:
+    header = {
+        "__metadata__": {"aumai-fedtrain": "train-request/1", "round_id": "1"},
+        "w": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]},
+    }
+    text = json.dumps(header).encode()
+    body = len(text).to_bytes(8, "little") + text + b"\x00\x00"
+
+    with pytest.raises(WireError, match="unsupported safetensors dtype"):
+        decode_request(body, SAFETENSORS)
+    with pytest.raises(WireError, match="reserved"):
+        encode_request(
+            TrainRequest(round_id=1, global_weights={"__metadata__": [1.0]}), SAFETENSORS
+        )
+
+
+def test_the_response_format_follows_the_accept_header() -> None:
+    assert response_media_type(None) == JSON
+    assert response_media_type("*/*") == JSON
+    assert response_media_type("application/json") == JSON
+    assert response_media_type(f"application/json;q=0.5, {SAFETENSORS}") == SAFETENSORS
+
+
+def stdlib_signature(key: bytes, update: LocalUpdate, nonce: str) -> str:
+    """The documented signature, recomputed with the standard library only."""
+    plain = {name: value.tolist() for name, value in update.gradients.items()}
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode("utf-8")).hexdigest()
+    message = {
+        "v": 1,
+        "node_id": update.node_id,
+        "round_id": update.round_id,
+        "samples_used": update.samples_used,
+        "loss": update.loss,
+        "gradients_sha256": digest,
+        "nonce": nonce,
+    }
+    text = json.dumps(message, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hmac.new(key, text, hashlib.sha256).hexdigest()
+
+
+def test_the_signature_is_the_documented_hmac() -> None:
+    update = make_update()
+
+    signature = sign_update(KEY, update, "00ff")
+
+    assert signature == stdlib_signature(KEY, update, "00ff")
+    assert verify_update(KEY, update, signature, "00ff")
+    assert verify_update(KEY, update, f"  {signature.upper()}\n", "00ff")
+
+
+def tampered_w() -> dict[str, np.ndarray]:
+    w = AWKWARD.reshape(7, 1).copy()
+    w[6, 0] = np.nextafter(w[6, 0], np.inf)  # the smallest possible change
+    return {"w": w, "b": np.array(0.25), "e": np.zeros(0)}
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"node_id": "node-b"},
+        {"round_id": 4},
+        {"samples_used": 321},
+        {"loss": np.nextafter(0.1 + 0.7, 1.0)},
+        {"gradients": tampered_w()},
+        {"gradients": {"w": AWKWARD.reshape(7, 1), "b": np.array(0.25)}},
+    ],
+)
+def test_any_change_breaks_the_signature(changes: dict[str, object]) -> None:
+    signature = sign_update(KEY, make_update(), "00ff")
+
+    assert not verify_update(KEY, make_update(**changes), signature, "00ff")
+
+
+def test_the_signature_binds_the_key_and_the_nonce() -> None:
+    update = make_update()
+    signature = sign_update(KEY, update, "00ff")
+
+    assert not verify_update(b"x" * 40, update, signature, "00ff")
+    assert not verify_update(KEY, update, signature, "00fe")
+    assert not verify_update(KEY, update, "", "00ff")
+    assert not verify_update(KEY, update, "é" * 64, "00ff")
+
+
+def test_nonces_are_short_lowercase_hex() -> None:
+    assert check_nonce("") == ""
+    assert check_nonce("0a" * 64) == "0a" * 64
+    for bad in ("0a" * 64 + "0", "XYZ", "00 ff"):
+        with pytest.raises(ValueError, match="hex"):
+            check_nonce(bad)
+
+
+def test_secrets_are_read_stripped_and_checked(tmp_path: Path) -> None:
+    good = tmp_path / "good.key"
+    good.write_text("  " + "ab" * 16 + "\n")
+    short = tmp_path / "short.key"
+    short.write_text("tooshort\n")
+
+    assert load_secret(good) == b"ab" * 16
+    assert tokens_equal("ab" * 16, b"ab" * 16)
+    assert not tokens_equal("ab" * 15 + "ac", b"ab" * 16)
+    with pytest.raises(
+        SecretError, match=r"key file .*short\.key.* has 8 characters; use at least 32"
+    ):
+        load_secret(short)
+    with pytest.raises(SecretError, match=r"cannot read token file .*missing.*No such file"):
+        load_secret(tmp_path / "missing", "token")
+
+
+def write_nodes(folder: Path, entries: object) -> Path:
+    path = folder / "nodes.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_nodes_files_give_nodes_and_keys(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "b.key").write_text("b" * 64 + "\n")
+    path = write_nodes(
+        tmp_path,
+        [
+            {"node_id": "a", "address": "10.0.0.1:8750", "key": "a" * 32},
+            {
+                "node_id": "b",
+                "address": "https://b.example:8750/fed",
+                "key_file": "keys/b.key",
+                "capabilities": {"gpu": True},
+            },
+        ],
+    )
+
+    nodes, keys = load_nodes_file(path)
+
+    assert [(n.node_id, n.address) for n in nodes] == [
+        ("a", "10.0.0.1:8750"),
+        ("b", "https://b.example:8750/fed"),
+    ]
+    assert nodes[1].capabilities == {"gpu": True}
+    assert keys == {"a": b"a" * 32, "b": b"b" * 64}
+
+
+@pytest.mark.parametrize(
+    ("entries", "needle"),
+    [
+        ({"node_id": "a"}, "Input should be a valid array"),
+        ([], "it lists no node"),
+        ([{"node_id": "a", "key": "a" * 32}], "0.address: Field required"),
+        ([{"node_id": "a", "address": "h:1", "key": "a" * 32, "port": 1}], "unknown key '0.port'"),
+        ([{"node_id": "a", "address": "h:1"}], "entry 0 ('a'): give exactly one of"),
+        (
+            [{"node_id": "a", "address": "h:1", "key": "a" * 32, "key_file": "k"}],
+            "give exactly one of 'key' and 'key_file'",
+        ),
+        ([{"node_id": "a", "address": "h:1", "key": "short"}], "key has 5 characters"),
+        ([{"node_id": "a", "address": "h:1", "key_file": "none.key"}], "cannot read key file"),
+        (
+            [
+                {"node_id": "a", "address": "h:1", "key": "a" * 32},
+                {"node_id": "a", "address": "h:2", "key": "b" * 32},
+            ],
+            "entry 1 ('a'): duplicate node id",
+        ),
+    ],
+)
+def test_bad_nodes_files_are_named(tmp_path: Path, entries: object, needle: str) -> None:
+    path = write_nodes(tmp_path, entries)
+
+    with pytest.raises(NodesFileError) as caught:
+        load_nodes_file(path)
+
+    assert str(caught.value).startswith(f"invalid nodes file {str(path)!r}: ")
+    assert needle in str(caught.value)
+
+
+def test_unreadable_and_non_json_nodes_files_are_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+
+    with pytest.raises(NodesFileError, match=r"cannot read nodes file .*No such file"):
+        load_nodes_file(tmp_path / "absent.json")
+    with pytest.raises(NodesFileError, match="Invalid JSON"):
+        load_nodes_file(broken)
