@@ -1,25 +1,35 @@
 """Real node processes on 127.0.0.1 and the coordinator: runs, failures, attacks and TLS.
 
 Every node is an ``aumai-fedtrain node`` child process on a free loopback port (or, for the
-misbehaving ones, a uvicorn server in a thread of this process); every request and every
-command has a timeout, and every process and server is stopped in a ``finally``.
+misbehaving ones, a uvicorn server or a raw socket server in a thread of this process); every
+request and every command has a timeout, and every process and server is stopped in a
+``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import gzip
+import io
 import ipaddress
 import json
 import logging
+import os
 import re
 import secrets
+import signal
 import socket
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import httpx
@@ -35,6 +45,7 @@ from aumai_fedtrain import (
     DiLoCoCoordinator,
     FederatedNode,
     GlobalState,
+    LocalUpdate,
     TrainingConfig,
     TrainingResult,
 )
@@ -53,10 +64,12 @@ from aumai_fedtrain.network import (
     verify_update,
 )
 from aumai_fedtrain.network.auth import NONCE_HEADER, SIGNATURE_HEADER
+from aumai_fedtrain.network.provider import MAX_BACKOFF_SECONDS
 from aumai_fedtrain.network.server import listen
 from aumai_fedtrain.network.wire import decode_update, encode_request, encode_update
 from aumai_fedtrain.simulation import SimulationProvider, initial_model
-from tests.test_examples import run_cli, run_example
+from tests.test_examples import EXAMPLES, run_cli
+from tests.test_network_wire import handmade_safetensors
 
 REQUEST_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 120.0
@@ -369,6 +382,7 @@ def test_tampered_forged_replayed_and_broken_updates_are_dropped_and_the_run_goe
     assert result.credits == {
         **{f"node-{i}": 3 * SAMPLES_PER_ROUND for i in range(3)},
         "node-5": SAMPLES_PER_ROUND,  # its first, authentic answer counted
+        **{node_id: 0 for node_id in rogues if node_id != "node-5"},
     }
     expected = {
         "node-3": "bad signature: tampered with, or signed with another key",
@@ -417,7 +431,10 @@ def test_a_straggler_is_dropped_after_the_timeout_and_not_asked_again(
             release.set()
 
     assert result.rounds_completed == 2
-    assert result.credits == {f"node-{i}": 2 * SAMPLES_PER_ROUND for i in range(3)}
+    assert result.credits == {
+        **{f"node-{i}": 2 * SAMPLES_PER_ROUND for i in range(3)},
+        "node-3": 0,
+    }
     assert provider.failures == {
         1: {"node-3": "no answer within 1 s"},
         2: {"node-3": "no answer within 1 s"},
@@ -657,6 +674,8 @@ def test_run_rejects_bad_network_options_in_one_line(
         (["run", "--nodes-file", str(nodes_file), "--min-nodes", "2"], "--min-nodes 2 exceeds"),
         (["run", "--nodes-file", str(nodes_file), "--ca-file", str(nodes_file)], "CA file"),
         (["run", "--nodes-file", str(nodes_file), "--timeout", "0"], "--timeout"),
+        (["run", "--nodes-file", str(nodes_file), "--timeout", "inf"], "a finite timeout > 0"),
+        (["run", "--nodes-file", str(nodes_file), "--timeout", "nan"], "a finite timeout > 0"),
     ]
     for args, needle in cases:
         code, err = run_main(capsys, *args)
@@ -704,6 +723,30 @@ def test_trainer_plugins_get_their_errors_reported() -> None:
     }  # fmt: skip
 
 
+def run_example(name: str, cwd: Path) -> str:
+    """Run an example that starts node processes; its output.
+
+    The example runs in a process group of its own, killed as a whole in the end, so that its
+    nodes go too when it fails or times out before it could stop them.
+    """
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / name)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+    assert process.returncode == 0, stderr
+    return stdout
+
+
 def test_the_guides_pattern3_provider_trains_a_round_on_a_real_node(tmp_path: Path) -> None:
     output = run_example("pattern3_http_provider.py", tmp_path)
 
@@ -724,3 +767,273 @@ def test_the_custom_trainer_example_learns_the_regression(tmp_path: Path) -> Non
     assert len(losses) == 10 and losses[-1] < losses[0] / 10
     assert distance < 0.1
     assert 'Credits: {"lab-a": 6400, "lab-b": 6400}' in output
+
+
+Answer = Callable[[socket.socket, bytes, threading.Event], None]
+"""What a raw node does with a connection: ``(connection, request head, stop event)``."""
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One HTTP request (head and ``Content-Length`` body) read from ``conn``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    found = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    length = int(found.group(1)) if found else 0
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head
+
+
+@contextmanager
+def raw_node(
+    answer: Answer, tls: ssl.SSLContext | None = None
+) -> Iterator[tuple[str, list[bytes]]]:
+    """A TCP (or, with ``tls``, TLS) server on a free loopback port; ``answer`` writes its answers.
+
+    Yields ``host:port`` and the list of the request heads it received. Every connection is
+    served in a thread; ``answer`` gets a stop event, set (and all threads joined) on exit.
+    """
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    stop = threading.Event()
+    heads: list[bytes] = []
+    threads: list[threading.Thread] = []
+
+    def handle(conn: socket.socket) -> None:
+        try:
+            conn.settimeout(REQUEST_TIMEOUT)
+            if tls is not None:
+                conn = tls.wrap_socket(conn, server_side=True)
+            heads.append(read_request(conn))
+            answer(conn, heads[-1], stop)
+        except OSError:
+            pass  # the client hung up: what a misbehaving node gets
+        finally:
+            conn.close()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=handle, args=(conn,), daemon=True)
+            threads.append(thread)
+            thread.start()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}", heads
+    finally:
+        stop.set()
+        for thread in [acceptor, *threads]:
+            thread.join(timeout=REQUEST_TIMEOUT)
+        server.close()
+    assert not any(thread.is_alive() for thread in [acceptor, *threads])
+
+
+def trickle(prefix: bytes, drip: bytes) -> Answer:
+    """An answer that sends ``prefix``, then ``drip`` every 0.1 s until stopped."""
+
+    def answer(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+        conn.sendall(prefix)
+        while not stop.wait(0.1):
+            conn.sendall(drip)
+
+    return answer
+
+
+def fixed(data: bytes) -> Answer:
+    """An answer that sends ``data`` (whatever it is) and hangs up."""
+
+    def answer(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+        conn.sendall(data)
+
+    return answer
+
+
+def http_answer(body: bytes, content_type: str = SAFETENSORS, **headers: str) -> bytes:
+    """A 200 answer with ``body``; ``content_length="5"`` style keywords add headers."""
+    lines = [b"HTTP/1.1 200 OK", f"content-type: {content_type}".encode()]
+    lines += [f"{name.replace('_', '-')}: {value}".encode() for name, value in headers.items()]
+    if "content_length" not in headers:
+        lines.append(f"content-length: {len(body)}".encode())
+    return b"\r\n".join([*lines, b"", body])
+
+
+def ask_within_bound(
+    provider: HttpUpdateProvider, nodes: list[FederatedNode]
+) -> tuple[list[LocalUpdate] | QuorumError, float]:
+    """Round 1 of ``provider`` (its updates or its QuorumError) and the seconds it took.
+
+    The round runs in a thread given COMMAND_TIMEOUT: the test fails, rather than hangs, when a
+    node holds the round.
+    """
+    outcome: list[tuple[list[LocalUpdate] | QuorumError, float]] = []
+
+    def ask() -> None:
+        started = time.monotonic()
+        try:
+            result: list[LocalUpdate] | QuorumError = provider.get_updates(1, GlobalState(), nodes)
+        except QuorumError as exc:
+            result = exc
+        outcome.append((result, time.monotonic() - started))
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(timeout=COMMAND_TIMEOUT)
+    assert not asking.is_alive(), "a misbehaving node held the round past its timeout"
+    return outcome[0]
+
+
+def test_answers_that_trickle_overflow_or_break_are_dropped_within_the_timeout(
+    deployment: Deployment, cluster: list[LocalNode]
+) -> None:
+    metadata = {"aumai-fedtrain": "local-update/1", "node_id": "65-dimensions", "round_id": "1",
+                "loss": "1.0", "samples_used": "1"}  # fmt: skip
+    status = b"HTTP/1.1 200 OK\r\n"
+    chunked = b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    answers: dict[str, Answer] = {
+        "headers-trickle": trickle(status, b"x-a: b\r\n"),  # never ends its head
+        "body-trickle": trickle(status + chunked, b"1\r\n \r\n"),  # nor its body
+        "declared-too-large": fixed(http_answer(b"", content_length=str(10**6))),
+        "streamed-too-large": trickle(status + chunked, b"10000\r\n" + bytes(2**16) + b"\r\n"),
+        "gzip": fixed(http_answer(gzip.compress(bytes(10**6)), content_encoding="gzip")),
+        "65-dimensions": fixed(http_answer(handmade_safetensors(metadata, "F64", [1] * 65, 8))),
+    }
+    expected = {
+        "headers-trickle": "no answer within 5 s",
+        "body-trickle": "no answer within 5 s",
+        "declared-too-large": f"answer of {10**6} bytes exceeds the limit of {2**18} bytes",
+        "streamed-too-large": f"answer exceeds the limit of {2**18} bytes",
+        "gzip": "answer has content-encoding 'gzip'; only 'identity' is accepted",
+        "65-dimensions": "malformed answer: malformed safetensors body (maximum supported",
+    }
+    keys = {**deployment.keys(), **{name: b"k" * 32 for name in answers}}
+    provider = HttpUpdateProvider(
+        keys, token=deployment.token, timeout=5, retries=0, max_response_bytes=2**18
+    )
+    with ExitStack() as stack:
+        nodes = [FederatedNode(node_id="node-0", address=cluster[0].address)]
+        heads: dict[str, list[bytes]] = {}
+        for name, answer in answers.items():
+            address, heads[name] = stack.enter_context(raw_node(answer))
+            nodes.append(FederatedNode(node_id=name, address=address))
+        updates, seconds = ask_within_bound(provider, nodes)
+
+    assert isinstance(updates, list) and [update.node_id for update in updates] == ["node-0"]
+    assert seconds < 5 + 3
+    assert provider.failures[1].keys() == expected.keys()
+    for name, reason in expected.items():
+        assert provider.failures[1][name].startswith(reason), provider.failures[1][name]
+    assert all(len(node_heads) == 1 for node_heads in heads.values())  # no retry
+    assert b"accept-encoding: identity" in heads["gzip"][0].lower()
+
+
+def test_a_tls_node_that_never_finishes_its_answer_is_cut_off(tmp_path: Path) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    provider = HttpUpdateProvider({"node-0": b"k" * 32}, ca_file=ca, timeout=2, retries=0)
+    answer = trickle(b"HTTP/1.1 200 OK\r\n", b"x-a: b\r\n")
+    with raw_node(answer, tls) as (address, heads):
+        nodes = [FederatedNode(node_id="node-0", address=address)]
+        error, seconds = ask_within_bound(provider, nodes)
+
+    assert isinstance(error, QuorumError) and len(heads) == 1 and seconds < 2 + 3
+    assert provider.failures == {1: {"node-0": "no answer within 2 s"}}
+
+
+def test_retries_back_off_exponentially_up_to_a_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aumai_fedtrain.network import provider as provider_module
+
+    waits: list[float] = []
+    monkeypatch.setattr(provider_module, "time", SimpleNamespace(sleep=waits.append))
+    busy = fixed(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy")
+    provider = HttpUpdateProvider({"node-0": b"k" * 32}, retries=4, backoff=10, timeout=10)
+    with raw_node(busy) as (address, heads), pytest.raises(QuorumError, match="HTTP 503: busy"):
+        provider.get_updates(1, GlobalState(), [FederatedNode(node_id="node-0", address=address)])
+
+    assert len(heads) == 5
+    assert waits == [10, 20, MAX_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS]
+
+
+def test_a_bug_met_by_one_answer_drops_that_node_only(
+    deployment: Deployment, cluster: list[LocalNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aumai_fedtrain.network import provider as provider_module
+
+    def decode(body: bytes, content_type: str) -> Any:
+        update = decode_update(body, content_type)
+        if update.node_id == "node-1":
+            raise RuntimeError("a bug")
+        return update
+
+    monkeypatch.setattr(provider_module, "decode_update", decode)
+    provider = HttpUpdateProvider(
+        deployment.keys(), token=deployment.token, timeout=REQUEST_TIMEOUT
+    )
+
+    updates = provider.get_updates(1, GlobalState(), federated(cluster))
+
+    assert sorted(update.node_id for update in updates) == ["node-0", "node-2"]
+    assert provider.failures[1] == {"node-1": "cannot handle the answer: RuntimeError: a bug"}
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan")])
+def test_provider_settings_must_be_finite(timeout: float) -> None:
+    with pytest.raises(ValueError, match="finite timeout"):
+        HttpUpdateProvider({"a": b"k" * 32}, timeout=timeout)
+    with pytest.raises(ValueError, match="finite"):
+        HttpUpdateProvider({"a": b"k" * 32}, backoff=timeout)
+
+
+def test_a_streamed_request_over_the_limit_gets_413_and_the_node_keeps_serving(
+    deployment: Deployment, cluster: list[LocalNode]
+) -> None:
+    node = cluster[0]
+    headers = {"content-type": JSON, "authorization": f"Bearer {deployment.token.decode()}"}
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the node counts while it reads
+        for _ in range(3):
+            yield b" " * (512 * 1024)
+
+    with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
+        refused = client.post(f"{node.url}/train", content=chunks(), headers=headers)
+        health = client.get(f"{node.url}/health")
+
+    assert refused.status_code == 413
+    assert refused.json() == {"detail": "body exceeds the limit of 1048576 bytes"}
+    assert health.status_code == 200
+
+
+def test_node_settings_do_not_show_their_secrets() -> None:
+    settings = NodeSettings(
+        node_id="n", key=b"the-key" * 5, trainer=failing_trainer, token=b"the-token" * 4
+    )
+
+    assert "the-key" not in repr(settings) and "the-token" not in repr(settings)
+
+
+def test_dropped_update_warnings_reach_the_current_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = Deployment(tmp_path, count=1)
+    nodes_file = deployment.nodes_file([deployment.local_node(0)])
+    code, _ = run_main(capsys, "run", "--nodes-file", str(nodes_file), "--ca-file", "absent.pem")
+    assert code == 2
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)  # e.g. the next test's capture
+
+    logging.getLogger(LOGGER).warning("round 9: no update from node-0: probe")
+
+    assert stderr.getvalue() == "WARNING: round 9: no update from node-0: probe\n"

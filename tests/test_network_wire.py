@@ -98,6 +98,18 @@ def request_body(**metadata: str) -> bytes:
     return save({"w": np.zeros(2)}, metadata=metadata)
 
 
+REQUEST_METADATA = {"aumai-fedtrain": "train-request/1", "round_id": "1"}
+
+
+def handmade_safetensors(
+    metadata: dict[str, str], dtype: str, shape: list[int], data_bytes: int
+) -> bytes:
+    """A body with one tensor ``w`` of zero bytes, written by hand (``save`` refuses odd ones)."""
+    tensor = {"dtype": dtype, "shape": shape, "data_offsets": [0, data_bytes]}
+    text = json.dumps({"__metadata__": metadata, "w": tensor}).encode()
+    return len(text).to_bytes(8, "little") + text + bytes(data_bytes)
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "needle"),
     [
@@ -122,6 +134,18 @@ def request_body(**metadata: str) -> bytes:
             SAFETENSORS,
             400,
             "round_id",
+        ),
+        (
+            handmade_safetensors(REQUEST_METADATA, "F64", [1] * 65, 8),  # NumPy's limit is 64
+            SAFETENSORS,
+            400,
+            "malformed safetensors body",
+        ),
+        (
+            handmade_safetensors(REQUEST_METADATA, "F64", [0, 2**62], 0),  # too large for NumPy
+            SAFETENSORS,
+            400,
+            "malformed safetensors body",
         ),
     ],
 )
@@ -150,12 +174,7 @@ def test_bad_binary_updates_are_named() -> None:
 
 
 def test_unsupported_dtypes_and_reserved_names_are_refused() -> None:
-    header = {
-        "__metadata__": {"aumai-fedtrain": "train-request/1", "round_id": "1"},
-        "w": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]},
-    }
-    text = json.dumps(header).encode()
-    body = len(text).to_bytes(8, "little") + text + b"\x00\x00"
+    body = handmade_safetensors(REQUEST_METADATA, "BF16", [1], 2)
 
     with pytest.raises(WireError, match="unsupported safetensors dtype"):
         decode_request(body, SAFETENSORS)

@@ -282,10 +282,20 @@ def prepare_http_run(
     return config, node_list, provider
 
 
+class _StderrHandler(logging.Handler):
+    """Writes records to the ``sys.stderr`` of the moment (it may be replaced after set-up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:
+            self.handleError(record)
+
+
 def _show_dropped_updates() -> None:
     """Print the provider's warnings (dropped updates, stragglers) on stderr."""
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)

@@ -115,15 +115,22 @@ class LocalNode:
 
     def launch(self) -> None:
         """Start the process without waiting (to start several nodes at once)."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"node {self.node_id} is already running")
+        self.stop()  # the output file of an earlier run
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - kept open until stop()
-        self.process = subprocess.Popen(
-            self._command,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self._cwd,
-            env={**os.environ, **self._env} if self._env is not None else None,
-        )
+        try:
+            self.process = subprocess.Popen(
+                self._command,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                cwd=self._cwd,
+                env={**os.environ, **self._env} if self._env is not None else None,
+            )
+        except BaseException:
+            self.stop()
+            raise
 
     def wait_ready(self) -> None:
         """Wait until the launched node answers ``GET /health``.

@@ -12,13 +12,17 @@ last checkpoint stays as it was.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -43,12 +47,17 @@ from aumai_fedtrain.providers.base import UpdateProvider
 from aumai_fedtrain.simulation import initial_model
 from aumai_fedtrain.verification import HashVerifier
 
-__all__ = ["HttpUpdateProvider", "QuorumError"]
+__all__ = ["MAX_BACKOFF_SECONDS", "HttpUpdateProvider", "QuorumError"]
 
 logger = logging.getLogger("aumai_fedtrain.network")
 
+MAX_BACKOFF_SECONDS = 30.0
+"""Longest wait before a retry, however many retries came before."""
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _DETAIL_CHARS = 300
+# Every attempt opens its own connection (so that _Deadline can find it); concurrency is
+# bounded by max_workers.
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 
 
 class QuorumError(RuntimeError):
@@ -78,17 +87,19 @@ class HttpUpdateProvider(UpdateProvider):
     min_nodes
         Quorum: fewer valid updates in a round raise :class:`QuorumError`.
     timeout
-        Seconds one attempt at one node may take, training included.
+        Seconds one attempt at one node may take, training included; the attempt is cut off
+        then, however slowly the node is still sending.
     retries
         How many times a node is asked again after a connection failure or a 429/502/503/504
-        answer, waiting ``backoff * 2**attempt`` seconds before each retry. A node that
-        answers too late is a straggler and is not asked again in the round.
+        answer, waiting ``backoff * 2**attempt`` seconds (at most
+        :data:`MAX_BACKOFF_SECONDS`) before each retry. A node that answers too late is a
+        straggler and is not asked again in the round.
     backoff
         First retry delay in seconds.
     wire
         ``"binary"`` (safetensors bodies) or ``"json"`` (the user guide's JSON).
     max_response_bytes
-        Largest answer accepted from a node.
+        Largest answer accepted from a node (its body as sent: compressed answers are refused).
     model_init
         ``config -> initial global parameters``; defaults to the built-in simulation's model,
         which is what ``aumai-fedtrain node`` trains by default.
@@ -114,11 +125,16 @@ class HttpUpdateProvider(UpdateProvider):
         evaluator: Callable[[TensorMap], tuple[float, float]] | None = None,
         max_workers: int = 32,
     ) -> None:
-        if min_nodes < 1 or timeout <= 0 or retries < 0 or backoff < 0 or max_workers < 1:
+        finite = math.isfinite(timeout) and math.isfinite(backoff)
+        if not finite or min_nodes < 1 or timeout <= 0 or retries < 0 or backoff < 0:
             raise ValueError(
-                "need min_nodes >= 1, timeout > 0, retries >= 0, backoff >= 0 and "
-                f"max_workers >= 1 (got {min_nodes}, {timeout}, {retries}, {backoff}, "
-                f"{max_workers})"
+                "need min_nodes >= 1, a finite timeout > 0, retries >= 0 and a finite "
+                f"backoff >= 0 (got {min_nodes}, {timeout}, {retries}, {backoff})"
+            )
+        if max_workers < 1 or max_response_bytes < 1:
+            raise ValueError(
+                "need max_workers >= 1 and max_response_bytes >= 1 "
+                f"(got {max_workers}, {max_response_bytes})"
             )
         if wire not in ("binary", "json"):
             raise ValueError(f"wire must be 'binary' or 'json', got {wire!r}")
@@ -170,12 +186,16 @@ class HttpUpdateProvider(UpdateProvider):
         body = encode_request(
             TrainRequest(round_id=round_id, global_weights=weights), self.wire_format
         )
-        headers = {"content-type": self.wire_format, "accept": self.wire_format}
+        headers = {
+            "content-type": self.wire_format,
+            "accept": self.wire_format,
+            "accept-encoding": "identity",
+        }
         if self.token is not None:
             headers["authorization"] = f"Bearer {self.token.decode('utf-8')}"
         timeout = httpx.Timeout(self.timeout)
         with (
-            httpx.Client(verify=self._tls, timeout=timeout) as client,
+            httpx.Client(verify=self._tls, timeout=timeout, limits=_LIMITS) as client,
             ThreadPoolExecutor(min(self.max_workers, len(nodes))) as pool,
         ):
             outcomes = list(
@@ -237,7 +257,8 @@ class HttpUpdateProvider(UpdateProvider):
                         "round %d: no update from %s: %s", round_id, node.node_id, dropped
                     )
                     return str(dropped)
-                delay = self.backoff * 2**attempt
+                # (The exponent is capped so that the product stays a finite float.)
+                delay = min(self.backoff * 2 ** min(attempt, 32), MAX_BACKOFF_SECONDS)
                 attempt += 1
                 logger.info(
                     "round %d: %s failed (%s), retry %d/%d in %.2f s",
@@ -248,23 +269,29 @@ class HttpUpdateProvider(UpdateProvider):
                     self.retries,
                     delay,
                 )
+            except Exception as exc:  # a bug met by one node's answer must not end the run
+                logger.exception("round %d: cannot handle the answer of %s", round_id, node.node_id)
+                return f"cannot handle the answer: {type(exc).__name__}: {exc}"
             time.sleep(delay)
 
     def _request(
         self, client: httpx.Client, node: FederatedNode, body: bytes, headers: dict[str, str]
     ) -> tuple[LocalUpdate, str | None]:
         """One attempt: the decoded update and its signature header."""
-        deadline = time.monotonic() + self.timeout
         url = self._url(node.address)
-        try:
-            with client.stream("POST", url, content=body, headers=headers) as response:
-                content = self._read_limited(response, deadline)
-        except httpx.TimeoutException as exc:
-            connect = isinstance(exc, httpx.ConnectTimeout)
-            raise _Dropped(f"no answer within {self.timeout:g} s", retry=connect) from None
-        except httpx.TransportError as exc:
-            # A certificate that does not verify will not verify on a retry either.
-            raise _Dropped(f"cannot reach {url}: {exc}", retry=not _tls_failure(exc)) from None
+        with _Deadline(self.timeout) as deadline:
+            try:
+                with client.stream(
+                    "POST", url, content=body, headers=headers, extensions={"trace": deadline.trace}
+                ) as response:
+                    content = self._read_limited(response)
+            except httpx.TransportError as exc:
+                if deadline.expired or isinstance(exc, httpx.TimeoutException):
+                    # Not even connected in time: ask again; connected, then silent: a straggler.
+                    retry = isinstance(exc, httpx.ConnectTimeout) or not deadline.connected
+                    raise _Dropped(f"no answer within {self.timeout:g} s", retry=retry) from None
+                # A certificate that does not verify will not verify on a retry either.
+                raise _Dropped(f"cannot reach {url}: {exc}", retry=not _tls_failure(exc)) from None
         if response.status_code != httpx.codes.OK:
             detail = content[:_DETAIL_CHARS].decode("utf-8", "replace")
             raise _Dropped(
@@ -277,20 +304,22 @@ class HttpUpdateProvider(UpdateProvider):
             raise _Dropped(f"malformed answer: {exc}") from None
         return update, response.headers.get(SIGNATURE_HEADER)
 
-    def _read_limited(self, response: httpx.Response, deadline: float) -> bytes:
-        """The answer's body, refused above ``max_response_bytes`` or past ``deadline``."""
+    def _read_limited(self, response: httpx.Response) -> bytes:
+        """The answer's body as sent, refused as soon as it exceeds ``max_response_bytes``."""
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            # Decompressing would let a small answer grow past the limit in memory.
+            raise _Dropped(f"answer has content-encoding {encoding!r}; only 'identity' is accepted")
         limit = self.max_response_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise _Dropped(f"answer of {declared} bytes exceeds the limit of {limit} bytes")
         chunks: list[bytes] = []
         size = 0
-        for chunk in response.iter_bytes():
+        for chunk in response.iter_raw():
             size += len(chunk)
             if size > limit:
                 raise _Dropped(f"answer exceeds the limit of {limit} bytes")
-            if time.monotonic() > deadline:
-                raise _Dropped(f"no complete answer within {self.timeout:g} s")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -325,6 +354,50 @@ class HttpUpdateProvider(UpdateProvider):
                 )
             if not np.isfinite(value).all():
                 raise _Dropped(f"gradient {key!r} has non-finite values")
+
+
+class _Deadline:
+    """Cuts one attempt off after ``seconds``, however slowly the node sends its bytes.
+
+    httpx's timeouts bound every single read, not a whole answer: a node sending a byte now and
+    then would hold the round forever. The attempt's socket is learnt from httpcore's ``trace``
+    extension and shut down when the time is up, which ends a blocked read at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self.connected = False
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+    def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's trace hook: note the socket once connected (and after TLS, its wrapper)."""
+        if event.endswith((".connect_tcp.complete", ".start_tls.complete")):
+            with self._lock:
+                self.connected = True
+                self._socket = info["return_value"].get_extra_info("socket")
+                if self.expired:
+                    self._shut_down()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):  # already closed
+                # socket.socket's own method: SSLSocket.shutdown would also drop its TLS state.
+                socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
 
 
 def _tls_failure(error: BaseException) -> bool:

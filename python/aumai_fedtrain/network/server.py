@@ -122,10 +122,10 @@ class NodeSettings:
     """
 
     node_id: str
-    key: bytes
+    key: bytes = field(repr=False)
     trainer: Trainer
     config: TrainingConfig = field(default_factory=TrainingConfig)
-    token: bytes | None = None
+    token: bytes | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     trainer_name: str = "custom"
 

@@ -97,7 +97,7 @@ def encode_request(request: TrainRequest, fmt: str) -> bytes:
 def decode_request(body: bytes, content_type: str) -> TrainRequest:
     """Parse a train request; :class:`WireError` (status 400 or 415) names what is wrong."""
     if body_media_type(content_type) == JSON:
-        return _validate_json(TrainRequest, body, "train request")
+        return _validate(TrainRequest, body, "train request")
     tensors, metadata = _unpack(body, _REQUEST_KIND)
     return _validate(
         TrainRequest,
@@ -123,7 +123,7 @@ def encode_update(update: LocalUpdate, fmt: str) -> bytes:
 def decode_update(body: bytes, content_type: str) -> LocalUpdate:
     """Parse a local update; :class:`WireError` names what is wrong."""
     if body_media_type(content_type) == JSON:
-        return _validate_json(LocalUpdate, body, "update")
+        return _validate(LocalUpdate, body, "update")
     tensors, metadata = _unpack(body, _UPDATE_KIND)
     fields = {name: _field(metadata, name) for name in ("node_id", "round_id", "samples_used")}
     return _validate(
@@ -155,7 +155,7 @@ def _unpack(body: bytes, kind: str) -> tuple[dict[str, np.ndarray], dict[str, st
 
     try:
         tensors = load(body)
-    except SafetensorError as exc:
+    except (SafetensorError, ValueError) as exc:  # ValueError: a shape NumPy cannot build
         raise WireError(f"malformed safetensors body ({exc})") from None
     except KeyError as exc:  # a dtype numpy has no counterpart for (e.g. BF16)
         raise WireError(f"unsupported safetensors dtype {exc}") from None
@@ -182,15 +182,11 @@ def _field(metadata: dict[str, str], name: str) -> str:
     return metadata[name]
 
 
-def _validate_json(model: type[ModelT], body: bytes, what: str) -> ModelT:
+def _validate(model: type[ModelT], data: bytes | dict[str, object], what: str) -> ModelT:
+    """``model`` from a JSON body or from fields; :class:`WireError` naming what is wrong."""
     try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise WireError(f"invalid {what}: {describe(exc)}") from None
-
-
-def _validate(model: type[ModelT], data: dict[str, object], what: str) -> ModelT:
-    try:
+        if isinstance(data, bytes):
+            return model.model_validate_json(data)
         return model.model_validate(data)
     except ValidationError as exc:
         raise WireError(f"invalid {what}: {describe(exc)}") from None
