@@ -10,14 +10,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
-from pydantic import BaseModel, ValidationError
 
 from aumai_fedtrain import __version__
 from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.coordinator import DiLoCoCoordinator
+from aumai_fedtrain.inputs import InputError, load_model_file
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, RoundRecord, TrainingConfig
 from aumai_fedtrain.models import TrainingResult as Result
 from aumai_fedtrain.network.cli import node_command, nodes_file_options, prepare_http_run
@@ -25,43 +25,6 @@ from aumai_fedtrain.verification import HashVerifier, normalize_digest
 
 PROG_NAME = "aumai-fedtrain"
 MAX_CREDIT_LINES = 50
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-class InputError(click.ClickException):
-    """Bad input from the user: a file, its JSON, a config key or an option value."""
-
-    exit_code = 2
-
-
-def describe_validation_error(error: ValidationError, limit: int = 3) -> str:
-    """One line naming each invalid field (``unknown key 'x'`` for unexpected ones)."""
-    parts = []
-    for item in error.errors()[:limit]:
-        location = ".".join(str(part) for part in item["loc"])
-        if item["type"] == "extra_forbidden":
-            parts.append(f"unknown key {location!r}")
-        elif location:
-            parts.append(f"{location}: {item['msg']}")
-        else:
-            parts.append(item["msg"])
-    more = error.error_count() - limit
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
-def load_model_file(path: Path, model: type[ModelT], what: str) -> ModelT:
-    """Read and validate a JSON file, raising :class:`InputError` with one line on failure."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise InputError(f"cannot read {what} file {str(path)!r}: {reason}") from None
-    try:
-        return model.model_validate_json(text)
-    except ValidationError as exc:
-        raise InputError(
-            f"invalid {what} file {str(path)!r}: {describe_validation_error(exc)}"
-        ) from None
 
 
 def simulated_nodes(count: int) -> list[FederatedNode]:
@@ -113,7 +76,7 @@ def run(
     if resume and checkpoint_dir is None:
         raise InputError("--resume needs --checkpoint-dir")
     config = (
-        load_model_file(config_path, TrainingConfig, "config")
+        load_model_file(config_path, TrainingConfig, "config", InputError)
         if config_path is not None
         else TrainingConfig()
     )
@@ -160,7 +123,7 @@ def run(
 )
 def hash_command(update_path: Path) -> None:
     """Print the canonical SHA-256 of an update's gradients."""
-    update = load_model_file(update_path, LocalUpdate, "update")
+    update = load_model_file(update_path, LocalUpdate, "update", InputError)
     click.echo(HashVerifier().compute_hash(update.gradients))
 
 
@@ -182,7 +145,7 @@ def verify(update_path: Path, expected: str) -> None:
         normalize_digest(expected)
     except ValueError as exc:
         raise InputError(f"--hash: {exc}") from None
-    update = load_model_file(update_path, LocalUpdate, "update")
+    update = load_model_file(update_path, LocalUpdate, "update", InputError)
     verifier = HashVerifier()
     actual = verifier.compute_hash(update.gradients)
     if verifier.verify(update, expected):

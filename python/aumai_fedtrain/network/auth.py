@@ -24,6 +24,7 @@ import json
 import secrets
 from pathlib import Path
 
+from aumai_fedtrain.inputs import read_text_file
 from aumai_fedtrain.models import LocalUpdate
 from aumai_fedtrain.verification import HashVerifier
 
@@ -36,7 +37,6 @@ __all__ = [
     "check_nonce",
     "load_secret",
     "new_nonce",
-    "read_text_file",
     "secret_from_text",
     "sign_update",
     "tokens_equal",
@@ -63,15 +63,6 @@ def secret_from_text(text: str, what: str) -> bytes:
             "(e.g. the output of: openssl rand -hex 32)"
         )
     return cleaned.encode("utf-8")
-
-
-def read_text_file(path: str | Path, what: str, error: type[ValueError]) -> str:
-    """The UTF-8 text of a file, or ``error("cannot read <what> file '<path>': <reason>")``."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise error(f"cannot read {what} file {str(path)!r}: {reason}") from None
 
 
 def load_secret(path: str | Path, what: str = "key") -> bytes:

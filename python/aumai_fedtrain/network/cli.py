@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from aumai_fedtrain.inputs import InputError, load_model_file
 from aumai_fedtrain.models import FederatedNode, TrainingConfig
 from aumai_fedtrain.network import http_module
 from aumai_fedtrain.network.auth import SecretError, load_secret
@@ -32,54 +33,48 @@ _MIB = 1024 * 1024
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def _input_error(message: str) -> click.ClickException:
-    from aumai_fedtrain.cli import InputError
-
-    return InputError(message)
-
-
 def _require_http(name: str) -> ModuleType:
     try:
         return http_module(name)
     except ImportError as exc:
-        raise _input_error(str(exc)) from None
+        raise InputError(str(exc)) from None
 
 
 def _secret(path: Path, what: str) -> bytes:
     try:
         return load_secret(path, what)
     except SecretError as exc:
-        raise _input_error(str(exc)) from None
+        raise InputError(str(exc)) from None
 
 
 def load_trainer(spec: str) -> Callable[..., Any]:
     """The function named by ``module:function`` (the current folder is importable)."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise _input_error(f"--trainer must look like module:function, got {spec!r}")
+        raise InputError(f"--trainer must look like module:function, got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any failure of the user's module, reported in one line
-        raise _input_error(
+        raise InputError(
             f"--trainer: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
         ) from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise _input_error(f"--trainer: {module_name!r} has no function {function_name!r}")
+        raise InputError(f"--trainer: {module_name!r} has no function {function_name!r}")
     return function
 
 
 def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     if (certfile is None) != (keyfile is None):
-        raise _input_error("--ssl-certfile and --ssl-keyfile go together")
+        raise InputError("--ssl-certfile and --ssl-keyfile go together")
     if certfile is None or keyfile is None:
         return
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
     except (OSError, ssl.SSLError) as exc:
-        raise _input_error(f"cannot load --ssl-certfile/--ssl-keyfile: {exc}") from None
+        raise InputError(f"cannot load --ssl-certfile/--ssl-keyfile: {exc}") from None
 
 
 @click.command("node")
@@ -144,21 +139,19 @@ def node_command(
     log_level: str,
 ) -> None:
     """Serve a training node: POST /train trains one round, GET /health."""
-    from aumai_fedtrain.cli import load_model_file
-
     server = _require_http("server")
     if not node_id.strip():
-        raise _input_error("--node-id must not be empty")
+        raise InputError("--node-id must not be empty")
     key = _secret(key_file, "key")
     token = _secret(token_file, "token") if token_file is not None else None
     config = (
-        load_model_file(config_path, TrainingConfig, "config")
+        load_model_file(config_path, TrainingConfig, "config", InputError)
         if config_path is not None
         else TrainingConfig()
     )
     if trainer_spec is not None:
         if shard is not None:
-            raise _input_error("--shard is for the built-in trainer; it cannot go with --trainer")
+            raise InputError("--shard is for the built-in trainer; it cannot go with --trainer")
         trainer, trainer_name = load_trainer(trainer_spec), trainer_spec
     else:
         trainer = server.SimulationTrainer(shard or 0, config)
@@ -167,7 +160,7 @@ def node_command(
     try:
         sock = server.listen(host, port)
     except OSError as exc:
-        raise _input_error(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -253,19 +246,17 @@ def prepare_http_run(
             if value is not None
         ]
         if given:
-            raise _input_error(f"{given[0]} needs --nodes-file")
+            raise InputError(f"{given[0]} needs --nodes-file")
         return None
     if nodes is not None:
-        raise _input_error("--nodes cannot go with --nodes-file (the file lists the nodes)")
+        raise InputError("--nodes cannot go with --nodes-file (the file lists the nodes)")
     provider_module = _require_http("provider")
     try:
         node_list, keys = load_nodes_file(nodes_file)
     except NodesFileError as exc:
-        raise _input_error(str(exc)) from None
+        raise InputError(str(exc)) from None
     if min_nodes is not None and min_nodes > len(node_list):
-        raise _input_error(
-            f"--min-nodes {min_nodes} exceeds the {len(node_list)} nodes of the file"
-        )
+        raise InputError(f"--min-nodes {min_nodes} exceeds the {len(node_list)} nodes of the file")
     config = config.model_copy(update={"num_nodes": len(node_list)})
     _show_dropped_updates()
     try:
@@ -278,7 +269,7 @@ def prepare_http_run(
             evaluator=builtin_evaluator(config),
         )
     except ValueError as exc:
-        raise _input_error(str(exc)) from None
+        raise InputError(str(exc)) from None
     return config, node_list, provider
 
 

@@ -21,14 +21,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
+from aumai_fedtrain.inputs import describe_validation_error, read_text_file
 from aumai_fedtrain.models import FederatedNode
 from aumai_fedtrain.network.auth import (
     SecretError,
     load_secret,
-    read_text_file,
     secret_from_text,
 )
-from aumai_fedtrain.network.wire import describe
 
 __all__ = ["NodeEntry", "NodesFileError", "load_nodes_file"]
 
@@ -64,7 +63,7 @@ def load_nodes_file(path: str | Path) -> tuple[list[FederatedNode], dict[str, by
     try:
         entries = _NodesFile.model_validate_json(text).root
     except ValidationError as exc:
-        raise NodesFileError(f"invalid {where}: {describe(exc)}") from None
+        raise NodesFileError(f"invalid {where}: {describe_validation_error(exc)}") from None
     if not entries:
         raise NodesFileError(f"invalid {where}: it lists no node")
     nodes: list[FederatedNode] = []

@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from aumai_fedtrain.inputs import describe_validation_error
 from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
     NONCE_HEADER,
@@ -45,7 +46,6 @@ from aumai_fedtrain.network.wire import (
     WireError,
     body_media_type,
     decode_request,
-    describe,
     encode_update,
     response_media_type,
 )
@@ -244,7 +244,7 @@ def _as_update(result: Any, node_id: str, round_id: int) -> LocalUpdate:
             samples_used=operator.index(samples),
         )
     except (TypeError, ValueError) as exc:
-        reason = describe(exc) if isinstance(exc, ValidationError) else str(exc)
+        reason = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
         logger.error("round %d: the trainer returned an invalid result: %s", round_id, reason)
         raise WireError(
             "the trainer returned an invalid result (expected (pseudo_gradient, loss, "

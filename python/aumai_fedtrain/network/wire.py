@@ -16,6 +16,7 @@ from typing import Annotated, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from aumai_fedtrain.inputs import describe_validation_error
 from aumai_fedtrain.models import LocalUpdate, TensorMap
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "body_media_type",
     "decode_request",
     "decode_update",
-    "describe",
     "encode_request",
     "encode_update",
     "media_type",
@@ -189,11 +189,4 @@ def _validate(model: type[ModelT], data: bytes | dict[str, object], what: str) -
             return model.model_validate_json(data)
         return model.model_validate(data)
     except ValidationError as exc:
-        raise WireError(f"invalid {what}: {describe(exc)}") from None
-
-
-def describe(error: ValidationError) -> str:
-    """One line naming the invalid fields of ``error`` (the CLI's wording)."""
-    from aumai_fedtrain.cli import describe_validation_error
-
-    return describe_validation_error(error)
+        raise WireError(f"invalid {what}: {describe_validation_error(exc)}") from None
