@@ -83,7 +83,10 @@ def canonical_hash(gradients: Mapping[str, Any]) -> str:
 
 
 def _as_float_array(key: str, label: str, value: Any) -> np.ndarray:
-    plain = _plain_value(key, value)
+    try:
+        plain = _plain_value(key, value)
+    except TypeError as exc:
+        raise TypeError(f"{label}: {exc}") from None
     try:
         return np.asarray(plain, dtype=np.float64)
     except ValueError as exc:  # ragged nested lists

@@ -1,0 +1,362 @@
+"""Averaging parity: both backends give the per-key weighted mean of a NumPy reference.
+
+The reference is computed here in float64 with NumPy; results must match within 1e-12
+relative. Error cases must raise the same exception type and name the key or node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from aumai_fedtrain.backend import Backend, get_backend
+
+SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+EMPTY_UPDATES_MESSAGE = "Cannot average an empty list of updates."
+
+
+@pytest.fixture
+def backend(backend_name: str) -> Backend:
+    """Each test runs once per backend (``backend_name`` comes from conftest)."""
+    return get_backend(backend_name)
+
+
+def reference_average(
+    updates: Sequence[Mapping[str, Any]], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Per-key ``sum((w_i / total) * x_i)`` over the updates with a non-empty value.
+
+    Accumulated in update order, so cancelling terms round as in the contract's definition.
+    """
+    keys = list(dict.fromkeys(key for update in updates for key in update))
+    result = {}
+    for key in keys:
+        carriers = [
+            (weight, np.asarray(update[key], dtype=np.float64))
+            for update, weight in zip(updates, weights, strict=True)
+            if key in update and np.asarray(update[key]).size
+        ]
+        if not carriers:
+            result[key] = np.empty(0)
+            continue
+        total = sum(weight for weight, _ in carriers)
+        average = np.zeros(carriers[0][1].shape)
+        for weight, value in carriers:
+            average = average + (weight / total) * value
+        result[key] = average
+    return result
+
+
+def assert_same_average(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert isinstance(actual[key], np.ndarray)
+        assert actual[key].dtype == np.float64
+        assert actual[key].shape == value.shape, key
+        np.testing.assert_allclose(actual[key], value, rtol=1e-12, atol=1e-300)
+
+
+@st.composite
+def node_values(draw: st.DrawFn, shape: tuple[int, ...]) -> Any:
+    """One node's value of a given shape, as a float64/float32/int array, list or scalar."""
+    form = draw(st.sampled_from(["float64", "float32", "int32", "strided", "list", "scalar"]))
+    elements = st.floats(min_value=-1e6, max_value=1e6, width=32)
+    if form == "float64":
+        return draw(hnp.arrays(np.float64, shape, elements=elements))
+    if form == "float32":
+        return draw(hnp.arrays(np.float32, shape, elements=elements))
+    if form == "int32":
+        return draw(hnp.arrays(np.int32, shape, elements=st.integers(-(2**31), 2**31 - 1)))
+    if form == "strided":
+        wide = draw(hnp.arrays(np.float64, (*shape, 2), elements=elements))
+        return wide[..., 1]
+    if form == "scalar" and shape == ():
+        return draw(st.one_of(elements, st.integers(-(2**60), 2**60)))
+    return draw(hnp.arrays(np.float64, shape, elements=elements)).tolist()
+
+
+@st.composite
+def federations(draw: st.DrawFn) -> tuple[list[dict[str, Any]], list[float]]:
+    """Nodes with overlapping keys (some missing, some empty) and weights positive per key."""
+    key_shapes = draw(
+        st.dictionaries(
+            st.text(max_size=4),
+            hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    count = draw(st.integers(min_value=1, max_value=5))
+    updates: list[dict[str, Any]] = [{} for _ in range(count)]
+    for key, shape in key_shapes.items():
+        carriers = draw(st.sets(st.integers(0, count - 1), min_size=1))
+        for node in range(count):
+            if node in carriers:
+                updates[node][key] = draw(node_values(shape))
+            elif draw(st.booleans()):
+                updates[node][key] = []  # an empty value does not carry the key
+    weights = [
+        draw(st.one_of(st.just(0.0), st.floats(min_value=1e-3, max_value=1e4)))
+        for _ in range(count)
+    ]
+    weights[draw(st.integers(0, count - 1))] = 1.0
+    return updates, weights
+
+
+@SETTINGS
+@given(federation=federations())
+def test_average_equals_numpy_reference(
+    backend: Backend, federation: tuple[list[dict[str, Any]], list[float]]
+) -> None:
+    # Prepare
+    updates, weights = federation
+    weights = [1.0] * len(weights)  # every node counts, so no key is all-zero
+    expected = reference_average(updates, weights)
+
+    # Execute
+    actual = backend.weighted_average(updates, weights)
+
+    # Assert
+    assert_same_average(actual, expected)
+
+
+@SETTINGS
+@given(federation=federations())
+def test_zero_weights_average_or_name_the_key(
+    backend: Backend, federation: tuple[list[dict[str, Any]], list[float]]
+) -> None:
+    # Prepare
+    updates, weights = federation
+    zero_keys = [
+        key
+        for key in dict.fromkeys(k for u in updates for k in u)
+        if all(
+            w == 0 for u, w in zip(updates, weights, strict=True) if np.asarray(u.get(key, [])).size
+        )
+        and any(np.asarray(u.get(key, [])).size for u in updates)
+    ]
+
+    # Execute / Assert
+    if zero_keys:
+        with pytest.raises(ValueError, match="all weights") as error:
+            backend.weighted_average(updates, weights)
+        assert repr(zero_keys[0]) in str(error.value)
+    else:
+        assert_same_average(
+            backend.weighted_average(updates, weights), reference_average(updates, weights)
+        )
+
+
+def test_keys_in_first_appearance_order_with_empty_and_missing_keys(backend: Backend) -> None:
+    # Prepare
+    updates = [
+        {"b": [1.0, 2.0], "empty": []},
+        {"a": np.float32(3.0), "b": np.array([3.0, 4.0])},
+        {"c": np.zeros((2, 0)), "a": 5},
+    ]
+    weights = [1.0, 3.0, 4.0]
+
+    # Execute
+    result = backend.weighted_average(updates, weights)
+
+    # Assert
+    assert list(result) == ["b", "empty", "a", "c"]
+    np.testing.assert_allclose(result["b"], [2.5, 3.5], rtol=1e-12)
+    assert result["a"].shape == ()
+    np.testing.assert_allclose(result["a"], (3 * 3.0 + 4 * 5) / 7, rtol=1e-12)
+    for key in ("empty", "c"):
+        assert result[key].shape == (0,)
+        assert result[key].dtype == np.float64
+
+
+def test_large_inputs_split_across_threads(backend: Backend) -> None:
+    # Prepare: enough work for the native core to use every thread.
+    rng = np.random.default_rng(11)
+    updates = [
+        {"w": rng.standard_normal((300, 500)), "v": rng.standard_normal(70_001).astype(np.float32)}
+        for _ in range(4)
+    ]
+    weights = [3.0, 1.0, 0.5, 2.0]
+
+    # Execute
+    result = backend.weighted_average(updates, weights)
+
+    # Assert
+    assert_same_average(result, reference_average(updates, weights))
+
+
+def test_non_contiguous_and_unusual_layouts(backend: Backend) -> None:
+    # Prepare
+    base = np.arange(24, dtype=np.float64).reshape(4, 6) / 3.0
+    unaligned = np.frombuffer(b"\x00" + base.tobytes(), dtype=np.float64, count=24, offset=1)
+    updates = [
+        {"w": base.T},
+        {"w": np.asfortranarray(base.T)},
+        {"w": base[::-1].T[:, ::-1].astype(">f8")},
+        {"w": unaligned.reshape(4, 6).T},
+        {"w": base.astype(np.float16).T},
+        {"w": np.broadcast_to(np.float32(0.25), (6, 4))},
+    ]
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+    # Execute
+    result = backend.weighted_average(updates, weights)
+
+    # Assert
+    assert_same_average(result, reference_average(updates, weights))
+
+
+def test_non_finite_values_propagate(backend: Backend) -> None:
+    # Prepare
+    updates = [{"w": [np.nan, np.inf, 1.0]}, {"w": [0.0, 1.0, -np.inf]}]
+
+    # Execute
+    result = backend.weighted_average(updates, [1.0, 1.0])
+
+    # Assert
+    np.testing.assert_array_equal(result["w"], [np.nan, np.inf, -np.inf])
+
+
+def test_empty_update_list_has_the_exact_message(backend: Backend) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError) as error:
+        backend.weighted_average([], [])
+    assert str(error.value) == EMPTY_UPDATES_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ([1.0], "weights"),
+        ([1.0, 2.0, 3.0], "weights"),
+        ([1.0, -0.5], "weight #1"),
+        ([float("nan"), 1.0], "weight #0"),
+        ([1.0, float("inf")], "weight #1"),
+    ],
+    ids=["too_few", "too_many", "negative", "nan", "inf"],
+)
+def test_bad_weights_are_value_errors(backend: Backend, weights: list[float], match: str) -> None:
+    # Prepare
+    updates = [{"w": [1.0]}, {"w": [2.0]}]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=match):
+        backend.weighted_average(updates, weights)
+
+
+def test_label_count_mismatch_is_a_value_error(backend: Backend) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="labels"):
+        backend.weighted_average([{"w": [1.0]}], [1.0], labels=["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("second", "first_shape", "second_shape"),
+    [
+        ([1.0, 2.0, 3.0], "(2,)", "(3,)"),
+        ([[1.0, 2.0]], "(2,)", "(1, 2)"),
+        (np.ones((2, 1)), "(2,)", "(2, 1)"),
+        (4.0, "(2,)", "()"),
+    ],
+    ids=["longer", "extra_dim", "array", "scalar"],
+)
+def test_shape_mismatch_names_key_and_both_nodes(
+    backend: Backend, second: Any, first_shape: str, second_shape: str
+) -> None:
+    # Prepare
+    updates = [{"w": [1.0, 2.0]}, {"w": second}]
+
+    # Execute / Assert
+    with pytest.raises(ValueError) as error:
+        backend.weighted_average(updates, [1.0, 1.0], labels=["node-a", "node-b"])
+    message = str(error.value)
+    for part in ("'w'", "node-a", "node-b", first_shape, second_shape):
+        assert part in message
+
+
+def test_all_zero_weights_name_the_key(backend: Backend) -> None:
+    # Prepare
+    updates = [{"w": [1.0], "v": [2.0]}, {"v": [3.0]}]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="'w'"):
+        backend.weighted_average(updates, [0.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[[1.0, 2.0], [3.0]], [[1.0], 2.0], [1.0, [2.0]], [[[1.0]], [[1.0, 2.0]]], [[], [1.0]]],
+    ids=["rows", "row_then_number", "number_then_row", "deep", "empty_then_row"],
+)
+def test_ragged_nested_list_names_key_and_node(backend: Backend, value: Any) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError) as error:
+        backend.weighted_average([{"w": [1.0]}, {"w": value}], [1.0, 1.0], labels=["a", "node-7"])
+    assert "'w'" in str(error.value)
+    assert "node-7" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1.0",
+        None,
+        True,
+        [1.0, "x"],
+        [[1.0], [None]],
+        [1.0, True],
+        np.array([True]),
+        np.array(["a"]),
+        np.array([1j]),
+        [np.array([1.0])],
+    ],
+    ids=[
+        "str",
+        "none",
+        "bool",
+        "str_in_list",
+        "none_nested",
+        "bool_in_list",
+        "bool_array",
+        "str_array",
+        "complex_array",
+        "array_in_list",
+    ],
+)
+def test_non_numeric_values_are_type_errors_naming_the_key(backend: Backend, value: Any) -> None:
+    # Execute / Assert
+    with pytest.raises(TypeError, match="'w'"):
+        backend.weighted_average([{"w": [1.0]}, {"w": value}], [1.0, 1.0], labels=["a", "b"])
+
+
+def test_non_str_key_is_a_type_error_naming_the_node(backend: Backend) -> None:
+    # Execute / Assert
+    with pytest.raises(TypeError, match="node-b"):
+        backend.weighted_average([{"w": [1.0]}, {3: [1.0]}], [1.0, 1.0], labels=["a", "node-b"])
+
+
+def test_non_mapping_update_is_a_type_error_naming_the_node(backend: Backend) -> None:
+    # Execute / Assert
+    with pytest.raises(TypeError, match="update #1"):
+        backend.weighted_average([{"w": [1.0]}, [("w", [1.0])]], [1.0, 1.0])
+
+
+def test_absurdly_deep_nesting_is_a_recursion_error_not_a_crash(backend: Backend) -> None:
+    # Prepare
+    deep: Any = 1.0
+    for _ in range(100_000):
+        deep = [deep]
+
+    # Execute / Assert
+    with pytest.raises(RecursionError):
+        backend.weighted_average([{"w": deep}], [1.0])
