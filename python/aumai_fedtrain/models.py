@@ -46,8 +46,9 @@ def to_tensor(value: Any) -> np.ndarray:
     if isinstance(value, np.ndarray) and value.dtype == np.float64:
         return value
     if isinstance(value, str | bytes | Mapping):
-        raise ValueError(f"expected a number or a (nested) list of numbers, got "
-                         f"{type(value).__name__}")
+        raise ValueError(
+            f"expected a number or a (nested) list of numbers, got {type(value).__name__}"
+        )
     try:
         array = np.asarray(value)
     except ValueError as exc:
@@ -93,7 +94,9 @@ def values_equal(left: Any, right: Any) -> bool:
 class _Model(BaseModel):
     """Base: unknown fields are errors, non-finite floats serialise as JSON constants."""
 
-    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", ser_json_inf_nan="constants", validate_assignment=True
+    )
 
     def __eq__(self, other: object) -> bool:
         if type(self) is not type(other):
@@ -128,11 +131,21 @@ class LocalUpdate(_Model):
 
 
 class SimulationConfig(_Model):
-    """Settings of the built-in simulation: dataset, model and how data is split."""
+    """Settings of the built-in simulation: dataset, model and how data is split.
+
+    The dataset is a Gaussian mixture: each of ``num_classes`` classes is made of
+    ``clusters_per_class`` blobs with standard-normal centres and spread ``cluster_std``. Each
+    node holds ``samples_per_node`` samples, with uniform classes, or class proportions drawn
+    from Dirichlet(``dirichlet_alpha``) per node when it is set (smaller is more skewed). The
+    model is an MLP with one hidden layer of ``hidden_units`` ReLU units, trained by AdamW with
+    decoupled ``weight_decay``.
+    """
 
     num_features: PositiveInt = 32
     num_classes: Annotated[int, Field(ge=2)] = 10
-    hidden_units: PositiveInt = 64
+    clusters_per_class: PositiveInt = 4
+    cluster_std: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    hidden_units: PositiveInt = 256
     samples_per_node: PositiveInt = 512
     eval_samples: PositiveInt = 2000
     dirichlet_alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
@@ -194,6 +207,7 @@ class TrainingResult(_Model):
     rounds_completed: Annotated[int, Field(ge=0)]
     history: list[RoundRecord] = Field(default_factory=list)
     credits: dict[str, int] = Field(default_factory=dict)
+    """Samples credited per node: every node of the run, 0 for one that never contributed."""
     final_state: GlobalState
 
     @field_validator("credits")

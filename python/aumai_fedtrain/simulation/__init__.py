@@ -1,0 +1,31 @@
+"""The built-in simulation: virtual nodes that really train an MLP on a synthetic task.
+
+:class:`SimulationProvider` plugs into :meth:`DiLoCoCoordinator.run_training`; the pieces it is
+made of (the dataset, the MLP, AdamW and the local training loop) are public for experiments
+that need their own loop, such as a synchronous data-parallel baseline.
+"""
+
+from aumai_fedtrain.simulation import mlp
+from aumai_fedtrain.simulation.adamw import AdamW
+from aumai_fedtrain.simulation.data import SyntheticTask
+from aumai_fedtrain.simulation.provider import (
+    NodeProgress,
+    SimulationProvider,
+    initial_model,
+    new_inner_optimizer,
+    train_locally,
+)
+from aumai_fedtrain.simulation.seeding import Stream, derive_rng
+
+__all__ = [
+    "AdamW",
+    "NodeProgress",
+    "SimulationProvider",
+    "Stream",
+    "SyntheticTask",
+    "derive_rng",
+    "initial_model",
+    "mlp",
+    "new_inner_optimizer",
+    "train_locally",
+]
