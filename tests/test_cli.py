@@ -18,8 +18,12 @@ TIMEOUT = 300
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aumai_fedtrain", *args], cwd=cwd, capture_output=True,
-        text=True, timeout=TIMEOUT, check=False,
+        [sys.executable, "-m", "aumai_fedtrain", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
     )
 
 
@@ -32,8 +36,17 @@ def assert_one_line_error(completed: subprocess.CompletedProcess[str], *needles:
 
 
 def write_update(path: Path, gradients: dict[str, list[float]]) -> Path:
-    path.write_text(json.dumps({"node_id": "node-000", "round_id": 1, "gradients": gradients,
-                                "loss": 0.85, "samples_used": 128}))
+    path.write_text(
+        json.dumps(
+            {
+                "node_id": "node-000",
+                "round_id": 1,
+                "gradients": gradients,
+                "loss": 0.85,
+                "samples_used": 128,
+            }
+        )
+    )
     return path
 
 
@@ -63,9 +76,17 @@ def test_run_prints_the_guides_summary() -> None:
     out = completed.stdout
     assert completed.returncode == 0, completed.stderr
     assert out.startswith("Starting federated training: my-model-v1  nodes=3  rounds=5\n")
-    for label in ("Rounds completed:  5/5", "Total samples:     4800", "Final avg loss:",
-                  "Eval loss:", "Eval accuracy:", "Duration:", "Node credits (samples processed):",
-                  "  node-000: 1600 samples", "  node-002: 1600 samples"):
+    for label in (
+        "Rounds completed:  5/5",
+        "Total samples:     4800",
+        "Final avg loss:",
+        "Eval loss:",
+        "Eval accuracy:",
+        "Duration:",
+        "Node credits (samples processed):",
+        "  node-000: 1600 samples",
+        "  node-002: 1600 samples",
+    ):
         assert label in out
 
 
@@ -124,16 +145,25 @@ def test_verify_passes_and_fails_with_exit_codes(tmp_path: Path) -> None:
     [
         (None, ["cannot read update file", "No such file"]),
         ("{not json", ["invalid update file", "Invalid JSON"]),
-        ('{"node_id": "n", "round_id": 1, "gradients": {"w": ["x"]}, "loss": 1, '
-         '"samples_used": 1}', ["gradients.w"]),
-        ('{"node_id": "n", "round_id": 1, "gradients": {}, "loss": 1, "samples_used": 1, '
-         '"extra": 1}', ["unknown key 'extra'"]),
-        ('{"node_id": "n", "round_id": 1, "gradients": {}, "loss": NaN, "samples_used": 1}',
-         ["loss"]),
+        (
+            '{"node_id": "n", "round_id": 1, "gradients": {"w": ["x"]}, "loss": 1, '
+            '"samples_used": 1}',
+            ["gradients.w"],
+        ),
+        (
+            '{"node_id": "n", "round_id": 1, "gradients": {}, "loss": 1, "samples_used": 1, '
+            '"extra": 1}',
+            ["unknown key 'extra'"],
+        ),
+        (
+            '{"node_id": "n", "round_id": 1, "gradients": {}, "loss": NaN, "samples_used": 1}',
+            ["loss"],
+        ),
     ],
 )
-def test_bad_update_files_are_one_line_errors(tmp_path: Path, content: str | None,
-                                              needles: list[str]) -> None:
+def test_bad_update_files_are_one_line_errors(
+    tmp_path: Path, content: str | None, needles: list[str]
+) -> None:
     path = tmp_path / "update.json"
     if content is not None:
         path.write_text(content)

@@ -15,13 +15,30 @@ import pytest
 from aumai_fedtrain.checkpoint import CheckpointError, load_checkpoint
 
 TIMEOUT = 300
-CONFIG = {"model_name": "resume-test", "learning_rate": 0.002, "batch_size": 64,
-          "local_steps": 60, "global_rounds": 8, "num_nodes": 6, "seed": 11}
+CONFIG = {
+    "model_name": "resume-test",
+    "learning_rate": 0.002,
+    "batch_size": 64,
+    "local_steps": 60,
+    "global_rounds": 8,
+    "num_nodes": 6,
+    "seed": 11,
+}
 
 
 def run_args(config: Path, checkpoint_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "aumai_fedtrain", "run", "--config", str(config),
-            "--checkpoint-dir", str(checkpoint_dir), "--json", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "aumai_fedtrain",
+        "run",
+        "--config",
+        str(config),
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        "--json",
+        *extra,
+    ]
 
 
 def completed_round(checkpoint_dir: Path) -> int:
@@ -54,13 +71,19 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, kill_at: int) -> N
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG))
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    reference = subprocess.run(run_args(config, reference_dir), capture_output=True, text=True,
-                               timeout=TIMEOUT, check=True)
+    reference = subprocess.run(
+        run_args(config, reference_dir), capture_output=True, text=True, timeout=TIMEOUT, check=True
+    )
 
     # Execute: kill a second run mid-way, then resume it
     reached = kill_after_round(run_args(config, killed_dir), killed_dir, kill_at)
-    resumed = subprocess.run(run_args(config, killed_dir, "--resume"), capture_output=True,
-                             text=True, timeout=TIMEOUT, check=True)
+    resumed = subprocess.run(
+        run_args(config, killed_dir, "--resume"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
 
     # Assert
     assert kill_at <= reached < CONFIG["global_rounds"]
