@@ -21,6 +21,7 @@ from aumai_fedtrain.inputs import InputError, load_model_file
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, RoundRecord, TrainingConfig
 from aumai_fedtrain.models import TrainingResult as Result
 from aumai_fedtrain.network.cli import node_command, nodes_file_options, prepare_http_run
+from aumai_fedtrain.providers.base import UpdateProvider
 from aumai_fedtrain.verification import HashVerifier, normalize_digest
 
 PROG_NAME = "aumai-fedtrain"
@@ -82,9 +83,12 @@ def run(
     )
     overrides = {"num_nodes": nodes, "global_rounds": rounds, "seed": seed}
     config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    progress = _RoundProgress(config.global_rounds, enabled=not as_json and _is_terminal())
     http_run = prepare_http_run(config, nodes, **network)
+    provider: UpdateProvider
     if http_run is None:
-        node_list, provider = simulated_nodes(config.num_nodes), SimulationProvider()
+        node_list = simulated_nodes(config.num_nodes)
+        provider = SimulationProvider(on_node_done=progress.node_done)
     else:
         config, node_list, provider = http_run
     if not as_json:
@@ -92,7 +96,6 @@ def run(
             f"Starting federated training: {config.model_name}  "
             f"nodes={config.num_nodes}  rounds={config.global_rounds}"
         )
-    progress = _RoundProgress(config.global_rounds, enabled=not as_json and _is_terminal())
     coordinator = DiLoCoCoordinator()
     try:
         result = coordinator.run_training(
@@ -156,20 +159,35 @@ def verify(update_path: Path, expected: str) -> None:
 
 
 class _RoundProgress:
-    """A one-line, in-place progress display of the rounds on a terminal (stderr)."""
+    """A one-line, in-place progress display on a terminal (stderr): rounds, and nodes within
+    a round for the simulation."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total = total
         self.enabled = enabled
         self._shown = False
+        self._next_round: int | None = None
+        self._last_round_line = ""
 
     def __call__(self, record: RoundRecord) -> None:
-        if not self.enabled:
-            return
         line = f"  round {record.round_id}/{self.total}  loss {record.avg_loss:.6f}"
         if record.eval_accuracy is not None:
             line += f"  eval acc {record.eval_accuracy:.2%}"
-        click.echo(f"\r\x1b[2K{line}", nl=False, err=True)
+        self._next_round = record.round_id + 1
+        self._last_round_line = line
+        self._show(line)
+
+    def node_done(self, done: int, total: int) -> None:
+        """Show how many nodes of the current round have trained (throttled to ~100 updates)."""
+        if done != total and done % max(1, total // 100):
+            return
+        where = f"round {self._next_round}/{self.total}  " if self._next_round else ""
+        self._show(f"{self._last_round_line}  |  {where}nodes {done}/{total}".lstrip(" |"))
+
+    def _show(self, line: str) -> None:
+        if not self.enabled:
+            return
+        click.echo(f"\r\x1b[2K  {line.strip()}", nl=False, err=True)
         self._shown = True
 
     def close(self) -> None:
