@@ -117,5 +117,6 @@ def test_state_without_model_round_trips(tmp_path: Path) -> None:
     restored = load_checkpoint(tmp_path)
 
     assert restored is not None and restored.state == state
+    assert list(restored.state.global_weights) == ["w", "e"]  # order kept, not sorted
     assert restored.state.parameters is None
     np.testing.assert_array_equal(restored.state.global_weights["w"], [[1.0, 2.0]])

@@ -34,16 +34,18 @@ from aumai_fedtrain.simulation.seeding import Stream
 
 REPO = Path(__file__).resolve().parents[1]
 
-SMALL = SimulationConfig(num_features=6, num_classes=4, hidden_units=8, samples_per_node=64,
-                         eval_samples=200)
+SMALL = SimulationConfig(
+    num_features=6, num_classes=4, hidden_units=8, samples_per_node=64, eval_samples=200
+)
 
 
 def make_nodes(count: int) -> list[FederatedNode]:
     return [FederatedNode(node_id=f"node-{i:03d}") for i in range(count)]
 
 
-def round_updates(config: TrainingConfig, round_id: int = 1, **provider_options: bool
-                  ) -> list[LocalUpdate]:
+def round_updates(
+    config: TrainingConfig, round_id: int = 1, **provider_options: bool
+) -> list[LocalUpdate]:
     """Updates of one round from the initial model with a freshly configured provider."""
     provider = SimulationProvider(**provider_options)
     provider.configure(config)
@@ -93,8 +95,11 @@ def label_skew(config: SimulationConfig, nodes: int = 40) -> float:
     task = SyntheticTask(config, 0, cache_size=0)
     uniform = 1.0 / config.num_classes
     distances = [
-        0.5 * np.abs(np.bincount(task.shard(node)[1], minlength=config.num_classes)
-                     / config.samples_per_node - uniform).sum()
+        0.5
+        * np.abs(
+            np.bincount(task.shard(node)[1], minlength=config.num_classes) / config.samples_per_node
+            - uniform
+        ).sum()
         for node in range(nodes)
     ]
     return float(np.mean(distances))
@@ -146,8 +151,9 @@ def test_batches_are_epochs_of_the_shard() -> None:
 
 
 def test_bayes_loss_matches_the_closed_form_for_two_gaussians() -> None:
-    config = SimulationConfig(num_features=3, num_classes=2, clusters_per_class=1,
-                              cluster_std=1.3, eval_samples=500)
+    config = SimulationConfig(
+        num_features=3, num_classes=2, clusters_per_class=1, cluster_std=1.3, eval_samples=500
+    )
     task = SyntheticTask(config, 4)
     features, labels = task.eval_set()
     mu0, mu1 = task.centres[0, 0], task.centres[1, 0]
@@ -166,8 +172,11 @@ def test_mlp_gradients_match_finite_differences() -> None:
     features = rng.standard_normal((11, 5))
     labels = rng.integers(3, size=11)
     _, grads = mlp.loss_and_grads(params, features, labels)
-    assert grads.keys() == params.keys() == {"layer1.weight", "layer1.bias", "layer2.weight",
-                                              "layer2.bias"}
+    assert (
+        grads.keys()
+        == params.keys()
+        == {"layer1.weight", "layer1.bias", "layer2.weight", "layer2.bias"}
+    )
     eps = 1e-6
     for key, value in params.items():
         numeric = np.zeros_like(value)
@@ -250,37 +259,70 @@ def test_updates_are_deterministic_for_a_seed() -> None:
     config = TrainingConfig(num_nodes=3, simulation=SMALL, seed=11)
     assert_same_updates(round_updates(config), round_updates(config))
     other = round_updates(config.model_copy(update={"seed": 12}))
-    assert not np.array_equal(other[0].gradients["layer1.weight"],
-                              round_updates(config)[0].gradients["layer1.weight"])
-    assert not np.array_equal(initial_model(config)["layer1.weight"],
-                              initial_model(config.model_copy(update={"seed": 12}))
-                              ["layer1.weight"])
+    assert not np.array_equal(
+        other[0].gradients["layer1.weight"], round_updates(config)[0].gradients["layer1.weight"]
+    )
+    assert not np.array_equal(
+        initial_model(config)["layer1.weight"],
+        initial_model(config.model_copy(update={"seed": 12}))["layer1.weight"],
+    )
 
 
-def test_a_round_depends_only_on_the_global_state() -> None:
-    """What makes resume exact: a fresh provider reproduces a later round of a running one."""
+def test_a_stateless_round_depends_only_on_the_global_state() -> None:
+    """Stateless nodes: a fresh provider reproduces a later round of a running one."""
     config = TrainingConfig(num_nodes=3, simulation=SMALL)
     nodes = make_nodes(3)
-    provider = SimulationProvider()
+    provider = SimulationProvider(keep_inner_state=False)
     provider.configure(config)
     state = GlobalState(parameters=provider.initial_parameters(config))
     provider.get_updates(1, state, nodes)
     later = provider.get_updates(2, state, nodes)
-    assert_same_updates(round_updates(config, round_id=2), later)
-    assert not np.array_equal(later[0].gradients["layer1.bias"],
-                              round_updates(config, round_id=1)[0].gradients["layer1.bias"])
+    assert_same_updates(round_updates(config, round_id=2, keep_inner_state=False), later)
+    assert provider.state_dict() == {}
+    assert not np.array_equal(
+        later[0].gradients["layer1.bias"],
+        round_updates(config, round_id=1)[0].gradients["layer1.bias"],
+    )
 
 
 def test_kept_inner_state_changes_later_rounds_only() -> None:
     config = TrainingConfig(num_nodes=2, simulation=SMALL)
     nodes = make_nodes(2)
-    kept = SimulationProvider(keep_inner_state=True)
+    kept = SimulationProvider()
     kept.configure(config)
     state = GlobalState(parameters=kept.initial_parameters(config))
     assert_same_updates(kept.get_updates(1, state, nodes), round_updates(config, round_id=1))
     second = kept.get_updates(2, state, nodes)
-    assert not np.array_equal(second[0].gradients["layer1.weight"],
-                              round_updates(config, round_id=2)[0].gradients["layer1.weight"])
+    assert not np.array_equal(
+        second[0].gradients["layer1.weight"],
+        round_updates(config, round_id=2, keep_inner_state=False)[0].gradients["layer1.weight"],
+    )
+
+
+def test_kept_inner_state_is_restored_from_its_state_dict() -> None:
+    """What makes resume exact: the nodes' optimizers travel in the checkpoint."""
+    # Prepare: a provider that has run round 1, and a fresh one given its state
+    config = TrainingConfig(num_nodes=2, simulation=SMALL)
+    nodes = make_nodes(2)
+    running = SimulationProvider()
+    running.configure(config)
+    state = GlobalState(parameters=running.initial_parameters(config))
+    running.get_updates(1, state, nodes)
+    saved = running.state_dict()
+    restored = SimulationProvider()
+    restored.configure(config)
+    restored.load_state_dict(saved)
+
+    # Execute
+    expected, actual = running.get_updates(2, state, nodes), restored.get_updates(2, state, nodes)
+
+    # Assert
+    assert sorted({name.split("/")[1] for name in saved}) == ["0", "1"]
+    assert_same_updates(expected, actual)
+    with pytest.raises(ValueError, match="keeps no state"):
+        stateless = SimulationProvider(keep_inner_state=False)
+        stateless.configure(config)
+        stateless.load_state_dict(saved)
 
 
 def test_provider_errors_are_clear() -> None:
@@ -314,8 +356,9 @@ def test_a_thousand_virtual_nodes_in_one_process() -> None:
 
 def test_guide_run_halves_the_training_loss() -> None:
     """The guide's `aumai-fedtrain run --config examples/train.json --nodes 3` setting."""
-    config = TrainingConfig(learning_rate=0.001, batch_size=32, local_steps=10,
-                            global_rounds=5, num_nodes=3)
+    config = TrainingConfig(
+        learning_rate=0.001, batch_size=32, local_steps=10, global_rounds=5, num_nodes=3
+    )
     result = DiLoCoCoordinator().run_training(config, make_nodes(3), SimulationProvider())
     history = result.history
     assert len(history) == 5
@@ -327,9 +370,12 @@ def test_guide_run_halves_the_training_loss() -> None:
 
 
 def test_longer_training_keeps_improving_above_the_bayes_floor() -> None:
-    config = TrainingConfig(num_nodes=4, global_rounds=40, learning_rate=0.003,
-                            simulation=SimulationConfig(samples_per_node=2048,
-                                                        hidden_units=64))
+    config = TrainingConfig(
+        num_nodes=4,
+        global_rounds=40,
+        learning_rate=0.003,
+        simulation=SimulationConfig(samples_per_node=2048, hidden_units=64),
+    )
     provider = SimulationProvider()
     result = DiLoCoCoordinator().run_training(config, make_nodes(4), provider)
     assert provider.task is not None
@@ -354,9 +400,18 @@ def test_diloco_experiment_quick_run(tmp_path: Path) -> None:
     package_root = str(Path(aumai_fedtrain.__file__).resolve().parents[1])
     path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     completed = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "diloco_vs_sync.py"), "--quick", "--json",
-         "--plot", str(tmp_path / "plot.png")],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
+        [
+            sys.executable,
+            str(REPO / "examples" / "diloco_vs_sync.py"),
+            "--quick",
+            "--json",
+            "--plot",
+            str(tmp_path / "plot.png"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": path},
     )
     report = json.loads(completed.stdout.splitlines()[0])

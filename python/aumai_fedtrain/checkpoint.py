@@ -1,6 +1,7 @@
 """Checkpoints of a run: one safetensors file, replaced atomically after every round.
 
-Tensors (global parameters, outer momentum, last averaged update) are stored as float64
+Tensors (global parameters, outer momentum, last averaged update, the provider's state such as
+the nodes' inner optimizers) are stored as float64
 safetensors entries; everything else (config, node ids, round, credits, history, elapsed time)
 is JSON in the file's metadata, together with a SHA-256 over the tensors so that corruption is
 detected. Writing goes to a temporary file that is fsynced and renamed over the old checkpoint,
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aumai_fedtrain.models import GlobalState, RoundRecord, TensorMap, TrainingConfig
 
@@ -25,6 +26,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT_NAME = "aumai-fedtrain/checkpoint"
 FORMAT_VERSION = "1"
 _TENSOR_GROUPS = ("parameters", "momentum", "global_weights")
+_PROVIDER_GROUP = "provider"
 
 
 class CheckpointError(ValueError):
@@ -42,6 +44,8 @@ class Checkpoint(BaseModel):
     credits: dict[str, int]
     history: list[RoundRecord]
     elapsed: float
+    provider_state: TensorMap = Field(default_factory=dict)
+    """What the provider keeps across rounds (:meth:`UpdateProvider.state_dict`)."""
 
     def check_compatible(self, config: TrainingConfig, node_ids: list[str]) -> None:
         """Raise :class:`CheckpointError` unless this checkpoint belongs to the same run.
@@ -71,22 +75,29 @@ def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _flatten(state: GlobalState) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
-    for group in _TENSOR_GROUPS:
-        for key, value in (getattr(state, group) or {}).items():
-            tensors[f"{group}/{key}"] = np.asarray(value, dtype="<f8", order="C")
-    return tensors
+def _flatten(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
+    groups = {group: getattr(checkpoint.state, group) or {} for group in _TENSOR_GROUPS}
+    groups[_PROVIDER_GROUP] = checkpoint.provider_state
+    return {
+        f"{group}/{key}": np.asarray(value, dtype="<f8", order="C")
+        for group, tensors in groups.items()
+        for key, value in tensors.items()
+    }
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
     """Atomically write ``checkpoint`` to ``directory`` and return the file's path."""
-    from safetensors.numpy import save
+    from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = _flatten(checkpoint.state)
-    run = checkpoint.model_dump(mode="json", exclude={"state"})
+    tensors = _flatten(checkpoint)
+    run = checkpoint.model_dump(mode="json", exclude={"state", "provider_state"})
     run["state"] = checkpoint.state.model_dump(mode="json", exclude=set(_TENSOR_GROUPS))
+    # Key order of every tensor group (safetensors stores names sorted).
+    run["tensor_keys"] = {
+        group: [name.split("/", 1)[1] for name in tensors if name.startswith(f"{group}/")]
+        for group in (*_TENSOR_GROUPS, _PROVIDER_GROUP)
+    }
     run["state"]["has"] = [g for g in _TENSOR_GROUPS if getattr(checkpoint.state, g) is not None]
     metadata = {
         "format": FORMAT_NAME,
@@ -94,13 +105,12 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "run": json.dumps(run),
         "tensors_sha256": _tensor_digest(tensors),
     }
-    payload = save(tensors, metadata=metadata)
     target = directory / CHECKPOINT_FILE
     fd, tmp_name = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
+        save_file(tensors, tmp_name, metadata=metadata)  # streamed to disk, no copy in memory
+        with open(tmp_name, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
     except BaseException:
@@ -145,17 +155,14 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     try:
         run: dict[str, Any] = json.loads(metadata["run"])
         state_fields = run["state"]
+        order = run.pop("tensor_keys")
         for group in state_fields.pop("has"):
-            state_fields[group] = _group(tensors, group)
+            state_fields[group] = _group(tensors, group, order[group])
+        run["provider_state"] = _group(tensors, _PROVIDER_GROUP, order[_PROVIDER_GROUP])
         return Checkpoint.model_validate(run)
     except (KeyError, TypeError, json.JSONDecodeError, ValidationError) as exc:
         raise CheckpointError(f"{path} is corrupt: bad run metadata ({exc})") from None
 
 
-def _group(tensors: dict[str, np.ndarray], group: str) -> TensorMap:
-    prefix = f"{group}/"
-    return {
-        name[len(prefix) :]: value.astype(np.float64, copy=False)
-        for name, value in tensors.items()
-        if name.startswith(prefix)
-    }
+def _group(tensors: dict[str, np.ndarray], group: str, keys: list[str]) -> TensorMap:
+    return {key: tensors[f"{group}/{key}"].astype(np.float64, copy=False) for key in keys}

@@ -152,6 +152,7 @@ class DiLoCoCoordinator:
             restored = self._restore(Path(checkpoint_dir), config, node_list, resume)
             if restored is not None:
                 state, history, elapsed_before = restored.state, restored.history, restored.elapsed
+                provider.load_state_dict(restored.provider_state)
         started = time.perf_counter()
         while state.round_id < config.global_rounds:
             round_started = time.perf_counter()
@@ -172,6 +173,7 @@ class DiLoCoCoordinator:
                         credits=self.credit_tracker.all_credits(),
                         history=history,
                         elapsed=elapsed,
+                        provider_state=provider.state_dict(),
                     ),
                 )
             if on_round is not None:

@@ -49,7 +49,12 @@ from aumai_fedtrain.network.wire import (
     encode_update,
     response_media_type,
 )
-from aumai_fedtrain.simulation import SyntheticTask, initial_model, train_locally
+from aumai_fedtrain.simulation import (
+    SyntheticTask,
+    initial_model,
+    new_inner_optimizer,
+    train_locally,
+)
 from aumai_fedtrain.verification import HashVerifier
 
 __all__ = ["NodeSettings", "SimulationTrainer", "Trainer", "create_app", "listen", "serve"]
@@ -70,6 +75,10 @@ the round and the number of samples processed. Raise ``ValueError`` for weights 
 class SimulationTrainer:
     """The built-in trainer: the simulation's MLP on shard ``shard`` of the synthetic task.
 
+    As in DiLoCo, the inner AdamW state stays on the node, in memory, across rounds. A retried
+    round restarts from the state before it; a round earlier than the last one (a new run) and
+    a restart of the node process start from a fresh AdamW.
+
     Parameters
     ----------
     shard
@@ -83,6 +92,10 @@ class SimulationTrainer:
         self.shard = shard
         self.task = SyntheticTask(config.simulation, config.seed, cache_size=1)
         self._shapes = {key: value.shape for key, value in initial_model(config).items()}
+        self.optimizer = new_inner_optimizer(config)
+        self._lock = threading.Lock()
+        self._last_round: int | None = None
+        self._state_before_last_round: TensorMap = {}
 
     def __call__(
         self, round_id: int, weights: TensorMap, config: TrainingConfig
@@ -95,7 +108,18 @@ class SimulationTrainer:
                 f"global_weights do not match the built-in model: got shapes {shapes}, "
                 f"expected {self._shapes}"
             )
-        delta, loss = train_locally(start, self.task, self.shard, round_id, config)
+        with self._lock:
+            if round_id == self._last_round:  # asked again (a retry): redo it from the same state
+                self.optimizer.load_state_dict(self._state_before_last_round)
+            else:
+                if self._last_round is not None and round_id < self._last_round:
+                    self.optimizer = new_inner_optimizer(config)  # a new run: start afresh
+                saved = self.optimizer.state_dict()
+                self._state_before_last_round = {k: v.copy() for k, v in saved.items()}
+                self._last_round = round_id
+            delta, loss = train_locally(
+                start, self.task, self.shard, round_id, config, self.optimizer
+            )
         return delta, loss, config.local_steps * config.batch_size
 
 

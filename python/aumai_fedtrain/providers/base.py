@@ -16,7 +16,9 @@ class UpdateProvider(ABC):
 
     A provider that trains a model also implements :meth:`initial_parameters` (the coordinator
     then keeps global parameters and applies the outer optimizer to them) and may implement
-    :meth:`evaluate` to report held-out loss and accuracy of the global model every round.
+    :meth:`evaluate` to report held-out loss and accuracy of the global model every round. A
+    provider that keeps state across rounds implements :meth:`state_dict` and
+    :meth:`load_state_dict` so that checkpoints carry it.
     """
 
     config: TrainingConfig | None = None
@@ -32,6 +34,23 @@ class UpdateProvider(ABC):
     def evaluate(self, parameters: TensorMap) -> tuple[float, float] | None:
         """Held-out ``(loss, accuracy)`` of the global ``parameters``, or None."""
         return None
+
+    def state_dict(self) -> TensorMap:
+        """State the provider keeps across rounds (e.g. nodes' inner optimizers), as tensors.
+
+        The coordinator stores it in every checkpoint and hands it back to
+        :meth:`load_state_dict` on resume, so a resumed run continues exactly. Stateless
+        providers keep the default (empty).
+        """
+        return {}
+
+    def load_state_dict(self, state: TensorMap) -> None:
+        """Restore what :meth:`state_dict` returned (called after :meth:`configure`)."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no state, but the checkpoint holds "
+                f"{len(state)} provider tensors"
+            )
 
     @abstractmethod
     def get_updates(

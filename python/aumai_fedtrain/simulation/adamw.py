@@ -76,3 +76,21 @@ class AdamW:
             denom += self.eps
             theta *= decay
             theta -= step_size * first / denom
+
+    def state_dict(self) -> TensorMap:
+        """The step count and moment estimates as tensors (``steps``, ``m/<key>``, ``v/<key>``).
+
+        The moments are the live arrays, not copies (a checkpoint of many nodes would otherwise
+        hold them twice); the next :meth:`step` changes them in place.
+        """
+        state: TensorMap = {"steps": np.array([float(self.steps)])}
+        for key in self._first:
+            state[f"m/{key}"] = self._first[key]
+            state[f"v/{key}"] = self._second[key]
+        return state
+
+    def load_state_dict(self, state: TensorMap) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.steps = int(state["steps"][0])
+        self._first = {k[2:]: v.copy() for k, v in state.items() if k.startswith("m/")}
+        self._second = {k[2:]: v.copy() for k, v in state.items() if k.startswith("v/")}

@@ -49,12 +49,15 @@ def pack(params: TensorMap) -> tuple[np.ndarray, TensorMap]:
     """Copy ``params`` into one contiguous buffer; return it and per-key views into it.
 
     An optimizer stepping the buffer updates every parameter in a few NumPy calls, which is
-    what makes small models fast.
+    what makes small models fast. The layout follows the sorted keys, so it does not depend on
+    the order of the dict (a checkpointed optimizer state stays aligned with the parameters).
     """
-    flat = np.concatenate([value.ravel() for value in params.values()])
+    keys = sorted(params)
+    flat = np.concatenate([params[key].ravel() for key in keys])
     views: TensorMap = {}
     offset = 0
-    for key, value in params.items():
+    for key in keys:
+        value = params[key]
         views[key] = flat[offset : offset + value.size].reshape(value.shape)
         offset += value.size
     return flat, views
