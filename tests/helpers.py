@@ -1,11 +1,29 @@
-"""Test doubles shared by the coordinator and checkpoint tests."""
+"""Test doubles and helpers shared by the test modules."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
 from aumai_fedtrain import FederatedNode, GlobalState, LocalUpdate, TrainingConfig, UpdateProvider
 from aumai_fedtrain.models import TensorMap
+
+CLI_TIMEOUT = 300
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m aumai_fedtrain ARGS`` (bounded in time) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "aumai_fedtrain", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
 
 
 class QuadraticProvider(UpdateProvider):

@@ -5,26 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from aumai_fedtrain import __version__
+from tests.helpers import run_cli as cli
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-TIMEOUT = 300
-
-
-def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aumai_fedtrain", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
 
 
 def assert_one_line_error(completed: subprocess.CompletedProcess[str], *needles: str) -> None:

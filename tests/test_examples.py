@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CLI_TIMEOUT, run_cli
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GUIDE = Path(__file__).resolve().parents[2] / "shared" / "spec" / "getting-started.md"
-TIMEOUT = 300
+TIMEOUT = CLI_TIMEOUT
 
 
 def run_example(name: str, cwd: Path) -> str:
@@ -25,17 +27,6 @@ def run_example(name: str, cwd: Path) -> str:
     )
     assert completed.returncode == 0, completed.stderr
     return completed.stdout
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aumai_fedtrain", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
 
 
 def test_step3_hash_verifies_with_the_cli(tmp_path: Path) -> None:

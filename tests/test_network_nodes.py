@@ -68,7 +68,8 @@ from aumai_fedtrain.network.provider import MAX_BACKOFF_SECONDS
 from aumai_fedtrain.network.server import listen
 from aumai_fedtrain.network.wire import decode_update, encode_request, encode_update
 from aumai_fedtrain.simulation import SimulationProvider, initial_model
-from tests.test_examples import EXAMPLES, run_cli
+from tests.helpers import run_cli
+from tests.test_examples import EXAMPLES
 from tests.test_network_wire import handmade_safetensors
 
 REQUEST_TIMEOUT = 30.0
