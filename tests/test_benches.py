@@ -1,0 +1,32 @@
+"""The benchmark scripts keep working (tiny runs; their timings are never asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+TIMEOUT = 300
+
+
+def run_bench(*args: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+def test_hot_path_benchmark_prints_its_table() -> None:
+    output = run_bench(str(BENCHES / "bench_hot_paths.py"), "--quick")
+
+    assert "| canonical_hash, 10^4 float64 as array |" in output
+    assert "| weighted_average, N=2 x P=10^3 float64 |" in output
+
+
+def test_wire_benchmark_prints_both_formats() -> None:
+    output = run_bench(str(BENCHES / "bench_wire.py"), "--floats", "1000", "--repeats", "1")
+
+    assert "/train round trip (ms)" in output
+    assert "JSON" in output and "binary" in output
