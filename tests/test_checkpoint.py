@@ -120,3 +120,46 @@ def test_state_without_model_round_trips(tmp_path: Path) -> None:
     assert list(restored.state.global_weights) == ["w", "e"]  # order kept, not sorted
     assert restored.state.parameters is None
     np.testing.assert_array_equal(restored.state.global_weights["w"], [[1.0, 2.0]])
+
+
+def test_non_object_run_metadata_is_a_clear_error(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    train(CONFIG.model_copy(update={"global_rounds": 1}), tmp_path)
+    path = tmp_path / CHECKPOINT_FILE
+    with safe_open(str(path), framework="np") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    run = json.loads(metadata["run"])
+    run["state"] = "not an object"
+    save_file(tensors, str(path), metadata={**metadata, "run": json.dumps(run)})
+
+    with pytest.raises(CheckpointError, match="bad run metadata"):
+        load_checkpoint(tmp_path)
+
+
+def test_provider_state_the_provider_cannot_load_is_a_checkpoint_error(tmp_path: Path) -> None:
+    from aumai_fedtrain import FederatedNode
+    from aumai_fedtrain.models import SimulationConfig
+    from aumai_fedtrain.simulation import SimulationProvider
+
+    small = SimulationConfig(
+        num_features=4, num_classes=2, hidden_units=4, samples_per_node=16, eval_samples=20
+    )
+    config = TrainingConfig(
+        global_rounds=1, num_nodes=2, local_steps=2, batch_size=4, simulation=small
+    )
+    nodes = [FederatedNode(node_id=f"n{i}") for i in range(2)]
+    DiLoCoCoordinator().run_training(config, nodes, SimulationProvider(), checkpoint_dir=tmp_path)
+
+    with pytest.raises(CheckpointError, match=r"does not fit this provider.*keeps no state"):
+        DiLoCoCoordinator().run_training(
+            config.model_copy(update={"global_rounds": 2}),
+            nodes,
+            SimulationProvider(keep_inner_state=False),
+            checkpoint_dir=tmp_path,
+            resume=True,
+        )

@@ -184,3 +184,29 @@ def test_bad_config_files_are_one_line_errors(tmp_path: Path) -> None:
     assert_one_line_error(cli("run", "--config", str(unknown)), "unknown key 'learning_rat'")
     assert_one_line_error(cli("run", "--config", str(negative)), "local_steps")
     assert_one_line_error(cli("run", "--config", str(tmp_path)), "cannot read config file")
+
+
+def test_a_diverging_run_fails_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "diverge.json"
+    config.write_text('{"learning_rate": 1e200, "global_rounds": 2, "num_nodes": 2}')
+
+    completed = cli("run", "--config", str(config), "--json")
+
+    assert completed.returncode == 1, (completed.stdout, completed.stderr)
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), completed.stderr
+    assert "node 'node-000' diverged in round 1" in lines[0]
+
+
+def test_a_failing_run_reports_a_validation_error_on_one_line() -> None:
+    from pydantic import ValidationError
+
+    from aumai_fedtrain.cli import _one_line
+    from aumai_fedtrain.models import LocalUpdate
+
+    with pytest.raises(ValidationError) as info:
+        LocalUpdate(node_id="n", round_id=1, gradients={}, loss=float("nan"), samples_used=1)
+
+    message = _one_line(info.value)
+
+    assert "\n" not in message and message.startswith("loss: ")

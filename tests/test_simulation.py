@@ -338,6 +338,20 @@ def test_provider_errors_are_clear() -> None:
         provider.get_updates(1, GlobalState(), make_nodes(2))
 
 
+def test_a_diverging_node_is_a_clear_error_without_numpy_warnings() -> None:
+    import warnings
+
+    config = TrainingConfig(num_nodes=2, learning_rate=1e200, simulation=SMALL)
+    provider = SimulationProvider()
+    provider.configure(config)
+    state = GlobalState(parameters=provider.initial_parameters(config))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match=r"node 'node-000' diverged in round 1"):
+            provider.get_updates(1, state, make_nodes(2))
+
+
 def test_progress_hook_sees_every_node() -> None:
     seen: list[tuple[int, int]] = []
     config = TrainingConfig(num_nodes=3, simulation=SMALL)

@@ -160,7 +160,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
             state_fields[group] = _group(tensors, group, order[group])
         run["provider_state"] = _group(tensors, _PROVIDER_GROUP, order[_PROVIDER_GROUP])
         return Checkpoint.model_validate(run)
-    except (KeyError, TypeError, json.JSONDecodeError, ValidationError) as exc:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, ValidationError) as exc:
         raise CheckpointError(f"{path} is corrupt: bad run metadata ({exc})") from None
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from pydantic import ValidationError
 
 from aumai_fedtrain import __version__
 from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.coordinator import DiLoCoCoordinator
-from aumai_fedtrain.inputs import InputError, load_model_file
+from aumai_fedtrain.inputs import InputError, describe_validation_error, load_model_file
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, RoundRecord, TrainingConfig
 from aumai_fedtrain.models import TrainingResult as Result
 from aumai_fedtrain.network.cli import node_command, nodes_file_options, prepare_http_run
@@ -242,6 +243,12 @@ def _print_result(config: TrainingConfig, result: Result) -> None:
         echo(f"  ... and {len(credits) - MAX_CREDIT_LINES} more nodes (--json lists all)")
 
 
+def _one_line(exc: Exception) -> str:
+    """The exception's message on one line (a pydantic error as its fields, like bad input)."""
+    message = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(code)
@@ -262,5 +269,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:  # a failing run: report it in one line, not a traceback
-        _fail(f"{type(exc).__name__}: {exc}", 1)
+        _fail(f"{type(exc).__name__}: {_one_line(exc)}", 1)
     sys.exit(code if isinstance(code, int) else 0)

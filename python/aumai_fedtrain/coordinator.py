@@ -152,7 +152,12 @@ class DiLoCoCoordinator:
             restored = self._restore(Path(checkpoint_dir), config, node_list, resume)
             if restored is not None:
                 state, history, elapsed_before = restored.state, restored.history, restored.elapsed
-                provider.load_state_dict(restored.provider_state)
+                try:
+                    provider.load_state_dict(restored.provider_state)
+                except (KeyError, ValueError) as exc:
+                    raise CheckpointError(
+                        f"the checkpoint in {checkpoint_dir} does not fit this provider ({exc})"
+                    ) from None
         started = time.perf_counter()
         while state.round_id < config.global_rounds:
             round_started = time.perf_counter()

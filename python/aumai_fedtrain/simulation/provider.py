@@ -15,6 +15,7 @@ every round starts from a fresh AdamW, which costs no memory per node but trains
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -76,9 +77,12 @@ def train_locally(
     if optimizer is None:
         optimizer = new_inner_optimizer(config)
     losses = []
-    for features, labels in task.batches(node, round_id, config.local_steps, config.batch_size):
-        losses.append(mlp.loss_and_grads(trained, features, labels, out=grads)[0])
-        optimizer.step({"packed": flat}, {"packed": flat_grads})
+    # A diverging node shows as a non-finite loss or update (reported by the caller), not as
+    # NumPy warnings.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for features, labels in task.batches(node, round_id, config.local_steps, config.batch_size):
+            losses.append(mlp.loss_and_grads(trained, features, labels, out=grads)[0])
+            optimizer.step({"packed": flat}, {"packed": flat_grads})
     delta = {key: parameters[key] - trained[key] for key in parameters}
     return delta, float(np.mean(losses))
 
@@ -145,6 +149,11 @@ class SimulationProvider(UpdateProvider):
             if self._inner_states is not None:
                 optimizer = self._inner_states.setdefault(index, new_inner_optimizer(config))
             delta, loss = train_locally(state.parameters, task, index, round_id, config, optimizer)
+            if not math.isfinite(loss):
+                raise ValueError(
+                    f"node {node.node_id!r} diverged in round {round_id} (mean loss {loss}); "
+                    "lower the learning_rate"
+                )
             updates.append(
                 LocalUpdate(
                     node_id=node.node_id,
