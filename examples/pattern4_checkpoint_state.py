@@ -7,9 +7,8 @@ For resumable runs prefer ``run_training(..., checkpoint_dir=...)`` or
 import json
 
 from aumai_fedtrain import DiLoCoCoordinator, TrainingConfig
-from aumai_fedtrain.cli import simulated_nodes
 from aumai_fedtrain.models import GlobalState
-from aumai_fedtrain.simulation import SimulationProvider
+from aumai_fedtrain.simulation import SimulationProvider, simulated_nodes
 
 config = TrainingConfig(global_rounds=5, num_nodes=3)
 state = (

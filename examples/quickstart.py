@@ -1,8 +1,7 @@
 """Quickstart: train the built-in model with DiLoCo across simulated nodes, from Python."""
 
 from aumai_fedtrain import DiLoCoCoordinator, TrainingConfig
-from aumai_fedtrain.cli import simulated_nodes
-from aumai_fedtrain.simulation import SimulationProvider
+from aumai_fedtrain.simulation import SimulationProvider, simulated_nodes
 
 config = TrainingConfig(model_name="quickstart", global_rounds=5, num_nodes=4)
 coordinator = DiLoCoCoordinator()

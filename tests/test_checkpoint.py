@@ -163,3 +163,28 @@ def test_provider_state_the_provider_cannot_load_is_a_checkpoint_error(tmp_path:
             checkpoint_dir=tmp_path,
             resume=True,
         )
+
+
+def test_a_temporary_file_left_by_a_killed_write_is_cleaned_up(tmp_path: Path) -> None:
+    leftover = tmp_path / f".{CHECKPOINT_FILE}.abc123.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+
+    train(CONFIG.model_copy(update={"global_rounds": 1}), tmp_path)
+
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+
+
+def test_resume_keeps_the_users_credit_tracker(tmp_path: Path) -> None:
+    from aumai_fedtrain import CreditTracker
+
+    nodes, targets = quadratic_nodes()
+    train(CONFIG.model_copy(update={"global_rounds": 2}), tmp_path)
+    tracker = CreditTracker()
+
+    coordinator = DiLoCoCoordinator(credit_tracker=tracker)
+    result = coordinator.run_training(
+        CONFIG, nodes, QuadraticProvider(targets), checkpoint_dir=tmp_path, resume=True
+    )
+
+    assert coordinator.credit_tracker is tracker
+    assert tracker.all_credits() == result.credits == {"a": 20, "b": 20}

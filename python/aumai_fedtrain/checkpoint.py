@@ -106,6 +106,8 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "tensors_sha256": _tensor_digest(tensors),
     }
     target = directory / CHECKPOINT_FILE
+    for stale in directory.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:

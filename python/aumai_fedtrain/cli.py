@@ -19,7 +19,7 @@ from aumai_fedtrain import __version__
 from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.coordinator import DiLoCoCoordinator
 from aumai_fedtrain.inputs import InputError, describe_validation_error, load_model_file
-from aumai_fedtrain.models import FederatedNode, LocalUpdate, RoundRecord, TrainingConfig
+from aumai_fedtrain.models import LocalUpdate, RoundRecord, TrainingConfig
 from aumai_fedtrain.models import TrainingResult as Result
 from aumai_fedtrain.network.cli import node_command, nodes_file_options, prepare_http_run
 from aumai_fedtrain.providers.base import UpdateProvider
@@ -27,15 +27,6 @@ from aumai_fedtrain.verification import HashVerifier, normalize_digest
 
 PROG_NAME = "aumai-fedtrain"
 MAX_CREDIT_LINES = 50
-
-
-def simulated_nodes(count: int) -> list[FederatedNode]:
-    """``count`` virtual nodes named ``node-000``, ``node-001``, ..."""
-    width = max(3, len(str(count - 1)))
-    return [
-        FederatedNode(node_id=f"node-{index:0{width}d}", address=f"sim://{index}")
-        for index in range(count)
-    ]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,7 +64,7 @@ def run(
     **network: Any,
 ) -> None:
     """Train a model with the built-in DiLoCo simulation, or with real nodes (--nodes-file)."""
-    from aumai_fedtrain.simulation import SimulationProvider
+    from aumai_fedtrain.simulation import SimulationProvider, simulated_nodes
 
     if resume and checkpoint_dir is None:
         raise InputError("--resume needs --checkpoint-dir")

@@ -237,7 +237,9 @@ class DiLoCoCoordinator:
                 "resume it or choose another checkpoint directory"
             )
         checkpoint.check_compatible(config, [node.node_id for node in nodes])
-        self.credit_tracker = CreditTracker(checkpoint.credits)
+        self.credit_tracker.reset()
+        for node_id, samples in checkpoint.credits.items():
+            self.credit_tracker.record(node_id, samples)
         return checkpoint
 
     @staticmethod

@@ -13,6 +13,7 @@ from aumai_fedtrain.simulation.provider import (
     SimulationProvider,
     initial_model,
     new_inner_optimizer,
+    simulated_nodes,
     train_locally,
 )
 from aumai_fedtrain.simulation.seeding import Stream, derive_rng
@@ -27,5 +28,6 @@ __all__ = [
     "initial_model",
     "mlp",
     "new_inner_optimizer",
+    "simulated_nodes",
     "train_locally",
 ]

@@ -38,11 +38,21 @@ __all__ = [
     "SimulationProvider",
     "initial_model",
     "new_inner_optimizer",
+    "simulated_nodes",
     "train_locally",
 ]
 
 NodeProgress = Callable[[int, int], None]
 """Called as ``(nodes_done, nodes_total)`` after each node of a round has trained."""
+
+
+def simulated_nodes(count: int) -> list[FederatedNode]:
+    """``count`` virtual nodes named ``node-000``, ``node-001``, ... (the simulation's shards)."""
+    width = max(3, len(str(count - 1)))
+    return [
+        FederatedNode(node_id=f"node-{index:0{width}d}", address=f"sim://{index}")
+        for index in range(count)
+    ]
 
 
 def initial_model(config: TrainingConfig) -> TensorMap:
