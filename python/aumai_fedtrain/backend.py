@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from types import ModuleType
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -62,8 +61,3 @@ def get_backend(name: str | None = None) -> Backend:
             )
         return cast(Backend, _native)
     raise ValueError(f"unknown backend {chosen!r}: expected one of {', '.join(BACKEND_NAMES)}")
-
-
-def backend_name(backend: Backend) -> str:
-    """``"native"`` or ``"python"`` for a backend returned by :func:`get_backend`."""
-    return "python" if cast(ModuleType, backend) is _fallback else "native"
