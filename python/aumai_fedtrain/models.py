@@ -118,6 +118,8 @@ class FederatedNode(_Model):
     address: str = ""
     capabilities: dict[str, Any] = Field(default_factory=dict)
     status: Literal["idle", "training", "offline"] = "idle"
+    max_samples: Annotated[int, Field(ge=0)] | None = None
+    """Most samples this node may claim in one round; None: ``local_steps * batch_size``."""
 
 
 class LocalUpdate(_Model):
@@ -151,9 +153,22 @@ class SimulationConfig(_Model):
     dirichlet_alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
 
+    model_config = ConfigDict(
+        extra="forbid", ser_json_inf_nan="constants", validate_assignment=True, strict=True
+    )
+
 
 class TrainingConfig(_Model):
-    """Configuration of a run: inner (node) and outer (coordinator) optimisation settings."""
+    """Configuration of a run: inner (node) and outer (coordinator) optimisation settings.
+
+    ``max_loss`` and ``max_abs_update`` bound what a node may send: an update whose loss or
+    any pseudo-gradient value exceeds them in magnitude is dropped for the round (screening).
+    Config files are strict: ``"5"`` or ``true`` for a number is an error, not a coercion.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", ser_json_inf_nan="constants", validate_assignment=True, strict=True
+    )
 
     model_name: Annotated[str, Field(min_length=1)] = "mlp-synthetic"
     learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.001
@@ -166,6 +181,8 @@ class TrainingConfig(_Model):
     nesterov: bool = True
     aggregation_weights: Literal["samples", "uniform"] = "samples"
     seed: int = 0
+    max_loss: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e9
+    max_abs_update: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e4
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
 
@@ -196,6 +213,8 @@ class RoundRecord(_Model):
     duration_seconds: Annotated[float, Field(ge=0)]
     eval_loss: float | None = None
     eval_accuracy: float | None = None
+    dropped: dict[str, str] = Field(default_factory=dict)
+    """Nodes whose update did not count this round, with the reason (node id -> reason)."""
 
 
 class TrainingResult(_Model):

@@ -35,6 +35,13 @@ class UpdateProvider(ABC):
         """Held-out ``(loss, accuracy)`` of the global ``parameters``, or None."""
         return None
 
+    def round_failures(self, round_id: int) -> dict[str, str]:
+        """Nodes whose update for ``round_id`` did not arrive or did not count, with why.
+
+        The coordinator adds them to the round's :attr:`RoundRecord.dropped`.
+        """
+        return {}
+
     def state_dict(self) -> TensorMap:
         """State the provider keeps across rounds (e.g. nodes' inner optimizers), as tensors.
 
