@@ -35,6 +35,10 @@ EMPTY_ROUND_MESSAGE = "No updates provided for aggregation."
 RoundCallback = Callable[[RoundRecord], None]
 
 
+class QuorumError(RuntimeError):
+    """Fewer valid updates than the quorum (``min_nodes``) arrived for a round."""
+
+
 def check_unique_node_ids(nodes: Sequence[FederatedNode]) -> None:
     """Raise ``ValueError`` naming the first node id that appears twice."""
     seen: set[str] = set()

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
+from aumai_fedtrain.coordinator import QuorumError
 from aumai_fedtrain.models import FederatedNode, GlobalState, LocalUpdate, TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
     NONCE_HEADER,
@@ -58,10 +59,6 @@ _DETAIL_CHARS = 300
 # Every attempt opens its own connection (so that _Deadline can find it); concurrency is
 # bounded by max_workers.
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-
-
-class QuorumError(RuntimeError):
-    """Fewer valid updates than ``min_nodes`` arrived for a round."""
 
 
 class _Dropped(Exception):
