@@ -14,25 +14,20 @@ one round at a time, so the node keeps answering while it trains.
 from __future__ import annotations
 
 import logging
-import operator
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import uvicorn
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from aumai_fedtrain.inputs import describe_validation_error
-from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig
+from aumai_fedtrain.models import TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
     NONCE_HEADER,
     SIGNATURE_HEADER,
@@ -49,78 +44,12 @@ from aumai_fedtrain.network.wire import (
     encode_update,
     response_media_type,
 )
-from aumai_fedtrain.simulation import (
-    SyntheticTask,
-    initial_model,
-    new_inner_optimizer,
-    train_locally,
-)
+from aumai_fedtrain.trainer import NodeTrainer, TrainerFactory, TrainerResultError, as_update
 from aumai_fedtrain.verification import HashVerifier
 
-__all__ = ["NodeSettings", "SimulationTrainer", "Trainer", "create_app", "listen", "serve"]
+__all__ = ["NodeSettings", "create_app", "listen", "serve"]
 
 logger = logging.getLogger("aumai_fedtrain.network")
-
-Trainer = Callable[[int, TensorMap, TrainingConfig], tuple[Mapping[str, Any], float, int]]
-"""``(round_id, weights, config) -> (pseudo_gradient, mean_loss, samples_used)``.
-
-``weights`` are the global model weights to start from (float64 arrays; empty when the
-coordinator sent none, then start from your initial model); ``config`` is the node's
-:class:`TrainingConfig`. Return ``weights - trained_weights`` per key, the mean training loss of
-the round and the number of samples processed. Raise ``ValueError`` for weights you cannot use
-(the coordinator gets a 422 with your message).
-"""
-
-
-class SimulationTrainer:
-    """The built-in trainer: the simulation's MLP on shard ``shard`` of the synthetic task.
-
-    As in DiLoCo, the inner AdamW state stays on the node, in memory, across rounds. A retried
-    round restarts from the state before it; a round earlier than the last one (a new run) and
-    a restart of the node process start from a fresh AdamW.
-
-    Parameters
-    ----------
-    shard
-        Which node's shard of the seeded synthetic dataset this node holds.
-    config
-        The node's configuration; its ``seed`` and ``simulation`` settings define the task and
-        the initial model, which must match the coordinator's.
-    """
-
-    def __init__(self, shard: int, config: TrainingConfig) -> None:
-        self.shard = shard
-        self.task = SyntheticTask(config.simulation, config.seed, cache_size=1)
-        self._shapes = {key: value.shape for key, value in initial_model(config).items()}
-        self.optimizer = new_inner_optimizer(config)
-        self._lock = threading.Lock()
-        self._last_round: int | None = None
-        self._state_before_last_round: TensorMap = {}
-
-    def __call__(
-        self, round_id: int, weights: TensorMap, config: TrainingConfig
-    ) -> tuple[TensorMap, float, int]:
-        """Train ``local_steps`` AdamW steps from ``weights`` (the initial model when empty)."""
-        start = weights if weights else initial_model(config)
-        shapes = {key: value.shape for key, value in start.items()}
-        if shapes != self._shapes:
-            raise ValueError(
-                f"global_weights do not match the built-in model: got shapes {shapes}, "
-                f"expected {self._shapes}"
-            )
-        with self._lock:
-            if round_id == self._last_round:  # asked again (a retry): redo it from the same state
-                self.optimizer.load_state_dict(self._state_before_last_round)
-            else:
-                if self._last_round is not None and round_id < self._last_round:
-                    self.optimizer = new_inner_optimizer(config)  # a new run: start afresh
-                saved = self.optimizer.state_dict()
-                self._state_before_last_round = {k: v.copy() for k, v in saved.items()}
-                self._last_round = round_id
-            delta, loss = train_locally(
-                start, self.task, self.shard, round_id, config, self.optimizer
-            )
-        return delta, loss, config.local_steps * config.batch_size
 
 
 @dataclass(frozen=True)
@@ -133,10 +62,11 @@ class NodeSettings:
         The id the coordinator knows this node by (in its nodes file).
     key
         The secret shared with the coordinator; every update is signed with it.
-    trainer
-        The local training function (see :data:`Trainer`).
+    trainer_factory
+        ``factory(node_id, config) -> NodeTrainer``: makes the node's trainer (see
+        :mod:`aumai_fedtrain.trainer`).
     config
-        The node's training configuration, passed to the trainer.
+        The node's training configuration, passed to the factory.
     token
         The coordinator's bearer token; None accepts training requests from anyone.
     max_body_bytes
@@ -147,7 +77,7 @@ class NodeSettings:
 
     node_id: str
     key: bytes = field(repr=False)
-    trainer: Trainer
+    trainer_factory: TrainerFactory
     config: TrainingConfig = field(default_factory=TrainingConfig)
     token: bytes | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -155,13 +85,42 @@ class NodeSettings:
 
 
 class _Node:
-    """State and endpoints of one node."""
+    """State and endpoints of one node.
+
+    The trainer keeps its state across rounds. Before each round the node keeps a copy of that
+    state, so a round asked again (a coordinator's retry) is redone from the same state; a
+    round earlier than the last one trained (a new run) starts from a fresh trainer.
+    """
 
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
         self.rounds_trained = 0
         self._lock = threading.Lock()
         self._verifier = HashVerifier()
+        self._trainer = self._new_trainer()
+        self._last_round: int | None = None
+        self._state_before_last_round: TensorMap = {}
+
+    def _new_trainer(self) -> NodeTrainer:
+        try:
+            return self.settings.trainer_factory(self.settings.node_id, self.settings.config)
+        except Exception as exc:
+            raise RuntimeError(
+                f"the trainer factory failed for node {self.settings.node_id!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _prepare_round(self, round_id: int) -> None:
+        """Bring the trainer's state to where ``round_id`` starts (called under the lock)."""
+        if round_id == self._last_round:
+            self._trainer.load_state_dict(self._state_before_last_round)
+            return
+        if self._last_round is not None and round_id < self._last_round:
+            self._trainer = self._new_trainer()
+        self._state_before_last_round = {
+            key: np.array(value, copy=True) for key, value in self._trainer.state_dict().items()
+        }
+        self._last_round = round_id
 
     async def health(self, request: Request) -> Response:
         return JSONResponse(
@@ -208,17 +167,21 @@ class _Node:
         """Run the trainer (one round at a time), sign and encode the update."""
         _check_finite(request.global_weights)
         started = time.perf_counter()
+        round_id = request.round_id
         with self._lock:
+            self._prepare_round(round_id)
             try:
-                result = self.settings.trainer(
-                    request.round_id, request.global_weights, self.settings.config
-                )
+                result = self._trainer.train(round_id, request.global_weights)
             except ValueError as exc:
                 raise WireError(f"the trainer cannot use this request: {exc}", 422) from None
             except Exception as exc:
-                logger.exception("round %d: the trainer failed", request.round_id)
+                logger.exception("round %d: the trainer failed", round_id)
                 raise WireError(f"the trainer failed: {type(exc).__name__}: {exc}", 500) from None
-            update = _as_update(result, self.settings.node_id, request.round_id)
+            try:
+                update = as_update(result, self.settings.node_id, round_id)
+            except TrainerResultError as exc:
+                logger.error("round %d: %s", round_id, exc)
+                raise WireError(str(exc), 500) from None
             self.rounds_trained += 1
         signature = sign_update(self.settings.key, update, nonce, self._verifier)
         logger.info(
@@ -254,27 +217,6 @@ def _check_finite(weights: TensorMap) -> None:
     for key, value in weights.items():
         if not np.isfinite(value).all():
             raise WireError(f"global_weights[{key!r}] has non-finite values", 422)
-
-
-def _as_update(result: Any, node_id: str, round_id: int) -> LocalUpdate:
-    """The trainer's ``(gradients, loss, samples)`` as an update, or a 500 saying what is wrong."""
-    try:
-        gradients, loss, samples = result
-        return LocalUpdate(
-            node_id=node_id,
-            round_id=round_id,
-            gradients=dict(gradients),
-            loss=loss,
-            samples_used=operator.index(samples),
-        )
-    except (TypeError, ValueError) as exc:
-        reason = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-        logger.error("round %d: the trainer returned an invalid result: %s", round_id, reason)
-        raise WireError(
-            "the trainer returned an invalid result (expected (pseudo_gradient, loss, "
-            f"samples_used)): {reason}",
-            500,
-        ) from None
 
 
 def create_app(settings: NodeSettings) -> Starlette:
