@@ -422,6 +422,13 @@ def test_check_writable_refuses_a_file(tmp_path: Path) -> None:
         check_writable(tmp_path / "file" / "sub")
 
 
+def test_loading_from_a_file_instead_of_a_directory_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint '.*/file/.*': Not a direc"):
+        load_checkpoint(tmp_path / "file")
+
+
 def test_check_writable_names_the_os_reason(tmp_path: Path) -> None:
     # /proc/self exists and is a directory nobody (root included) can create files in.
     with pytest.raises(CheckpointError) as info:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+import aumai_fedtrain.checkpoint as checkpoint_module
 from aumai_fedtrain import CheckpointError, TrainingConfig
 from aumai_fedtrain.checkpoint import (
     CHECKPOINT_FILE,
@@ -111,6 +114,32 @@ def test_the_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
 
     with checkpoint_lock(tmp_path):  # released: free again
         pass
+
+
+def test_a_lock_file_removed_while_it_is_being_locked_is_not_the_one_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def flock_after_removal(fd: int, operation: int) -> None:
+        if not calls:  # the previous holder removes the file between our open and our flock
+            (tmp_path / LOCK_FILE).unlink()
+        calls.append(fd)
+        fcntl.flock(fd, operation)
+
+    patched = SimpleNamespace(
+        flock=flock_after_removal, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB
+    )
+    monkeypatch.setattr(checkpoint_module, "fcntl", patched)
+
+    with checkpoint_lock(tmp_path):
+        assert len(calls) == 2
+        other = os.open(tmp_path / LOCK_FILE, os.O_RDWR)  # what the next run would lock
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
 
 
 def test_the_lock_file_does_not_disturb_saving_or_loading(tmp_path: Path) -> None:

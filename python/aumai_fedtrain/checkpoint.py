@@ -321,8 +321,12 @@ def load_checkpoint(directory: str | Path) -> Checkpoint | None:
     match its metadata or tensors, or one of another format or version.
     """
     path = Path(directory) / CHECKPOINT_FILE
-    if not path.exists():
+    try:
+        path.stat()
+    except FileNotFoundError:
         return None
+    except OSError as exc:  # e.g. the directory is a file, or cannot be searched
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_os_reason(exc)}") from None
     metadata, tensors = _read(path)
     version = metadata.get("version")
     if metadata.get("format") != FORMAT_NAME or version not in (FORMAT_VERSION, _LEGACY_VERSION):
