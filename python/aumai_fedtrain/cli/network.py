@@ -189,7 +189,7 @@ def node_command(
     )
 
 
-_RUN_OPTIONS: list[tuple[str, click.ParamType, str]] = [
+_RUN_OPTIONS: list[tuple[str, click.ParamType[Any], str]] = [
     (
         "--nodes-file",
         click.Path(path_type=Path),
