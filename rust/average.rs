@@ -11,9 +11,12 @@
 //! The output is produced in one fused pass: for each cache-sized block of an output, every
 //! carrier's block is added in and the block divided by `W` while it stays in cache, so the
 //! result's memory is written once. Large inputs are split across threads by element range;
-//! each element's sum over the nodes stays in update order.
+//! each element's sum over the nodes stays in update order. On x86-64 CPUs with AVX2 the same
+//! loops run four lanes at a time (each lane rounds as the scalar code does; Rust never fuses
+//! a multiply and an add).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Mutex;
 use std::thread;
 
@@ -84,14 +87,19 @@ pub fn weighted_average(
     updates: &[NodeUpdate<'_>],
     weights: &[f64],
 ) -> Result<Vec<Average>, AverageError> {
-    average_on(updates, weights, None)
+    average_on(updates, weights, None, accumulate)
 }
 
-/// [`weighted_average`] on `threads` threads (`None`: as many as the input deserves).
+/// Computes one [`WorkItem`].
+type Kernel = fn(WorkItem<'_, '_>);
+
+/// [`weighted_average`] on `threads` threads (`None`: as many as the input deserves), each
+/// work item computed by `kernel`.
 fn average_on(
     updates: &[NodeUpdate<'_>],
     weights: &[f64],
     threads: Option<usize>,
+    kernel: Kernel,
 ) -> Result<Vec<Average>, AverageError> {
     check_weights(weights, updates.len())?;
     let groups = group_by_key(updates);
@@ -109,7 +117,7 @@ fn average_on(
         }
     });
     let items = work_items(&plans, &mut outputs, threads);
-    run(items, threads);
+    run(items, threads, kernel);
     Ok(groups
         .iter()
         .zip(plans)
@@ -260,16 +268,16 @@ fn work_items<'o, 't>(
     items
 }
 
-fn run(items: Vec<WorkItem<'_, '_>>, threads: usize) {
+fn run(items: Vec<WorkItem<'_, '_>>, threads: usize, kernel: Kernel) {
     if threads <= 1 || items.len() <= 1 {
-        items.into_iter().for_each(accumulate);
+        items.into_iter().for_each(kernel);
         return;
     }
     let queue = Mutex::new(items.into_iter());
     let next = || queue.lock().expect("no worker panics").next();
     let work = || {
         while let Some(item) = next() {
-            accumulate(item);
+            kernel(item);
         }
     };
     thread::scope(|scope| {
@@ -280,26 +288,76 @@ fn run(items: Vec<WorkItem<'_, '_>>, threads: usize) {
     });
 }
 
-/// Compute one item block by block: add every term into the block in update order, then
-/// divide it by `W`.
+/// Compute one item, with the widest vector instructions the CPU has (lane by lane, so the
+/// roundings are the same on every path).
 fn accumulate(item: WorkItem<'_, '_>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, just checked.
+        return unsafe { accumulate_avx2(item) };
+    }
+    accumulate_blocks(item);
+}
+
+/// [`accumulate_blocks`] compiled for AVX2 (four doubles a lane-wise operation; no FMA).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn accumulate_avx2(item: WorkItem<'_, '_>) {
+    accumulate_blocks(item);
+}
+
+/// Compute one item block by block: add every term into the block in update order, dividing
+/// by `W` as the last term is added. The first term starts from `0.0 + (w * x)` (as NumPy's
+/// zeros-plus-product gives it, `-0.0` products included); Rust never fuses a product and a
+/// sum into one rounding.
+#[inline(always)]
+fn accumulate_blocks(item: WorkItem<'_, '_>) {
+    let Some((last, rest)) = item.plan.terms.split_last() else {
+        return;
+    };
+    let total = item.plan.total;
     for (index, block) in item.out.chunks_mut(BLOCK).enumerate() {
         let start = item.offset + index * BLOCK;
         let range = start..start + block.len();
-        for (position, term) in item.plan.terms.iter().enumerate() {
-            let first = position == 0;
-            let w = term.weight;
-            match term.values {
-                ArrayData::F64(x) => add_product(block, w, &x[range.clone()], first),
-                ArrayData::F32(x) => add_product(block, w, &x[range.clone()], first),
-                ArrayData::I64(x) => add_product(block, w, &x[range.clone()], first),
-                ArrayData::U64(x) => add_product(block, w, &x[range.clone()], first),
-            }
+        let Some((first, middle)) = rest.split_first() else {
+            combine(block, last.values, &range, |_, x| {
+                (0.0 + last.weight * x) / total
+            });
+            continue;
+        };
+        combine(block, first.values, &range, |_, x| 0.0 + first.weight * x);
+        for term in middle {
+            combine(block, term.values, &range, |acc, x| acc + term.weight * x);
         }
-        let total = item.plan.total;
-        for o in block.iter_mut() {
-            *o /= total;
-        }
+        combine(block, last.values, &range, |acc, x| {
+            (acc + last.weight * x) / total
+        });
+    }
+}
+
+/// `out[i] = step(out[i], x[i])` over `range` of `values`, each read as a double.
+#[inline(always)]
+fn combine(
+    out: &mut [f64],
+    values: &ArrayData<'_>,
+    range: &Range<usize>,
+    step: impl Fn(f64, f64) -> f64,
+) {
+    match values {
+        ArrayData::F64(x) => zip_with(out, &x[range.clone()], step),
+        ArrayData::F32(x) => zip_with(out, &x[range.clone()], step),
+        ArrayData::I64(x) => zip_with(out, &x[range.clone()], step),
+        ArrayData::U64(x) => zip_with(out, &x[range.clone()], step),
+    }
+}
+
+#[inline(always)]
+fn zip_with<T: Widen>(out: &mut [f64], x: &[T], step: impl Fn(f64, f64) -> f64) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = step(*o, v.widen());
     }
 }
 
@@ -335,21 +393,6 @@ impl Widen for u64 {
     #[inline(always)]
     fn widen(self) -> f64 {
         self as f64
-    }
-}
-
-/// `out = out + (w * x)`, or `out = 0.0 + (w * x)` for the first term (as NumPy's
-/// zeros-plus-product gives it, `-0.0` products included). Rust never fuses the two roundings.
-#[inline(always)]
-fn add_product<T: Widen>(out: &mut [f64], w: f64, x: &[T], first: bool) {
-    if first {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = 0.0 + w * v.widen();
-        }
-    } else {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o += w * v.widen();
-        }
     }
 }
 
@@ -509,11 +552,14 @@ mod tests {
             })
             .collect();
         let weights: Vec<f64> = (0..nodes).map(|n| n as f64 / 3.0 + 0.5).collect();
-        let threaded = average_on(&updates, &weights, Some(4)).unwrap();
-        let single = average_on(&updates, &weights, Some(1)).unwrap();
+        let threaded = average_on(&updates, &weights, Some(4), accumulate).unwrap();
+        let single = average_on(&updates, &weights, Some(1), accumulate).unwrap();
         let chosen = weighted_average(&updates, &weights).unwrap();
+        // The portable kernel, whatever vector instructions `accumulate` picks on this CPU.
+        let portable = average_on(&updates, &weights, Some(1), accumulate_blocks).unwrap();
         assert_eq!(threaded, single);
         assert_eq!(chosen, single);
+        assert_eq!(portable, single);
         for i in [0, 1, BLOCK, len / 2, len - 1] {
             let terms: Vec<_> = weights
                 .iter()
