@@ -118,7 +118,7 @@ def _sum_in_order(weights: Sequence[float]) -> float:
 
 
 def _check_weights(weights: Sequence[float], count: int) -> list[float]:
-    checked = []
+    checked: list[float] = []
     for index, weight in enumerate(weights):
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
             raise TypeError(
