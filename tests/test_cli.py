@@ -242,6 +242,13 @@ def test_the_node_count_has_a_sanity_bound() -> None:
     assert_one_line_error(cli("run", "--nodes", "1000001"), "--nodes", "1<=x<=1000000")
 
 
+def test_a_quorum_above_the_node_count_is_refused_before_training() -> None:
+    completed = cli("run", "--nodes", "3", "--min-nodes", "4")
+
+    assert_one_line_error(completed, "--min-nodes 4 exceeds the 3 nodes of the run")
+    assert completed.stdout == ""
+
+
 def test_a_refused_run_prints_only_its_error(tmp_path: Path) -> None:
     assert cli("run", "--rounds", "2", "--checkpoint-dir", str(tmp_path)).returncode == 0
 

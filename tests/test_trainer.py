@@ -257,6 +257,8 @@ def test_run_trains_your_trainer_model_and_evaluator_from_the_command_line(tmp_p
         (["--trainer", "json:no_such_function"], "--trainer: 'json' has no function"),
         (["--model-init", "json"], "--model-init must look like module:function"),
         (["--evaluator", "json:nope"], "--evaluator: 'json' has no function"),
+        (["--model-init", "json:loads"], "--model-init needs --trainer or --nodes-file"),
+        (["--evaluator", "json:loads"], "--evaluator needs --trainer or --nodes-file"),
     ],
 )
 def test_bad_plugins_are_one_line_errors(args: list[str], needle: str) -> None:

@@ -206,8 +206,10 @@ class DiLoCoCoordinator:
         with the starting state once the run is ready to train, ``on_round`` with each round's
         :class:`RoundRecord`.
         """
-        if min_nodes < 1:
-            raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
+        if not 1 <= min_nodes <= len(nodes):
+            raise ValueError(
+                f"min_nodes must be between 1 and the {len(nodes)} nodes, got {min_nodes}"
+            )
         if config.num_nodes != len(nodes):
             raise ValueError(
                 f"config.num_nodes is {config.num_nodes} but {len(nodes)} nodes were given; "
