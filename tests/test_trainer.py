@@ -255,8 +255,8 @@ def test_run_trains_your_trainer_model_and_evaluator_from_the_command_line(tmp_p
     [
         (["--trainer", "no_such_module:f"], "--trainer: cannot import 'no_such_module'"),
         (["--trainer", "json:no_such_function"], "--trainer: 'json' has no function"),
-        (["--model-init", "json"], "--model-init must look like module:function"),
-        (["--evaluator", "json:nope"], "--evaluator: 'json' has no function"),
+        (["--trainer", "t:f", "--model-init", "json"], "--model-init must look like module:"),
+        (["--trainer", "json:loads", "--evaluator", "json:nope"], "--evaluator: 'json' has no"),
         (["--model-init", "json:loads"], "--model-init needs --trainer or --nodes-file"),
         (["--evaluator", "json:loads"], "--evaluator needs --trainer or --nodes-file"),
     ],
