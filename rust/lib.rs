@@ -13,6 +13,10 @@ pub mod average;
 pub mod error;
 pub mod hash;
 pub mod key;
+pub mod magnitude;
+pub mod parallel;
+mod simd;
+pub mod wire;
 
 #[cfg(feature = "python")]
 mod python;

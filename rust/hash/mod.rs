@@ -1,23 +1,26 @@
 //! Canonical SHA-256 of a gradient map.
 //!
 //! The digest is `sha256(json.dumps(plain(g), sort_keys=True).encode("utf-8"))`, where `plain`
-//! turns arrays into `.tolist()`. The JSON text is streamed into the hasher chunk by chunk;
-//! for large inputs one thread writes text while another hashes the previous chunk.
+//! turns arrays into `.tolist()`. The JSON text is never materialised: it is written in blocks
+//! of [`BLOCK_NUMBERS`] numbers ([`text`]) that are hashed in order as they are written. Large
+//! inputs are written by every available thread, the hashing passed from thread to thread
+//! ([`ordered`]); small ones on the calling thread. Many small maps are hashed side by side,
+//! one map per thread ([`canonical_hashes`]).
 
 mod float_repr;
-mod json_writer;
+mod ordered;
+mod text;
 
 use std::borrow::Cow;
-use std::sync::mpsc;
-use std::thread;
-
-use sha2::{Digest, Sha256};
+use std::sync::OnceLock;
 
 pub use float_repr::float_repr;
-use json_writer::{Chunk, JsonWriter};
+use ordered::ordered_digest;
+use text::RangeWriter;
 
 use crate::array::Array;
 use crate::key::Key;
+use crate::parallel;
 
 /// One gradient value: what `plain(g)[key]` holds before JSON serialisation.
 #[derive(Clone, Debug)]
@@ -41,7 +44,7 @@ impl<'a> Value<'a> {
     }
 
     /// How many numbers the value holds.
-    fn number_count(&self) -> usize {
+    pub(crate) fn number_count(&self) -> usize {
         match self {
             Value::Float(_) | Value::Int(_) | Value::BigInt(_) => 1,
             Value::List(items) => items.iter().map(Value::number_count).sum(),
@@ -53,71 +56,64 @@ impl<'a> Value<'a> {
 /// Below this many numbers, text is written and hashed on one thread.
 const PIPELINE_MIN_NUMBERS: usize = 1 << 15;
 
-/// Chunks in flight between the writing and the hashing thread.
-const PIPELINE_DEPTH: usize = 4;
+/// Numbers per block of text (about 90 KB of it for float64 values).
+const BLOCK_NUMBERS: usize = 4096;
+
+/// A gradient map: `(key, value)` pairs in any order.
+pub type Entries<'a> = Vec<(Key<'a>, Value<'a>)>;
 
 /// Hex SHA-256 of the canonical JSON text of the gradient map `entries` (in any order).
-pub fn canonical_hash(mut entries: Vec<(Key<'_>, Value<'_>)>) -> String {
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let numbers: usize = entries.iter().map(|(_, v)| v.number_count()).sum();
-    let pipelined = numbers >= PIPELINE_MIN_NUMBERS
-        && thread::available_parallelism().is_ok_and(|threads| threads.get() > 1);
-    let digest = if pipelined {
-        pipelined_digest(&entries)
+pub fn canonical_hash(entries: Entries<'_>) -> String {
+    let threads = if numbers(&entries) >= PIPELINE_MIN_NUMBERS {
+        parallel::available_threads()
     } else {
-        inline_digest(&entries)
+        1
     };
-    hex(&digest)
+    hex(&digest(entries, threads))
 }
 
-/// Write and hash on the calling thread.
-fn inline_digest(entries: &[(Key<'_>, Value<'_>)]) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    let mut sink = |mut full: Chunk| {
-        hasher.update(full.text());
-        full.clear();
-        full
-    };
-    let mut writer = JsonWriter::new(&mut sink);
-    writer.document(entries);
-    writer.finish();
-    hasher.finalize().into()
-}
-
-/// Write on the calling thread while a second thread hashes the chunks already written.
-fn pipelined_digest(entries: &[(Key<'_>, Value<'_>)]) -> [u8; 32] {
-    let (full_tx, full_rx) = mpsc::sync_channel::<Chunk>(PIPELINE_DEPTH);
-    let (empty_tx, empty_rx) = mpsc::sync_channel::<Chunk>(PIPELINE_DEPTH);
-    for _ in 1..PIPELINE_DEPTH {
-        empty_tx.send(Chunk::new()).expect("the receiver is alive");
+/// [`canonical_hash`] of each map, the maps hashed side by side on the available threads
+/// (one map per thread at a time) when there are enough of them and numbers in them.
+pub fn canonical_hashes(maps: Vec<Entries<'_>>) -> Vec<String> {
+    let total: usize = maps.iter().map(numbers).sum();
+    let threads = parallel::available_threads();
+    if total < PIPELINE_MIN_NUMBERS || maps.len() < threads {
+        return maps.into_iter().map(canonical_hash).collect();
     }
-    thread::scope(|scope| {
-        let hashing = scope.spawn(move || {
-            let mut hasher = Sha256::new();
-            for mut chunk in full_rx {
-                hasher.update(chunk.text());
-                chunk.clear();
-                // The writer stops taking chunks once it has finished; that is fine.
-                let _ = empty_tx.send(chunk);
-            }
-            hasher.finalize()
-        });
-        let mut sink = |full: Chunk| {
-            full_tx.send(full).expect("the hashing thread is alive");
-            empty_rx.recv().expect("the hashing thread returns chunks")
-        };
-        let mut writer = JsonWriter::new(&mut sink);
-        writer.document(entries);
-        writer.finish();
-        drop(full_tx);
-        hashing
-            .join()
-            .expect("the hashing thread does not panic")
-            .into()
+    let digests: Vec<OnceLock<String>> = maps.iter().map(|_| OnceLock::new()).collect();
+    parallel::for_each(
+        maps.into_iter().enumerate().collect(),
+        threads,
+        |(index, map)| {
+            let _ = digests[index].set(hex(&digest(map, 1)));
+        },
+    );
+    digests
+        .into_iter()
+        .map(|digest| digest.into_inner().expect("every map is hashed"))
+        .collect()
+}
+
+/// How many numbers a map holds.
+fn numbers(entries: &Entries<'_>) -> usize {
+    entries.iter().map(|(_, value)| value.number_count()).sum()
+}
+
+/// SHA-256 of the canonical JSON text of `entries`, written on `threads` threads.
+fn digest(mut entries: Entries<'_>, threads: usize) -> [u8; 32] {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let counts: Vec<usize> = entries.iter().map(|(_, v)| v.number_count()).collect();
+    let total: usize = counts.iter().sum();
+    let blocks = total.div_ceil(BLOCK_NUMBERS).max(1);
+    ordered_digest(blocks, threads, |index, text| {
+        let start = index * BLOCK_NUMBERS;
+        let end = (start + BLOCK_NUMBERS).min(total);
+        RangeWriter::new(text, start, end, total).document(&entries, &counts);
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     bytes
         .iter()
@@ -129,6 +125,7 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn sha256_hex(text: &str) -> String {
         hex(&Sha256::digest(text.as_bytes()))
@@ -152,15 +149,31 @@ mod tests {
     }
 
     #[test]
-    fn pipelined_and_inline_digests_agree() {
-        let values: Vec<f64> = (0..3 * PIPELINE_MIN_NUMBERS)
+    fn threaded_and_single_thread_digests_agree() {
+        let values: Vec<f64> = (0..3 * PIPELINE_MIN_NUMBERS + 5)
             .map(|i| (i as f64).sin() * 1e-3)
             .collect();
-        let entries = vec![
-            (Key::from("w"), Value::floats(values)),
-            (Key::from("b"), Value::Float(0.25)),
-        ];
-        assert_eq!(pipelined_digest(&entries), inline_digest(&entries));
+        let entries = || {
+            vec![
+                (Key::from("w"), Value::floats(&values[..])),
+                (Key::from("b"), Value::Float(0.25)),
+            ]
+        };
+        let single = digest(entries(), 1);
+        for threads in [2, 3, 4] {
+            assert_eq!(digest(entries(), threads), single);
+        }
+    }
+
+    #[test]
+    fn many_maps_hash_as_each_does_alone() {
+        let values: Vec<f64> = (0..PIPELINE_MIN_NUMBERS).map(|i| i as f64 / 3.0).collect();
+        let maps: Vec<Entries<'_>> = (0..7)
+            .map(|n| vec![(Key::from("w"), Value::floats(&values[n..]))])
+            .collect();
+        let one_by_one: Vec<String> = maps.iter().cloned().map(canonical_hash).collect();
+        assert_eq!(canonical_hashes(maps), one_by_one);
+        assert!(canonical_hashes(Vec::new()).is_empty());
     }
 
     #[test]
@@ -169,7 +182,7 @@ mod tests {
             .map(|i| i as f64 / 7.0)
             .collect();
         let entries = vec![(Key::from("w"), Value::floats(values))];
-        let text = json_writer::tests::text_of(&entries);
+        let text = text::tests::text_of(&entries);
         assert_eq!(canonical_hash(entries), sha256_hex(&text));
     }
 }

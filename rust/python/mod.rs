@@ -21,18 +21,21 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyType};
 
+use crate::array::Array;
 use crate::average::{self, NodeUpdate};
 use crate::error::AverageError;
-use crate::hash;
+use crate::hash::{self, Entries};
 use crate::key::Key;
+use crate::{magnitude, wire};
 use input::{key_of, repr, type_name};
-use source::{average_source, gradient_sources, hash_source};
+use pyo3::types::PyString;
+use source::{average_source, gradient_sources, hash_source, Take};
 
 /// Native hot paths of aumai-fedtrain (same contract as `aumai_fedtrain._fallback`).
 #[pymodule]
 mod _native {
     #[pymodule_export]
-    use super::{canonical_hash, weighted_average};
+    use super::{canonical_hash, canonical_hashes, max_abs, weighted_average, wire_digest};
 
     /// The crate's version; the package refuses an extension built for another version.
     #[allow(non_upper_case_globals)]
@@ -44,11 +47,59 @@ mod _native {
 #[pyfunction]
 fn canonical_hash(py: Python<'_>, gradients: &Bound<'_, PyAny>) -> PyResult<String> {
     let mut sources = gradient_sources(gradients, None, hash_source)?;
-    let mut entries = Vec::with_capacity(sources.len());
-    for (key, source) in &mut sources {
-        entries.push((key_of(key)?, source.take()));
-    }
+    let entries = take_entries(&mut sources)?;
     Ok(py.detach(|| hash::canonical_hash(entries)))
+}
+
+/// ``canonical_hash`` of each map, the maps hashed side by side on the available cores.
+#[pyfunction]
+fn canonical_hashes(py: Python<'_>, maps: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    let mut sources = Vec::new();
+    for map in maps.try_iter()? {
+        sources.push(gradient_sources(&map?, None, hash_source)?);
+    }
+    let mut all: Vec<Entries<'_>> = Vec::with_capacity(sources.len());
+    for map in &mut sources {
+        all.push(take_entries(map)?);
+    }
+    Ok(py.detach(|| hash::canonical_hashes(all)))
+}
+
+/// SHA-256 hex digest of the binary wire layout of ``gradients``.
+#[pyfunction]
+fn wire_digest(py: Python<'_>, gradients: &Bound<'_, PyAny>) -> PyResult<String> {
+    let mut sources = gradient_sources(gradients, None, average_source)?;
+    let entries = take_entries(&mut sources)?;
+    Ok(py.detach(|| wire::wire_digest(entries)))
+}
+
+/// Per map, per key in the map's order, the largest magnitude of the values read as float64.
+#[pyfunction]
+fn max_abs(py: Python<'_>, maps: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<f64>>> {
+    let mut sources = Vec::new();
+    for map in maps.try_iter()? {
+        sources.push(gradient_sources(&map?, None, average_source)?);
+    }
+    let arrays: Vec<Vec<Array<'_>>> = sources
+        .iter_mut()
+        .map(|map| map.iter_mut().map(|(_, source)| source.take()).collect())
+        .collect();
+    let flat: Vec<&Array<'_>> = arrays.iter().flatten().collect();
+    let mut maxima = py.detach(|| magnitude::max_abs(&flat)).into_iter();
+    Ok(arrays
+        .iter()
+        .map(|map| maxima.by_ref().take(map.len()).collect())
+        .collect())
+}
+
+/// The core entries of a gradient map read by [`gradient_sources`].
+fn take_entries<'s, 'py: 's, S: Take>(
+    sources: &'s mut [(Bound<'py, PyString>, S)],
+) -> PyResult<Vec<(Key<'s>, S::Core<'s>)>> {
+    sources
+        .iter_mut()
+        .map(|(key, source)| Ok((key_of(key)?, source.take())))
+        .collect()
 }
 
 /// Per-key weighted mean of gradient maps, in float64 (see ``_fallback.weighted_average``).
@@ -91,14 +142,8 @@ fn weighted_average<'py>(
     }
     let mut node_updates = Vec::with_capacity(count);
     for (entries, label) in nodes.iter_mut().zip(labels) {
-        let mut converted = Vec::with_capacity(entries.len());
-        for (key, source) in entries.iter_mut() {
-            converted.push((key_of(key)?, source.take()));
-        }
-        node_updates.push(NodeUpdate {
-            label,
-            entries: converted,
-        });
+        let entries = take_entries(entries)?;
+        node_updates.push(NodeUpdate { label, entries });
     }
     let averages = py
         .detach(|| average::weighted_average(&node_updates, &weights))

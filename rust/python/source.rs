@@ -19,8 +19,9 @@ use crate::hash::Value;
 
 /// A NumPy array as one of the core's element types, borrowed for as long as the view lives:
 /// read in place when it is float64, float32, int64 or uint64 (native byte order, aligned),
-/// else a copy converted by NumPy (smaller ints widen exactly; float16, other byte orders and
-/// unaligned data become float64 exactly; long double is rounded to float64).
+/// else a copy converted by NumPy (smaller ints widen exactly; other byte orders and unaligned
+/// data keep their type: float32 stays float32; float16 becomes float64 exactly, long double is
+/// rounded to float64). The wire digest covers the type, so the fallback reads arrays alike.
 pub(super) enum ArrayView<'py> {
     F64(PyReadonlyArrayDyn<'py, f64>),
     F32(PyReadonlyArrayDyn<'py, f32>),
@@ -37,9 +38,11 @@ impl<'py> ArrayView<'py> {
         if viewable_as::<f32>(array) {
             return Ok(ArrayView::F32(array_as(array)?));
         }
-        Ok(match array.dtype().kind() {
-            b'i' => ArrayView::I64(array_as(array)?),
-            b'u' => ArrayView::U64(array_as(array)?),
+        let dtype = array.dtype();
+        Ok(match (dtype.kind(), dtype.itemsize()) {
+            (b'i', _) => ArrayView::I64(array_as(array)?),
+            (b'u', _) => ArrayView::U64(array_as(array)?),
+            (_, 4) => ArrayView::F32(array_as(array)?),
             _ => ArrayView::F64(array_as(array)?),
         })
     }
@@ -90,9 +93,24 @@ pub(super) enum Source<'py, T> {
     View(ArrayView<'py>),
 }
 
-impl Source<'_, Value<'static>> {
-    /// The value to hash; an owned value is moved out, an array is borrowed.
-    pub(super) fn take(&mut self) -> Value<'_> {
+/// A source's core value, taken once: an owned value is moved out, a NumPy array borrowed.
+pub(super) trait Take {
+    /// The core value, borrowing the source.
+    type Core<'s>
+    where
+        Self: 's;
+
+    fn take(&mut self) -> Self::Core<'_>;
+}
+
+/// The value to hash.
+impl Take for Source<'_, Value<'static>> {
+    type Core<'s>
+        = Value<'s>
+    where
+        Self: 's;
+
+    fn take(&mut self) -> Value<'_> {
         match self {
             Source::Owned(value) => mem::replace(value, Value::List(Vec::new())),
             Source::View(view) => Value::Array(Box::new(view.array())),
@@ -100,9 +118,14 @@ impl Source<'_, Value<'static>> {
     }
 }
 
-impl Source<'_, Array<'static>> {
-    /// The array to average; an owned array is moved out, a NumPy array is borrowed.
-    pub(super) fn take(&mut self) -> Array<'_> {
+/// The array to average, scan or digest for the wire.
+impl Take for Source<'_, Array<'static>> {
+    type Core<'s>
+        = Array<'s>
+    where
+        Self: 's;
+
+    fn take(&mut self) -> Array<'_> {
         match self {
             Source::Owned(array) => mem::take(array),
             Source::View(view) => view.array(),

@@ -8,21 +8,21 @@
 //! reordering across nodes), and the result is `acc / W`, where `W` is the carriers' weights
 //! summed in update order from `0.0`.
 //!
-//! The output is produced in one fused pass: for each cache-sized block of an output, every
-//! carrier's block is added in and the block divided by `W` while it stays in cache, so the
-//! result's memory is written once. Large inputs are split across threads by element range;
-//! each element's sum over the nodes stays in update order. On x86-64 CPUs with AVX2 the same
-//! loops run four lanes at a time (each lane rounds as the scalar code does; Rust never fuses
-//! a multiply and an add).
+//! The output is produced in one fused pass ([`kernel`]): block by cache-sized block, several
+//! carriers at a time are added in while the block stays in cache, so the result's memory is
+//! written once. Large inputs are split across threads by work: large keys by element range,
+//! small keys whole, each element's sum over the nodes staying in update order.
+
+mod kernel;
 
 use std::collections::HashMap;
-use std::ops::Range;
-use std::sync::Mutex;
-use std::thread;
+use std::mem;
 
-use crate::array::{Array, ArrayData};
+use crate::array::Array;
 use crate::error::AverageError;
 use crate::key::Key;
+use crate::{parallel, simd};
+use kernel::{fused_groups, Term};
 
 /// One node's gradient map.
 #[derive(Clone, Debug)]
@@ -108,16 +108,10 @@ fn average_on(
         plans.push(plan(group, updates, weights)?);
     }
     let mut outputs: Vec<Vec<f64>> = plans.iter().map(|p| vec![0.0; p.len]).collect();
-    let threads = threads.unwrap_or_else(|| {
-        let work: usize = plans.iter().map(|p| p.len * p.terms.len()).sum();
-        if work >= PARALLEL_MIN_WORK {
-            thread::available_parallelism().map_or(1, usize::from)
-        } else {
-            1
-        }
-    });
+    let threads =
+        threads.unwrap_or_else(|| parallel::threads_for(plans.iter().map(Plan::work).sum()));
     let items = work_items(&plans, &mut outputs, threads);
-    run(items, threads, kernel);
+    parallel::for_each(items, threads, kernel);
     Ok(groups
         .iter()
         .zip(plans)
@@ -162,19 +156,22 @@ fn group_by_key<'u, 'a>(updates: &'u [NodeUpdate<'a>]) -> Vec<Group<'u, 'a>> {
     groups
 }
 
-/// One carrier's contribution: `weight * values`.
-struct Term<'t> {
-    weight: f64,
-    values: &'t ArrayData<'t>,
-}
-
 /// What to compute for one key.
 struct Plan<'t> {
     shape: Vec<usize>,
     len: usize,
     terms: Vec<Term<'t>>,
+    /// The terms, in runs that the kernel adds in one pass.
+    groups: Vec<std::ops::Range<usize>>,
     /// `W`, the carriers' weights summed in update order.
     total: f64,
+}
+
+impl Plan<'_> {
+    /// Multiply-adds to compute.
+    fn work(&self) -> usize {
+        self.len * self.terms.len()
+    }
 }
 
 /// Validate one key's carriers and turn them into terms.
@@ -188,6 +185,7 @@ fn plan<'t>(
             shape: vec![0],
             len: 0,
             terms: Vec::new(),
+            groups: Vec::new(),
             total: 0.0,
         });
     };
@@ -208,30 +206,26 @@ fn plan<'t>(
             key: group.key.clone().into_owned(),
         });
     }
+    let terms: Vec<Term<'t>> = group
+        .carriers
+        .iter()
+        .map(|&(node, array)| Term {
+            weight: weights[node],
+            values: array.data(),
+        })
+        .collect();
     Ok(Plan {
         shape: first.shape().to_vec(),
         len: first.len(),
-        terms: group
-            .carriers
-            .iter()
-            .map(|&(node, array)| Term {
-                weight: weights[node],
-                values: array.data(),
-            })
-            .collect(),
+        groups: fused_groups(&terms),
+        terms,
         total,
     })
 }
 
-/// Elements of an output block (32 KiB) that stays in cache while every carrier is added in.
-const BLOCK: usize = 4096;
-
-/// Below this many multiply-adds in total, everything runs on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 20;
-
-/// The smallest piece of one output handed to a thread (256 KiB); smaller pieces cost more in
-/// hand-over and lost cache locality than they gain.
-const MIN_PIECE: usize = 1 << 15;
+/// Output elements handed to a thread come in multiples of this (a whole number of cache
+/// lines of the output, so that no two threads write one line).
+const ALIGN: usize = 64;
 
 /// A range of one key's output, computed from the same range of every term.
 struct WorkItem<'o, 't> {
@@ -240,27 +234,24 @@ struct WorkItem<'o, 't> {
     plan: &'o Plan<'t>,
 }
 
-/// Split the outputs into items: one per key on one thread, else pieces small enough to
-/// balance the threads (but at least [`MIN_PIECE`]).
+/// Split the outputs into items: whole keys on one thread; else, by work (elements times
+/// carriers), keys split into ranges and small keys whole, so that the threads share the work
+/// evenly whether the model has one large tensor or hundreds of small ones.
 fn work_items<'o, 't>(
     plans: &'o [Plan<'t>],
     outputs: &'o mut [Vec<f64>],
     threads: usize,
 ) -> Vec<WorkItem<'o, 't>> {
+    let total: usize = plans.iter().map(Plan::work).sum();
     let mut items = Vec::new();
     for (plan, out) in plans.iter().zip(outputs.iter_mut()) {
-        if plan.len == 0 {
-            continue;
-        }
-        let piece = if threads == 1 {
-            plan.len
-        } else {
-            (plan.len / (threads * 4)).max(MIN_PIECE).div_ceil(BLOCK) * BLOCK
-        };
-        for (index, chunk) in out.chunks_mut(piece).enumerate() {
+        let mut rest = &mut out[..];
+        for range in parallel::pieces(plan.len, plan.terms.len(), total, threads, ALIGN) {
+            let (piece, tail) = mem::take(&mut rest).split_at_mut(range.len());
+            rest = tail;
             items.push(WorkItem {
-                out: chunk,
-                offset: index * piece,
+                out: piece,
+                offset: range.start,
                 plan,
             });
         }
@@ -268,137 +259,27 @@ fn work_items<'o, 't>(
     items
 }
 
-fn run(items: Vec<WorkItem<'_, '_>>, threads: usize, kernel: Kernel) {
-    if threads <= 1 || items.len() <= 1 {
-        items.into_iter().for_each(kernel);
-        return;
-    }
-    let queue = Mutex::new(items.into_iter());
-    let next = || queue.lock().expect("no worker panics").next();
-    let work = || {
-        while let Some(item) = next() {
-            kernel(item);
-        }
-    };
-    thread::scope(|scope| {
-        for _ in 1..threads {
-            scope.spawn(work);
-        }
-        work();
-    });
-}
-
-/// Compute one item, with the widest vector instructions the CPU has (lane by lane, so the
-/// roundings are the same on every path).
+/// Compute one item, with the widest vector instructions the CPU has.
 fn accumulate(item: WorkItem<'_, '_>) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, just checked.
-        return unsafe { accumulate_avx2(item) };
-    }
-    accumulate_blocks(item);
+    simd::dispatch(
+        #[inline(always)]
+        || accumulate_portable(item),
+    );
 }
 
-/// [`accumulate_blocks`] compiled for AVX2 (four doubles a lane-wise operation; no FMA).
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn accumulate_avx2(item: WorkItem<'_, '_>) {
-    accumulate_blocks(item);
-}
-
-/// Compute one item block by block: add every term into the block in update order, dividing
-/// by `W` as the last term is added. The first term starts from `0.0 + (w * x)` (as NumPy's
-/// zeros-plus-product gives it, `-0.0` products included); Rust never fuses a product and a
-/// sum into one rounding.
+/// Compute one item with the baseline instructions (what [`accumulate`] does without AVX2).
 #[inline(always)]
-fn accumulate_blocks(item: WorkItem<'_, '_>) {
-    let Some((last, rest)) = item.plan.terms.split_last() else {
-        return;
-    };
-    let total = item.plan.total;
-    for (index, block) in item.out.chunks_mut(BLOCK).enumerate() {
-        let start = item.offset + index * BLOCK;
-        let range = start..start + block.len();
-        let Some((first, middle)) = rest.split_first() else {
-            combine(block, last.values, &range, |_, x| {
-                (0.0 + last.weight * x) / total
-            });
-            continue;
-        };
-        combine(block, first.values, &range, |_, x| 0.0 + first.weight * x);
-        for term in middle {
-            combine(block, term.values, &range, |acc, x| acc + term.weight * x);
-        }
-        combine(block, last.values, &range, |acc, x| {
-            (acc + last.weight * x) / total
-        });
-    }
-}
-
-/// `out[i] = step(out[i], x[i])` over `range` of `values`, each read as a double.
-#[inline(always)]
-fn combine(
-    out: &mut [f64],
-    values: &ArrayData<'_>,
-    range: &Range<usize>,
-    step: impl Fn(f64, f64) -> f64,
-) {
-    match values {
-        ArrayData::F64(x) => zip_with(out, &x[range.clone()], step),
-        ArrayData::F32(x) => zip_with(out, &x[range.clone()], step),
-        ArrayData::I64(x) => zip_with(out, &x[range.clone()], step),
-        ArrayData::U64(x) => zip_with(out, &x[range.clone()], step),
-    }
-}
-
-#[inline(always)]
-fn zip_with<T: Widen>(out: &mut [f64], x: &[T], step: impl Fn(f64, f64) -> f64) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = step(*o, v.widen());
-    }
-}
-
-/// A value read as the double NumPy's `astype(float64)` gives it.
-trait Widen: Copy {
-    fn widen(self) -> f64;
-}
-
-impl Widen for f64 {
-    #[inline(always)]
-    fn widen(self) -> f64 {
-        self
-    }
-}
-
-impl Widen for f32 {
-    #[inline(always)]
-    fn widen(self) -> f64 {
-        f64::from(self)
-    }
-}
-
-/// Rust's `as` rounds to the nearest double, ties to even, as NumPy's cast does.
-impl Widen for i64 {
-    #[inline(always)]
-    fn widen(self) -> f64 {
-        self as f64
-    }
-}
-
-/// Rust's `as` rounds to the nearest double, ties to even, as NumPy's cast does.
-impl Widen for u64 {
-    #[inline(always)]
-    fn widen(self) -> f64 {
-        self as f64
-    }
+fn accumulate_portable(item: WorkItem<'_, '_>) {
+    let plan = item.plan;
+    kernel::accumulate(item.out, item.offset, &plan.terms, &plan.groups, plan.total);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::array::ArrayData;
+    use crate::parallel::PARALLEL_MIN_WORK;
+    use kernel::BLOCK;
 
     fn f64_array(shape: &[usize], values: Vec<f64>) -> Array<'static> {
         Array::new(shape.to_vec(), ArrayData::F64(values.into()))
@@ -556,7 +437,7 @@ mod tests {
         let single = average_on(&updates, &weights, Some(1), accumulate).unwrap();
         let chosen = weighted_average(&updates, &weights).unwrap();
         // The portable kernel, whatever vector instructions `accumulate` picks on this CPU.
-        let portable = average_on(&updates, &weights, Some(1), accumulate_blocks).unwrap();
+        let portable = average_on(&updates, &weights, Some(1), accumulate_portable).unwrap();
         assert_eq!(threaded, single);
         assert_eq!(chosen, single);
         assert_eq!(portable, single);
@@ -572,6 +453,133 @@ mod tests {
                 "index {i}"
             );
         }
+    }
+
+    /// Values of every element type for node `n`, key `k`: a deterministic mixture of
+    /// magnitudes so that the order of the additions shows in the result's bits.
+    fn mixed_value(n: usize, k: usize, len: usize) -> Array<'static> {
+        let x = |i: usize| {
+            let scale = [1e-8, 1.0, 3e5, 0.1][(i * 7 + n + k) % 4];
+            ((((i * 31 + n * 17 + k * 5) % 97) as f64) - 48.0) / 7.0 * scale
+        };
+        let data = match (n + k) % 5 {
+            0 | 1 => ArrayData::F64((0..len).map(x).collect::<Vec<_>>().into()),
+            2 => ArrayData::F32((0..len).map(|i| x(i) as f32).collect::<Vec<_>>().into()),
+            3 => ArrayData::I64(
+                (0..len)
+                    .map(|i| (x(i) * 1e3) as i64)
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
+            _ => ArrayData::U64(
+                (0..len)
+                    .map(|i| (x(i).abs() * 1e3) as u64)
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
+        };
+        Array::new(vec![len], data)
+    }
+
+    #[test]
+    fn fused_passes_and_key_splitting_keep_the_specified_sequence() {
+        // Node counts around multiples of the fused group size, keys from one element to
+        // several blocks, element types changing from node to node, on 1 to 3 threads.
+        let lens = [1, 3, 65, 1000, BLOCK + 7, 2 * BLOCK + 1];
+        for nodes in [1, 2, 3, 4, 5, 8, 9, 13] {
+            let updates: Vec<NodeUpdate<'_>> = (0..nodes)
+                .map(|n| NodeUpdate {
+                    label: format!("n{n}"),
+                    entries: lens
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &len)| {
+                            (
+                                Key::from(["a", "b", "c", "d", "e", "f"][k]),
+                                mixed_value(n, k, len),
+                            )
+                        })
+                        .collect(),
+                })
+                .collect();
+            let weights: Vec<f64> = (0..nodes).map(|n| 0.3 + n as f64 * 1.7).collect();
+            let single = average_on(&updates, &weights, Some(1), accumulate).unwrap();
+            for threads in [2, 3] {
+                assert_eq!(
+                    average_on(&updates, &weights, Some(threads), accumulate).unwrap(),
+                    single
+                );
+            }
+            for (k, average) in single.iter().enumerate() {
+                for i in [0, lens[k] / 2, lens[k] - 1] {
+                    let terms: Vec<_> = updates
+                        .iter()
+                        .zip(&weights)
+                        .map(|(u, &w)| {
+                            let x = match u.entries[k].1.data() {
+                                ArrayData::F64(d) => d[i],
+                                ArrayData::F32(d) => f64::from(d[i]),
+                                ArrayData::I64(d) => d[i] as f64,
+                                ArrayData::U64(d) => d[i] as f64,
+                            };
+                            (w, x)
+                        })
+                        .collect();
+                    assert_eq!(
+                        average.values[i].to_bits(),
+                        specified(&terms).to_bits(),
+                        "{nodes} nodes, key {k}, index {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// How many work items the plans of `updates` make on `threads` threads.
+    fn item_lengths(updates: &[NodeUpdate<'_>], threads: usize) -> Vec<usize> {
+        let weights = vec![1.0; updates.len()];
+        let plans: Vec<Plan<'_>> = group_by_key(updates)
+            .iter()
+            .map(|group| plan(group, updates, &weights).unwrap())
+            .collect();
+        let mut outputs: Vec<Vec<f64>> = plans.iter().map(|p| vec![0.0; p.len]).collect();
+        work_items(&plans, &mut outputs, threads)
+            .iter()
+            .map(|item| item.out.len())
+            .collect()
+    }
+
+    #[test]
+    fn work_is_split_across_keys_and_within_them() {
+        let values = vec![0.5; 8192];
+        let model = |keys: usize, len: usize| -> Vec<(Key<'_>, Array<'_>)> {
+            (0..keys)
+                .map(|k| {
+                    (
+                        Key::from_bytes(format!("k{k}").into_bytes()),
+                        Array::floats(&values[..len]),
+                    )
+                })
+                .collect()
+        };
+        let nodes = |count: usize, keys: usize, len: usize| -> Vec<NodeUpdate<'_>> {
+            (0..count)
+                .map(|n| NodeUpdate {
+                    label: format!("n{n}"),
+                    entries: model(keys, len),
+                })
+                .collect()
+        };
+        // Many small keys: each a piece of its own, for the threads to share.
+        let small = item_lengths(&nodes(100, 200, 5000), 2);
+        assert_eq!(small, vec![5000; 200]);
+        // One thread: one item per key, however large.
+        assert_eq!(item_lengths(&nodes(1000, 1, 8192), 1), [8192]);
+        // A key of 8,192 elements carried by 1,000 nodes is split into aligned ranges.
+        let split = item_lengths(&nodes(1000, 1, 8192), 2);
+        assert!(split.len() >= 8, "{split:?}");
+        assert_eq!(split.iter().sum::<usize>(), 8192);
+        assert!(split[..split.len() - 1].iter().all(|len| len % ALIGN == 0));
     }
 
     #[test]

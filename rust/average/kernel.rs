@@ -1,0 +1,176 @@
+//! The fused kernel of the weighted average: several carriers added into an output block in
+//! one pass over it.
+//!
+//! For each block of [`BLOCK`] output elements, the carriers are taken in update order, up to
+//! [`FUSE`] at a time (consecutive carriers of one element type), and each element of the
+//! block goes through `acc = acc + w_i * x_i` for those carriers in a register before it is
+//! stored again: the same roundings in the same order as one carrier per pass, with a quarter
+//! of the loads and stores of the output. The block starts as `0.0` (the output is allocated
+//! zeroed) and is divided by `W` as the last carrier is added.
+
+use std::mem;
+use std::ops::Range;
+
+use crate::array::ArrayData;
+
+/// Output elements per block (128 KiB), kept in the core's cache while every carrier is added.
+pub(super) const BLOCK: usize = 16 * 1024;
+
+/// Carriers added to a block in one pass.
+pub(super) const FUSE: usize = 4;
+
+/// One carrier's contribution: `weight * values`.
+pub(super) struct Term<'t> {
+    pub(super) weight: f64,
+    pub(super) values: &'t ArrayData<'t>,
+}
+
+/// Split `terms` into runs of at most [`FUSE`] consecutive terms of one element type.
+pub(super) fn fused_groups(terms: &[Term<'_>]) -> Vec<Range<usize>> {
+    let mut groups: Vec<Range<usize>> = Vec::new();
+    for (index, term) in terms.iter().enumerate() {
+        match groups.last_mut() {
+            Some(group)
+                if group.len() < FUSE
+                    && mem::discriminant(terms[group.start].values)
+                        == mem::discriminant(term.values) =>
+            {
+                group.end = index + 1;
+            }
+            _ => groups.push(index..index + 1),
+        }
+    }
+    groups
+}
+
+/// Add every term into `out` (elements `offset..offset + out.len()` of the key) block by
+/// block, dividing by `total` as the last group is added.
+#[inline(always)]
+pub(super) fn accumulate(
+    out: &mut [f64],
+    offset: usize,
+    terms: &[Term<'_>],
+    groups: &[Range<usize>],
+    total: f64,
+) {
+    let Some((last, rest)) = groups.split_last() else {
+        return;
+    };
+    for (index, block) in out.chunks_mut(BLOCK).enumerate() {
+        let start = offset + index * BLOCK;
+        for group in rest {
+            add_group(block, start, &terms[group.clone()], None);
+        }
+        add_group(block, start, &terms[last.clone()], Some(total));
+    }
+}
+
+/// Add 1 to [`FUSE`] terms of one element type into `out`, from element `start` of each.
+#[inline(always)]
+fn add_group(out: &mut [f64], start: usize, terms: &[Term<'_>], divide: Option<f64>) {
+    match terms[0].values {
+        ArrayData::F64(_) => add_typed::<f64>(out, start, terms, divide),
+        ArrayData::F32(_) => add_typed::<f32>(out, start, terms, divide),
+        ArrayData::I64(_) => add_typed::<i64>(out, start, terms, divide),
+        ArrayData::U64(_) => add_typed::<u64>(out, start, terms, divide),
+    }
+}
+
+#[inline(always)]
+fn add_typed<T: Element>(out: &mut [f64], start: usize, terms: &[Term<'_>], divide: Option<f64>) {
+    let range = start..start + out.len();
+    match terms.len() {
+        1 => fused::<T, 1>(out, terms, range, divide),
+        2 => fused::<T, 2>(out, terms, range, divide),
+        3 => fused::<T, 3>(out, terms, range, divide),
+        _ => fused::<T, FUSE>(out, terms, range, divide),
+    }
+}
+
+/// `out[i] = (((out[i] + w_0 x_0[i]) + w_1 x_1[i]) + ...)`, then `/ total` when dividing.
+#[inline(always)]
+fn fused<T: Element, const K: usize>(
+    out: &mut [f64],
+    terms: &[Term<'_>],
+    range: Range<usize>,
+    divide: Option<f64>,
+) {
+    let xs: [&[T]; K] = std::array::from_fn(|k| &T::slice(terms[k].values)[range.clone()]);
+    let ws: [f64; K] = std::array::from_fn(|k| terms[k].weight);
+    let add = |i: usize, acc: f64| {
+        let mut acc = acc;
+        for k in 0..K {
+            acc += ws[k] * xs[k][i].widen();
+        }
+        acc
+    };
+    match divide {
+        None => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = add(i, *o);
+            }
+        }
+        Some(total) => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = add(i, *o) / total;
+            }
+        }
+    }
+}
+
+/// An element type of [`ArrayData`], read as the double NumPy's `astype(float64)` gives.
+pub(crate) trait Element: Copy {
+    /// The value as a double.
+    fn widen(self) -> f64;
+    /// The values of `data`, which holds this type.
+    fn slice<'a>(data: &'a ArrayData<'_>) -> &'a [Self];
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident) => {
+        impl Element for $t {
+            // f32 widens exactly; i64 and u64 round to the nearest double, ties to even, as
+            // NumPy's cast does (that is what Rust's `as` does).
+            #[inline(always)]
+            fn widen(self) -> f64 {
+                self as f64
+            }
+
+            #[inline(always)]
+            fn slice<'a>(data: &'a ArrayData<'_>) -> &'a [Self] {
+                match data {
+                    ArrayData::$variant(values) => values,
+                    _ => unreachable!("a fused group holds one element type"),
+                }
+            }
+        }
+    };
+}
+
+element!(f64, F64);
+element!(f32, F32);
+element!(i64, I64);
+element!(u64, U64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_runs_of_one_type_of_at_most_fuse_terms() {
+        let f64s = ArrayData::F64(vec![1.0].into());
+        let f32s = ArrayData::F32(vec![1.0].into());
+        let term = |values| Term {
+            weight: 1.0,
+            values,
+        };
+        let terms: Vec<Term<'_>> = [
+            &f64s, &f64s, &f32s, &f64s, &f64s, &f64s, &f64s, &f64s, &f64s,
+        ]
+        .into_iter()
+        .map(term)
+        .collect();
+        assert_eq!(fused_groups(&terms), [0..2, 2..3, 3..7, 7..9]);
+        assert!(fused_groups(&[]).is_empty());
+    }
+}
