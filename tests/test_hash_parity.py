@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from aumai_fedtrain import HashVerifier, LocalUpdate
 from aumai_fedtrain.backend import Backend, get_backend
 
 # float32 casts of huge doubles overflow to inf, as intended.
@@ -253,6 +254,55 @@ def test_large_inputs_stream_in_chunks(backend: Backend, as_list: bool) -> None:
     assert digest == reference_hash(gradients)
 
 
+def test_large_maps_of_every_shape_are_hashed_in_order(backend: Backend) -> None:
+    # Prepare: enough numbers for the native core to write blocks of 4,096 numbers on every
+    # thread; N-D arrays whose rows and blocks the block boundaries cut anywhere, empty
+    # arrays between them, ints, float32 and a ragged list in the same map.
+    rng = np.random.default_rng(17)
+    gradients = {
+        "a.weight": rng.standard_normal((37, 29, 41)) * 10.0 ** rng.integers(-9, 9, (37, 29, 41)),
+        "b.empty": np.zeros((3, 0)),
+        "c.counts": rng.integers(-(2**63), 2**63 - 1, (4097,), dtype=np.int64),
+        "d.half": rng.standard_normal((129, 65)).astype(np.float32),
+        "e.ragged": [[0.5, 1], [], [[2.0]], 3, 2**70, *rng.standard_normal(9000).tolist()],
+        "f.scalar": np.float64(0.1),
+    }
+
+    # Execute
+    digest = backend.canonical_hash(gradients)
+
+    # Assert
+    assert digest == reference_hash(gradients)
+
+
+@SETTINGS
+@given(maps=st.lists(gradient_maps, max_size=5))
+def test_many_maps_hash_each_as_alone(backend: Backend, maps: list[dict[str, Any]]) -> None:
+    # Execute
+    digests = backend.canonical_hashes(maps)
+
+    # Assert
+    assert digests == [reference_hash(gradients) for gradients in maps]
+
+
+def test_many_large_maps_are_hashed_side_by_side(backend: Backend) -> None:
+    # Prepare: one update per node, enough of them and of numbers for the native core to
+    # hash the maps on every thread at once.
+    rng = np.random.default_rng(23)
+    maps = [{"w": rng.standard_normal(6000), "b": rng.standard_normal(10)} for _ in range(12)]
+
+    # Execute
+    digests = backend.canonical_hashes(maps)
+
+    # Assert
+    assert digests == [reference_hash(gradients) for gradients in maps]
+
+
+def test_many_maps_name_the_key_of_the_first_bad_value(backend: Backend) -> None:
+    with pytest.raises(TypeError, match="'bad'"):
+        backend.canonical_hashes([{"w": [1.0]}, {"bad": "1.0"}])
+
+
 @pytest.mark.parametrize(
     "key",
     [
@@ -455,3 +505,32 @@ def test_absurdly_deep_nesting_is_a_recursion_error_not_a_crash(backend: Backend
     # Execute / Assert
     with pytest.raises(RecursionError):
         backend.canonical_hash({"w": deep})
+
+
+def test_the_verifier_checks_many_updates_at_once(backend_name: str) -> None:
+    # Prepare: one update per node, one of them tampered with after it was hashed.
+    rng = np.random.default_rng(29)
+    updates = [
+        LocalUpdate(
+            node_id=f"node-{i}",
+            round_id=1,
+            gradients={"w": rng.standard_normal(3000)},
+            loss=0.5,
+            samples_used=10,
+        )
+        for i in range(6)
+    ]
+    verifier = HashVerifier(backend_name)
+    digests = [reference_hash(update.gradients) for update in updates]
+    updates[4].gradients["w"][7] += 1e-12
+
+    # Execute
+    verdicts = verifier.verify_all(updates, [digest.upper() for digest in digests])
+
+    # Assert
+    assert verdicts == [True, True, True, True, False, True]
+    assert verifier.compute_hashes([u.gradients for u in updates[:2]]) == digests[:2]
+    with pytest.raises(ValueError, match="5 hashes for 6 updates"):
+        verifier.verify_all(updates, digests[:5])
+    with pytest.raises(ValueError, match="not a SHA-256"):
+        verifier.verify_all(updates[:1], ["xyz"])

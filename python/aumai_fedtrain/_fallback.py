@@ -1,13 +1,17 @@
-"""Pure-Python reference implementations of the two hot paths.
+"""Pure-Python reference implementations of the hot paths.
 
 These functions *define* the contracts that the native core (``aumai_fedtrain._native``)
 reproduces, and serve as the fallback when the extension is unavailable:
 
 - :func:`canonical_hash` is ``sha256(json.dumps(plain(g), sort_keys=True))`` where ``plain``
   turns NumPy arrays into ``.tolist()``; anyone can recompute it with the standard library.
+  :func:`canonical_hashes` is the same for many maps at once.
 - :func:`weighted_average` is the per-key weighted mean over the updates that carry a
   non-empty value for the key, computed in float64 by one specified sequence of roundings
   (see the function), which the native core reproduces bit for bit.
+- :func:`wire_digest` is the SHA-256 of a binary layout of the map (its keys, dtypes, shapes
+  and little-endian bytes, :mod:`aumai_fedtrain.digest`), what update signatures cover.
+- :func:`max_abs` is the largest magnitude of each value of many maps, what screening bounds.
 """
 
 from __future__ import annotations
@@ -96,17 +100,107 @@ def canonical_hash(gradients: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(gradients).encode("utf-8")).hexdigest()
 
 
-def _as_float_array(key: str, label: str, value: Any) -> np.ndarray:
+def canonical_hashes(maps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """:func:`canonical_hash` of each map."""
+    return [canonical_hash(gradients) for gradients in maps]
+
+
+def _as_float_array(key: str, value: Any, label: str | None = None) -> np.ndarray:
+    """``value`` as ``np.asarray(value, dtype=np.float64)`` reads it; errors name the update."""
+    prefix = f"{label}: " if label is not None else ""
     try:
         _check_value(key, value)
     except TypeError as exc:
-        raise TypeError(f"{label}: {exc}") from None
+        raise TypeError(f"{prefix}{exc}") from None
     try:
         return np.asarray(value, dtype=np.float64)
-    except ValueError as exc:  # ragged nested lists
+    except ValueError:  # ragged nested lists
+        site = f"gradient {key!r}" + (f" from {label}" if label is not None else "")
         raise ValueError(
-            f"gradient {key!r} from {label}: not a rectangular array ({exc})"
+            f"{site}: not a rectangular array (the nested lists have different lengths)"
         ) from None
+
+
+def _entries(gradients: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The ``(key, value)`` pairs of a gradient map, its keys checked to be ``str``."""
+    if not isinstance(gradients, Mapping):
+        raise TypeError(
+            f"gradients must be a mapping of str to numbers, got {_describe(gradients)}"
+        )
+    entries = list(gradients.items())
+    for key, _ in entries:
+        if not isinstance(key, str):
+            raise TypeError(f"gradient keys must be str, got {_describe(key)} {key!r}")
+    return entries
+
+
+def max_abs(maps: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """Per map, per key in the map's order, the largest ``|x|`` of the values read as float64.
+
+    NaN when a value holds a NaN, ``inf`` when it holds an infinity (and no NaN), ``0.0`` for
+    an empty value. Raises ``TypeError`` for what :func:`weighted_average` refuses.
+    """
+    result: list[list[float]] = []
+    for gradients in maps:
+        row: list[float] = []
+        for key, value in _entries(gradients):
+            array = _as_float_array(key, value)
+            if array.size == 0:
+                row.append(0.0)
+                continue
+            largest, smallest = float(array.max()), float(array.min())  # NaN propagates
+            if math.isnan(largest) or math.isnan(smallest):
+                row.append(math.nan)
+            else:
+                row.append(max(abs(largest), abs(smallest)))
+        result.append(row)
+    return result
+
+
+WIRE_DIGEST_MAGIC = b"aumai-fedtrain/wire-digest/v1\n"
+"""The first bytes of the wire layout; its version is the ``1`` in it."""
+
+# The wire layout's element types: NumPy dtype -> (little-endian dtype, safetensors name).
+_WIRE_TYPES = {
+    "f4": ("<f4", b"F32"),
+    "f": ("<f8", b"F64"),
+    "i": ("<i8", b"I64"),
+    "u": ("<u8", b"U64"),
+}
+
+
+def _wire_array(key: str, value: Any) -> tuple[np.ndarray, bytes]:
+    """The C-ordered little-endian array the wire layout holds for ``value``, and its type.
+
+    Arrays keep their kind: float32 stays float32, other floats become float64, signed ints
+    int64, unsigned ints uint64; anything else is read as float64 (as the average reads it).
+    """
+    if isinstance(value, np.ndarray):
+        _check_value(key, value)
+        kind = value.dtype.kind
+        dtype, name = _WIRE_TYPES["f4" if kind == "f" and value.dtype.itemsize == 4 else kind]
+        return np.asarray(value, dtype=dtype, order="C"), name
+    return np.asarray(_as_float_array(key, value), dtype="<f8", order="C"), b"F64"
+
+
+def _u64(number: int) -> bytes:
+    return number.to_bytes(8, "little")
+
+
+def wire_digest(gradients: Mapping[str, Any]) -> str:
+    """SHA-256 hex digest of the binary wire layout of ``gradients`` (see ``digest.py``)."""
+    entries = [
+        (key.encode("utf-8", "surrogatepass"), *_wire_array(key, value))
+        for key, value in _entries(gradients)
+    ]
+    entries.sort(key=lambda entry: entry[0])
+    digest = hashlib.sha256(WIRE_DIGEST_MAGIC + _u64(len(entries)))
+    for name, array, dtype in entries:
+        digest.update(_u64(len(name)) + name + _u64(len(dtype)) + dtype)
+        digest.update(_u64(array.ndim) + b"".join(_u64(dim) for dim in array.shape))
+        digest.update(_u64(array.nbytes))
+        digest.update(array.reshape(-1).data)
+    return digest.hexdigest()
 
 
 def _sum_in_order(weights: Sequence[float]) -> float:
@@ -178,7 +272,7 @@ def weighted_average(
         for key, value in update.items():
             if not isinstance(key, str):
                 raise TypeError(f"{label}: gradient keys must be str, got {_describe(key)} {key!r}")
-            array = _as_float_array(key, label, value)
+            array = _as_float_array(key, value, label)
             entries = carriers.setdefault(key, [])
             if array.size:
                 entries.append((label, weight, array))

@@ -1,8 +1,9 @@
 """Native (Rust) hot paths of aumai-fedtrain.
 
-Same contract, signatures and exception types as :mod:`aumai_fedtrain._fallback`. Both
-functions release the GIL while they work, read NumPy float64, float32, int64 and uint64 arrays
-in place, and never build the whole JSON text.
+Same contract, signatures and exception types as :mod:`aumai_fedtrain._fallback`. Every
+function releases the GIL while it works (so calls from several Python threads run side by
+side), reads NumPy float64, float32, int64 and uint64 arrays in place, and spreads large inputs
+over the available cores; the canonical hash never builds the whole JSON text.
 """
 
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,43 @@ def canonical_hash(gradients: Mapping[str, Any]) -> str:
         (``np.ma.MaskedArray``, ``np.matrix``, ...); the message names the key.
     ValueError
         An int too long for ``int.__repr__`` (as ``json.dumps`` raises).
+    """
+
+def canonical_hashes(maps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """:func:`canonical_hash` of each map, the maps hashed side by side on the available cores.
+
+    Raises as :func:`canonical_hash` does for the first map that it refuses.
+    """
+
+def wire_digest(gradients: Mapping[str, Any]) -> str:
+    """SHA-256 hex digest of the binary wire layout of ``gradients`` (one pass of SHA-256).
+
+    The layout (:mod:`aumai_fedtrain.digest` gives it byte by byte): keys sorted by their
+    UTF-8 bytes, and per key its name, dtype (``F64``, ``F32``, ``I64`` or ``U64``), shape and
+    row-major little-endian bytes. Arrays keep their kind (float32 stays float32, other floats
+    become float64, ints int64 or uint64); lists and scalars are read as float64.
+
+    Raises
+    ------
+    TypeError
+        As :func:`weighted_average` does for one update.
+    ValueError
+        A ragged nested list (naming the key).
+    """
+
+def max_abs(maps: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """Per map, per key in the map's order, the largest ``|x|`` of the values read as float64.
+
+    NaN when a value holds a NaN, ``inf`` when it holds an infinity and no NaN, ``0.0`` for an
+    empty value; exact (a maximum, no rounding). One pass over all values, on every core for
+    large inputs: the screening check of finite and bounded updates.
+
+    Raises
+    ------
+    TypeError
+        As :func:`weighted_average` does for one update.
+    ValueError
+        A ragged nested list (naming the key).
     """
 
 def weighted_average(

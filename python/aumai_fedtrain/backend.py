@@ -27,9 +27,15 @@ REBUILD_HINT = "reinstall with `pip install -e .` (from a source checkout) to re
 
 
 class Backend(Protocol):
-    """The two functions every backend provides."""
+    """The functions every backend provides (``aumai_fedtrain._fallback`` documents them)."""
 
     def canonical_hash(self, gradients: Mapping[str, Any]) -> str: ...
+
+    def canonical_hashes(self, maps: Sequence[Mapping[str, Any]]) -> list[str]: ...
+
+    def wire_digest(self, gradients: Mapping[str, Any]) -> str: ...
+
+    def max_abs(self, maps: Sequence[Mapping[str, Any]]) -> list[list[float]]: ...
 
     def weighted_average(
         self,

@@ -4,7 +4,8 @@ An update counts only when it comes from a known node, once, for the expected ro
 finite loss of at most ``config.max_loss`` in magnitude, at most the samples its node can
 process in a round (:attr:`FederatedNode.max_samples`, by default ``local_steps *
 batch_size``), exactly the model's keys and shapes, and finite pseudo-gradient values of at most
-``config.max_abs_update`` in magnitude. These bounds keep a node that holds a valid key from
+``config.max_abs_update`` in magnitude (checked for all updates of a round in one pass of the
+backend's ``max_abs``, native on every core). These bounds keep a node that holds a valid key from
 overflowing the weights, the average or the outer step; they do not make a plausible but wrong
 update harmless (that is what robust aggregation is for).
 """
@@ -15,8 +16,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
+from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, TensorMap, TrainingConfig
 
 __all__ = ["max_samples_of", "model_mismatch", "screen_update", "screen_updates"]
@@ -41,16 +41,12 @@ def model_mismatch(gradients: TensorMap, shapes: Mapping[str, tuple[int, ...]]) 
     return None
 
 
-def _value_problem(key: str, value: np.ndarray, bound: float) -> str | None:
-    if value.size == 0:
+def _value_problem(key: str, magnitude: float, bound: float) -> str | None:
+    """Why values whose largest magnitude is ``magnitude`` (NaN: a NaN among them) fail."""
+    if magnitude <= bound:  # NaN fails the comparison
         return None
-    # max/min propagate NaN and allocate nothing; NaN fails both comparisons.
-    largest, smallest = value.max(), value.min()
-    if largest <= bound and smallest >= -bound:
-        return None
-    if not (np.isfinite(largest) and np.isfinite(smallest)):
+    if not math.isfinite(magnitude):
         return f"gradient {key!r} has non-finite values"
-    magnitude = max(abs(float(largest)), abs(float(smallest)))
     return f"gradient {key!r} has values beyond max_abs_update={bound:g} (up to {magnitude:.3g})"
 
 
@@ -61,11 +57,14 @@ def screen_update(
     expected_round: int,
     shapes: Mapping[str, tuple[int, ...]] | None,
     config: TrainingConfig,
+    magnitudes: Sequence[float] | None = None,
 ) -> str | None:
     """Why ``update`` must not count, or None when it passes.
 
     ``node`` is the run's node of that id (None: unknown); ``shapes`` are the model's
-    parameter shapes (None: the run has no model, any keys and shapes pass).
+    parameter shapes (None: the run has no model, any keys and shapes pass). ``magnitudes``
+    are the largest ``|x|`` of each gradient, in the map's order (the backend's ``max_abs``),
+    when the caller has them; else they are computed here.
     """
     if node is None:
         return "unknown node: not a node of this run"
@@ -83,8 +82,10 @@ def screen_update(
         mismatch = model_mismatch(update.gradients, shapes)
         if mismatch is not None:
             return mismatch
-    for key, value in update.gradients.items():
-        problem = _value_problem(key, value, config.max_abs_update)
+    if magnitudes is None:
+        magnitudes = get_backend().max_abs([update.gradients])[0]
+    for key, magnitude in zip(update.gradients, magnitudes, strict=True):
+        problem = _value_problem(key, magnitude, config.max_abs_update)
         if problem is not None:
             return problem
     return None
@@ -111,7 +112,9 @@ def screen_updates(
     seen_shapes: dict[str, tuple[int, ...]] = {}
     accepted: list[LocalUpdate] = []
     dropped: dict[str, str] = {}
-    for update in updates:
+    # Every value of every update in one native pass (on every core for large rounds).
+    magnitudes = get_backend().max_abs([update.gradients for update in updates])
+    for update, update_magnitudes in zip(updates, magnitudes, strict=True):
         if counts[update.node_id] > 1:
             dropped[update.node_id] = f"sent {counts[update.node_id]} updates for one round"
             continue
@@ -121,6 +124,7 @@ def screen_updates(
             expected_round=expected_round,
             shapes=shapes,
             config=config,
+            magnitudes=update_magnitudes,
         )
         if reason is None and shapes is None:
             reason = _shape_conflict(update.gradients, seen_shapes)
