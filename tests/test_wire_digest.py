@@ -13,20 +13,21 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from aumai_fedtrain import digest
 from aumai_fedtrain.backend import Backend, get_backend, native_available
-from tests.test_hash_parity import ARRAY_SUBCLASSES, arrays, keys
+from tests.test_hash_parity import ARRAY_SUBCLASSES, SETTINGS, arrays, keys
 
-SETTINGS = settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
+
+@pytest.fixture
+def backend(backend_name: str) -> Backend:
+    return get_backend(backend_name)
+
 
 # The specification's dtype table: NumPy kind (and size) -> little-endian dtype, name.
 WIRE_TYPES = {"F32": "<f4", "F64": "<f8", "I64": "<i8", "U64": "<u8"}
@@ -55,11 +56,6 @@ def reference_digest(gradients: Mapping[str, Any]) -> str:
         data = array.tobytes(order="C")
         layout += struct.pack("<Q", len(data)) + data
     return hashlib.sha256(bytes(layout)).hexdigest()
-
-
-@pytest.fixture
-def backend(backend_name: str) -> Backend:
-    return get_backend(backend_name)
 
 
 wire_values = st.one_of(

@@ -73,14 +73,8 @@ def max_abs(maps: Sequence[Mapping[str, Any]]) -> list[list[float]]:
 
     NaN when a value holds a NaN, ``inf`` when it holds an infinity and no NaN, ``0.0`` for an
     empty value; exact (a maximum, no rounding). One pass over all values, on every core for
-    large inputs: the screening check of finite and bounded updates.
-
-    Raises
-    ------
-    TypeError
-        As :func:`weighted_average` does for one update.
-    ValueError
-        A ragged nested list (naming the key).
+    large inputs: the screening check of finite and bounded updates. Values are checked and
+    read as :func:`wire_digest` reads lists and scalars, with the same errors.
     """
 
 def weighted_average(
