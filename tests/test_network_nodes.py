@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import httpx
@@ -81,6 +80,7 @@ LOGGER = "aumai_fedtrain.network"
 def write_secret(folder: Path, name: str) -> Path:
     path = folder / name
     path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
     return path
 
 
@@ -962,9 +962,11 @@ def test_retries_back_off_exponentially_up_to_a_ceiling(monkeypatch: pytest.Monk
     from aumai_fedtrain.network import provider as provider_module
 
     waits: list[float] = []
-    monkeypatch.setattr(provider_module, "time", SimpleNamespace(sleep=waits.append))
+    monkeypatch.setattr(
+        provider_module._RoundDeadline, "sleep", lambda _, delay: waits.append(delay)
+    )
     busy = fixed(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy")
-    provider = HttpUpdateProvider({"node-0": b"k" * 32}, retries=4, backoff=10, timeout=10)
+    provider = HttpUpdateProvider({"node-0": b"k" * 32}, retries=4, backoff=10, timeout=600)
     with raw_node(busy) as (address, heads), pytest.raises(QuorumError, match="HTTP 503: busy"):
         provider.get_updates(1, GlobalState(), [FederatedNode(node_id="node-0", address=address)])
 
@@ -977,8 +979,8 @@ def test_a_bug_met_by_one_answer_drops_that_node_only(
 ) -> None:
     from aumai_fedtrain.network import provider as provider_module
 
-    def decode(body: bytes, content_type: str) -> Any:
-        update = decode_update(body, content_type)
+    def decode(body: bytes, content_type: str, expected: Any) -> Any:
+        update = decode_update(body, content_type, expected)
         if update.node_id == "node-1":
             raise RuntimeError("a bug")
         return update

@@ -251,6 +251,7 @@ def prepare_http_run(
     if nodes is not None:
         raise InputError("--nodes cannot go with --nodes-file (the file lists the nodes)")
     provider_module = _require_http("provider")
+    _show_dropped_updates()
     try:
         node_list, keys = load_nodes_file(nodes_file)
     except NodesFileError as exc:
@@ -258,7 +259,6 @@ def prepare_http_run(
     if min_nodes is not None and min_nodes > len(node_list):
         raise InputError(f"--min-nodes {min_nodes} exceeds the {len(node_list)} nodes of the file")
     config = config.model_copy(update={"num_nodes": len(node_list)})
-    _show_dropped_updates()
     try:
         provider = provider_module.HttpUpdateProvider(
             keys,
