@@ -876,9 +876,9 @@ def http_answer(body: bytes, content_type: str = SAFETENSORS, **headers: str) ->
 
 
 def ask_within_bound(
-    provider: HttpUpdateProvider, nodes: list[FederatedNode]
+    provider: HttpUpdateProvider, nodes: list[FederatedNode], state: GlobalState | None = None
 ) -> tuple[list[LocalUpdate] | QuorumError, float]:
-    """Round 1 of ``provider`` (its updates or its QuorumError) and the seconds it took.
+    """Round 1 of ``provider`` from ``state`` (its updates or its QuorumError) and its seconds.
 
     The round runs in a thread given COMMAND_TIMEOUT: the test fails, rather than hangs, when a
     node holds the round.
@@ -888,7 +888,9 @@ def ask_within_bound(
     def ask() -> None:
         started = time.monotonic()
         try:
-            result: list[LocalUpdate] | QuorumError = provider.get_updates(1, GlobalState(), nodes)
+            result: list[LocalUpdate] | QuorumError = provider.get_updates(
+                1, state or GlobalState(), nodes
+            )
         except QuorumError as exc:
             result = exc
         outcome.append((result, time.monotonic() - started))

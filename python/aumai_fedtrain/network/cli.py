@@ -22,7 +22,7 @@ from aumai_fedtrain.inputs import InputError, load_model_file
 from aumai_fedtrain.models import FederatedNode, TrainingConfig
 from aumai_fedtrain.network import http_module
 from aumai_fedtrain.network.auth import SecretError, load_secret
-from aumai_fedtrain.network.nodes_file import NodesFileError, load_nodes_file
+from aumai_fedtrain.network.nodes_file import NodesFileError, read_nodes_file
 from aumai_fedtrain.providers.base import UpdateProvider
 
 __all__ = ["node_command", "nodes_file_options", "prepare_http_run"]
@@ -207,7 +207,12 @@ _RUN_OPTIONS: list[tuple[str, click.ParamType, str]] = [
     (
         "--timeout",
         click.FloatRange(min=0, min_open=True),
-        "Seconds a node may take to answer a round (default 120).",
+        "Deadline of a round in seconds, retries and transfers included (default 120).",
+    ),
+    (
+        "--memory-budget-mb",
+        click.IntRange(min=1),
+        "MiB that answers being decoded at once may take (default: room for two, >= 1024).",
     ),
 ]
 
@@ -228,6 +233,7 @@ def prepare_http_run(
     ca_file: Path | None,
     min_nodes: int | None,
     timeout: float | None,
+    memory_budget_mb: int | None,
 ) -> tuple[TrainingConfig, list[FederatedNode], UpdateProvider] | None:
     """For ``run --nodes-file``: the config, the nodes and an ``HttpUpdateProvider``.
 
@@ -242,6 +248,7 @@ def prepare_http_run(
                 ("--ca-file", ca_file),
                 ("--min-nodes", min_nodes),
                 ("--timeout", timeout),
+                ("--memory-budget-mb", memory_budget_mb),
             )
             if value is not None
         ]
@@ -253,19 +260,22 @@ def prepare_http_run(
     provider_module = _require_http("provider")
     _show_dropped_updates()
     try:
-        node_list, keys = load_nodes_file(nodes_file)
+        listed = read_nodes_file(nodes_file)
     except NodesFileError as exc:
         raise InputError(str(exc)) from None
+    node_list = listed.nodes
     if min_nodes is not None and min_nodes > len(node_list):
         raise InputError(f"--min-nodes {min_nodes} exceeds the {len(node_list)} nodes of the file")
     config = config.model_copy(update={"num_nodes": len(node_list)})
     try:
         provider = provider_module.HttpUpdateProvider(
-            keys,
+            listed.keys,
             token=_secret(token_file, "token") if token_file is not None else None,
+            tokens=listed.tokens,
             ca_file=ca_file,
             min_nodes=min_nodes or 1,
             timeout=timeout or 120.0,
+            memory_budget=memory_budget_mb * _MIB if memory_budget_mb is not None else None,
             evaluator=builtin_evaluator(config),
         )
     except ValueError as exc:

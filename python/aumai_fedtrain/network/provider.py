@@ -286,11 +286,15 @@ class HttpUpdateProvider(UpdateProvider):
         """The default ``memory_budget`` for a model: room for two of its largest answers."""
         if not weights:
             return MIN_MEMORY_BUDGET
-        expected = expected_tensors(weights)
-        largest = self._reservation(
-            self.wire_format, max_update_bytes(expected, self.wire_format), expected
-        )
-        return max(MIN_MEMORY_BUDGET, 2 * largest)
+        largest = max_update_bytes(expected_tensors(weights), self.wire_format)
+        return max(MIN_MEMORY_BUDGET, 2 * self.answer_memory(self.wire_format, largest, weights))
+
+    def answer_memory(self, fmt: str, body_bytes: int, weights: TensorMap) -> int:
+        """Bytes of the memory budget that an answer of ``body_bytes`` in ``fmt`` reserves.
+
+        ``weights`` is the model (empty when unknown: then only the body's size counts).
+        """
+        return self._reservation(fmt, body_bytes, expected_tensors(weights) if weights else None)
 
     def _check_nodes(self, nodes: list[FederatedNode]) -> None:
         for node in nodes:
