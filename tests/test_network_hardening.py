@@ -51,18 +51,15 @@ from tests.test_network_nodes import (
 MODEL = initial_model(TrainingConfig())
 STATE = GlobalState(parameters=MODEL)
 KEY = secrets.token_hex(32).encode()
+Honest = tuple[Deployment, list[LocalNode]]
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
-    return Deployment(tmp_path_factory.mktemp("deployment"), count=2)
-
-
-@pytest.fixture(scope="module")
-def cluster(deployment: Deployment) -> Iterator[list[LocalNode]]:
-    """Two honest nodes (shards 0 and 1) that need the coordinator's token."""
+def honest_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Honest]:
+    """Two honest nodes (shards 0 and 1) that need the coordinator's token, and their secrets."""
+    deployment = Deployment(tmp_path_factory.mktemp("deployment"), count=2)
     with running([deployment.local_node(i) for i in range(2)]) as nodes:
-        yield nodes
+        yield deployment, nodes
 
 
 def zero_update(node_id: str, round_id: int) -> LocalUpdate:
@@ -112,8 +109,9 @@ def silent(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
 
 
 def test_a_503_just_before_the_deadline_does_not_stretch_the_round(
-    deployment: Deployment, cluster: list[LocalNode]
+    honest_nodes: Honest,
 ) -> None:
+    deployment, cluster = honest_nodes
     provider = HttpUpdateProvider(
         {**deployment.keys(), "busy": KEY}, token=deployment.token, timeout=3, backoff=0.5
     )
@@ -224,8 +222,9 @@ def test_answers_share_a_memory_budget_and_wait_for_it_within_the_deadline() -> 
 
 
 def test_a_failing_node_is_benched_probed_after_growing_gaps_and_comes_back(
-    deployment: Deployment, cluster: list[LocalNode], caplog: pytest.LogCaptureFixture
+    honest_nodes: Honest, caplog: pytest.LogCaptureFixture
 ) -> None:
+    deployment, cluster = honest_nodes
     healthy = threading.Event()
     current = {"round": 1}
 
@@ -278,9 +277,10 @@ def test_a_failing_node_is_benched_probed_after_growing_gaps_and_comes_back(
 
 
 def test_a_node_survives_a_thousand_idle_connections(
-    deployment: Deployment, tmp_path: Path
+    honest_nodes: Honest,
 ) -> None:
     """The node closes connections that send no request head, so the coordinator gets in."""
+    deployment = honest_nodes[0]
     with ExitStack() as stack:
         node = stack.enter_context(running([deployment.local_node(0)]))[0]
         assert node.process is not None
@@ -307,9 +307,8 @@ def test_a_node_survives_a_thousand_idle_connections(
     assert len(output) < 20_000, output[-3000:]
 
 
-def test_tls_on_one_side_only_is_named(
-    deployment: Deployment, cluster: list[LocalNode], tmp_path: Path
-) -> None:
+def test_tls_on_one_side_only_is_named(honest_nodes: Honest, tmp_path: Path) -> None:
+    deployment, cluster = honest_nodes
     ca, cert, key = make_certificates(tmp_path)
     tls_node = deployment.local_node(
         1, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), ca_file=ca
