@@ -1,6 +1,6 @@
 """Round trip of a 10^6-float update over loopback: JSON vs the binary (safetensors) wire format.
 
-Starts a real node (``aumai-fedtrain node`` in a child process, with :func:`scaled_copy` as its
+Starts a real node (``aumai-fedtrain node`` in a child process, with :class:`ScaledCopy` as its
 trainer so that training costs next to nothing), then times ``HttpUpdateProvider.get_updates``
 against it with each wire format, alternating the formats run by run: the request carries the
 10^6 global weights, the answer a 10^6-float pseudo-gradient. A round trip includes encoding and
@@ -40,11 +40,20 @@ WIRES: dict[str, Literal["json", "binary"]] = {"JSON": "json", "binary": "binary
 MEDIA = {"JSON": JSON, "binary": SAFETENSORS}
 
 
-def scaled_copy(
-    round_id: int, weights: TensorMap, config: TrainingConfig
-) -> tuple[TensorMap, float, int]:
+class ScaledCopy:
     """The node's trainer here: a pseudo-gradient of the weights' size at almost no cost."""
-    return {key: value * 1e-3 for key, value in weights.items()}, 1.0, 1
+
+    def __init__(self, node_id: str, config: TrainingConfig) -> None:
+        self.node_id = node_id
+
+    def train(self, round_id: int, parameters: TensorMap) -> tuple[TensorMap, float, int]:
+        return {key: value * 1e-3 for key, value in parameters.items()}, 1.0, 1
+
+    def state_dict(self) -> TensorMap:
+        return {}
+
+    def load_state_dict(self, state: TensorMap) -> None:
+        pass
 
 
 def seconds(action: Callable[[], object]) -> float:
@@ -77,7 +86,7 @@ def main() -> None:
         key_file = Path(folder) / "bench.key"
         key_file.write_text(secrets.token_hex(32))
         keys = {"bench": key_file.read_text().encode()}
-        arguments = ["--trainer", "bench_wire:scaled_copy"]
+        arguments = ["--trainer", "bench_wire:ScaledCopy"]
         with LocalNode("bench", key_file, arguments, cwd=Path(__file__).parent) as node:
             nodes = [FederatedNode(node_id="bench", address=node.address)]
             providers = {name: HttpUpdateProvider(keys, wire=wire) for name, wire in WIRES.items()}

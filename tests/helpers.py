@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from aumai_fedtrain import FederatedNode, GlobalState, LocalUpdate, TrainingConfig, UpdateProvider
 from aumai_fedtrain.models import TensorMap
+from aumai_fedtrain.trainer import TrainerFactory
 
 CLI_TIMEOUT = 300
 
@@ -78,3 +81,27 @@ class QuadraticProvider(UpdateProvider):
 def quadratic_nodes() -> tuple[list[FederatedNode], dict[str, float]]:
     targets = {"a": 1.0, "b": 3.0}
     return [FederatedNode(node_id=node_id) for node_id in targets], targets
+
+
+class FunctionTrainer:
+    """A stateless node trainer that calls ``train(round_id, parameters, config)``."""
+
+    def __init__(
+        self, train: Callable[[int, TensorMap, TrainingConfig], Any], config: TrainingConfig
+    ):
+        self._train = train
+        self._config = config
+
+    def train(self, round_id: int, parameters: TensorMap) -> Any:
+        return self._train(round_id, parameters, self._config)
+
+    def state_dict(self) -> TensorMap:
+        return {}
+
+    def load_state_dict(self, state: TensorMap) -> None:
+        assert not state
+
+
+def function_trainer(train: Callable[[int, TensorMap, TrainingConfig], Any]) -> TrainerFactory:
+    """A trainer factory whose trainers call ``train(round_id, parameters, config)``."""
+    return lambda node_id, config: FunctionTrainer(train, config)

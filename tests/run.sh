@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need into a virtualenv,
-# builds the Rust extension, checks formatting and lints, runs cargo test and pytest.
+# builds the Rust extension, checks formatting, lints and types, runs cargo test and pytest
+# (including tests/test_wheel.py, which builds the release wheel and installs it into a fresh
+# virtualenv from PyPI).
 #   bash tests/run.sh            (set AUMAI_FEDTRAIN_VENV to use another virtualenv path)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,8 @@ cargo clippy --quiet --all-targets -- -D warnings
 cargo clippy --quiet --all-targets --features python -- -D warnings
 cargo test --quiet
 
-step "Python: ruff, pytest"
+step "Python: ruff, mypy, pytest"
 ruff check .
 ruff format --check .
+mypy
 python -m pytest -q

@@ -195,18 +195,20 @@ def test_a_diverging_run_fails_with_one_line(tmp_path: Path) -> None:
     assert completed.returncode == 1, (completed.stdout, completed.stderr)
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), completed.stderr
-    assert "node 'node-000' diverged in round 1" in lines[0]
+    assert "round 1: 0 of 2 nodes sent an update that counts" in lines[0]
+    assert "node-000: non-finite loss nan: the node's local training diverged" in lines[0]
+    assert "lower inner learning_rate" in lines[0]
 
 
 def test_a_failing_run_reports_a_validation_error_on_one_line() -> None:
     from pydantic import ValidationError
 
-    from aumai_fedtrain.cli import _one_line
+    from aumai_fedtrain.cli.errors import one_line
     from aumai_fedtrain.models import LocalUpdate
 
     with pytest.raises(ValidationError) as info:
         LocalUpdate(node_id="n", round_id=1, gradients={}, loss=float("nan"), samples_used=1)
 
-    message = _one_line(info.value)
+    message = one_line(info.value)
 
     assert "\n" not in message and message.startswith("loss: ")

@@ -21,8 +21,8 @@ CONFIG = TrainingConfig(
 
 def two_nodes() -> list[FederatedNode]:
     return [
-        FederatedNode(node_id="node-a", address="10.0.0.1:5000"),
-        FederatedNode(node_id="node-b", address="10.0.0.2:5000"),
+        FederatedNode(node_id="node-a", address="10.0.0.1:5000", max_samples=64),
+        FederatedNode(node_id="node-b", address="10.0.0.2:5000", max_samples=64),
     ]
 
 
@@ -53,11 +53,11 @@ def test_round_without_model_averages_and_credits(backend_name: str) -> None:
 @pytest.mark.parametrize(
     ("updates", "message"),
     [
-        ([upd("node-z")], "unknown node 'node-z'"),
-        ([upd("node-a"), upd("node-a")], "duplicate update from node 'node-a'"),
-        ([upd("node-a", round_id=2)], "node 'node-a' is for round 2, expected round 1"),
+        ([upd("node-z")], "node 'node-z': unknown node"),
+        ([upd("node-a"), upd("node-a")], "node 'node-a': sent 2 updates for one round"),
+        ([upd("node-a", round_id=2)], "node 'node-a': update is for round 2, expected round 1"),
         ([upd("node-b", w=(0.1, float("nan")))], "node 'node-b'.*non-finite"),
-        ([upd("node-a"), upd("node-b", w=(0.1, 0.2, 0.3))], "'w'.*node-b"),
+        ([upd("node-a"), upd("node-b", w=(0.1, 0.2, 0.3))], "node 'node-b'.*'w'"),
     ],
 )
 def test_bad_rounds_are_rejected_naming_the_node(updates: list[LocalUpdate], message: str) -> None:
@@ -157,8 +157,9 @@ def test_run_training_stops_when_the_provider_returns_nothing() -> None:
 def test_result_credits_list_every_node_even_one_that_never_sent() -> None:
     nodes, targets = quadratic_nodes()
     nodes.append(FederatedNode(node_id="silent"))
+    config = CONFIG.model_copy(update={"num_nodes": 3})
 
-    result = DiLoCoCoordinator().run_training(CONFIG, nodes, QuadraticProvider(targets))
+    result = DiLoCoCoordinator().run_training(config, nodes, QuadraticProvider(targets))
 
     assert result.credits["silent"] == 0
     assert result.credits["a"] == result.credits["b"] > 0

@@ -57,17 +57,21 @@ from aumai_fedtrain.network import (
     LocalNode,
     NodeSettings,
     QuorumError,
-    SimulationTrainer,
     TrainRequest,
     create_app,
     verify_update,
 )
-from aumai_fedtrain.network.auth import NONCE_HEADER, SIGNATURE_HEADER
+from aumai_fedtrain.network.auth import NONCE_HEADER, RESET_HEADER, SIGNATURE_HEADER, reset_proof
 from aumai_fedtrain.network.provider import MAX_BACKOFF_SECONDS
 from aumai_fedtrain.network.server import listen
 from aumai_fedtrain.network.wire import decode_update, encode_request, encode_update
-from aumai_fedtrain.simulation import SimulationProvider, initial_model
-from tests.helpers import run_cli
+from aumai_fedtrain.simulation import (
+    SimulationProvider,
+    SimulationTrainer,
+    initial_model,
+    simulated_nodes,
+)
+from tests.helpers import function_trainer, run_cli
 from tests.test_examples import EXAMPLES
 from tests.test_network_wire import handmade_safetensors
 
@@ -154,7 +158,7 @@ def cluster(deployment: Deployment) -> Iterator[list[LocalNode]]:
 def simulate(rounds: int, num_nodes: int = 3) -> TrainingResult:
     """The same run in one process with the built-in simulation."""
     config = TrainingConfig(num_nodes=num_nodes, global_rounds=rounds)
-    nodes = [FederatedNode(node_id=f"sim-{i}") for i in range(num_nodes)]
+    nodes = simulated_nodes(num_nodes)  # shards 0, 1, 2, as the nodes' --shard
     return DiLoCoCoordinator().run_training(config, nodes, SimulationProvider())
 
 
@@ -188,6 +192,7 @@ def test_both_wire_formats_give_the_simulations_parameters_bit_for_bit(
     provider = HttpUpdateProvider(
         deployment.keys(),
         token=deployment.token,
+        model_init=initial_model,
         wire=wire,
         timeout=REQUEST_TIMEOUT,
     )
@@ -210,7 +215,9 @@ def test_bad_requests_get_4xx_and_the_node_keeps_serving(
     auth = {"authorization": f"Bearer {deployment.token.decode()}"}
     json_type = {"content-type": JSON, **auth}
     weights = initial_model(TrainingConfig())
-    binary = encode_request(TrainRequest(round_id=1, global_weights=weights), SAFETENSORS)
+    # (A round after any other test's: an earlier one would need a reset proof, see below.)
+    late = 10**9
+    binary = encode_request(TrainRequest(round_id=late, global_weights=weights), SAFETENSORS)
     cases: list[tuple[dict[str, str], bytes, int, str]] = [
         ({"content-type": JSON}, b"{}", 401, "a bearer token is required"),
         ({"content-type": JSON, "authorization": "Basic abc"}, b"{}", 401, "bearer token"),
@@ -226,7 +233,7 @@ def test_bad_requests_get_4xx_and_the_node_keeps_serving(
         ({"content-type": SAFETENSORS, **auth}, binary + b"\0" * 2**20, 413, "exceeds the limit"),
         (
             json_type,
-            b'{"round_id": 1, "global_weights": {"w": [1.0, 2.0]}}',
+            b'{"round_id": %d, "global_weights": {"w": [1.0, 2.0]}}' % late,
             422,
             "do not match the built-in model",
         ),
@@ -258,15 +265,18 @@ def test_bad_requests_get_4xx_and_the_node_keeps_serving(
             },
         )
         health = client.get(f"{node.url}/health").json()
+        # The token alone cannot reset the node's inner state by asking for an earlier round.
+        reset = client.post(url, content=b'{"round_id": 1}', headers=json_type)
 
     assert good.status_code == 200 and good.headers["content-type"] == SAFETENSORS
     update = decode_update(good.content, good.headers["content-type"])
     assert (update.node_id, update.round_id, update.samples_used) == (
         "node-0",
-        1,
+        late,
         SAMPLES_PER_ROUND,
     )
     assert verify_update(deployment.keys()["node-0"], update, good.headers[SIGNATURE_HEADER], nonce)
+    assert reset.status_code == 409 and "only the coordinator holding" in reset.json()["detail"]
     assert health == {
         "status": "ok",
         "node_id": "node-0",
@@ -353,9 +363,10 @@ def test_tampered_forged_replayed_and_broken_updates_are_dropped_and_the_run_goe
     rogue_keys = {f"node-{i}": secrets.token_hex(32).encode() for i in range(3, 10)}
 
     def node_app(node_id: str, key: bytes, trainer: Any = None) -> Starlette:
-        shard = int(node_id.split("-")[1])
-        trainer = trainer or SimulationTrainer(shard, config)
-        return create_app(NodeSettings(node_id=node_id, key=key, trainer=trainer, config=config))
+        factory = function_trainer(trainer) if trainer is not None else SimulationTrainer
+        return create_app(
+            NodeSettings(node_id=node_id, key=key, trainer_factory=factory, config=config)
+        )
 
     rogues = {
         "node-3": Rogue(node_app("node-3", rogue_keys["node-3"]), "tamper").app,
@@ -373,7 +384,11 @@ def test_tampered_forged_replayed_and_broken_updates_are_dropped_and_the_run_goe
             FederatedNode(node_id=node_id, address=f"{address}/{node_id}") for node_id in rogues
         ]
         provider = HttpUpdateProvider(
-            {**keys, **rogue_keys}, token=deployment.token, min_nodes=3, timeout=REQUEST_TIMEOUT
+            {**keys, **rogue_keys},
+            token=deployment.token,
+            min_nodes=3,
+            timeout=REQUEST_TIMEOUT,
+            model_init=initial_model,
         )
         result = DiLoCoCoordinator().run_training(
             TrainingConfig(num_nodes=len(nodes), global_rounds=3), nodes, provider
@@ -418,12 +433,18 @@ def test_a_straggler_is_dropped_after_the_timeout_and_not_asked_again(
 
     key = secrets.token_hex(32).encode()
     caplog.set_level(logging.INFO, logger=LOGGER)
-    app = create_app(NodeSettings(node_id="node-3", key=key, trainer=stuck))
+    app = create_app(
+        NodeSettings(node_id="node-3", key=key, trainer_factory=function_trainer(stuck))
+    )
     with serve_in_thread(app) as address:
         try:
             nodes = [*federated(cluster), FederatedNode(node_id="node-3", address=address)]
             provider = HttpUpdateProvider(
-                {**deployment.keys(), "node-3": key}, token=deployment.token, min_nodes=3, timeout=1
+                {**deployment.keys(), "node-3": key},
+                token=deployment.token,
+                min_nodes=3,
+                timeout=1,
+                model_init=initial_model,
             )
             result = DiLoCoCoordinator().run_training(
                 TrainingConfig(num_nodes=4, global_rounds=2), nodes, provider
@@ -451,7 +472,7 @@ def test_a_killed_node_stops_earning_and_the_run_goes_on(
     with running([deployment.local_node(i) for i in range(3)]) as nodes:
         provider = HttpUpdateProvider(
             deployment.keys(), token=deployment.token, min_nodes=2, retries=1, backoff=0.01,
-            timeout=REQUEST_TIMEOUT,
+            timeout=REQUEST_TIMEOUT, model_init=initial_model,
         )  # fmt: skip
 
         def kill_after_round_two(record: Any) -> None:
@@ -673,7 +694,7 @@ def test_run_rejects_bad_network_options_in_one_line(
     bad_file.write_text('[{"node_id": "node-0"}]')
     cases = [
         (["run", "--token-file", str(deployment.token_file)], "--token-file needs --nodes-file"),
-        (["run", "--min-nodes", "2"], "--min-nodes needs --nodes-file"),
+        (["run", "--timeout", "2"], "--timeout needs --nodes-file"),
         (["run", "--nodes-file", str(nodes_file), "--nodes", "2"], "--nodes cannot go with"),
         (["run", "--nodes-file", str(bad_file)], "0.address: Field required"),
         (["run", "--nodes-file", str(nodes_file), "--min-nodes", "2"], "--min-nodes 2 exceeds"),
@@ -690,7 +711,9 @@ def test_run_rejects_bad_network_options_in_one_line(
 
 def post_in_process(trainer: Callable[..., Any], body: dict[str, Any]) -> httpx.Response:
     """POST ``body`` to a node app with ``trainer``, in this process (no server)."""
-    app = create_app(NodeSettings(node_id="n", key=b"k" * 32, trainer=trainer))
+    app = create_app(
+        NodeSettings(node_id="n", key=b"k" * 32, trainer_factory=function_trainer(trainer))
+    )
 
     async def post() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
@@ -927,8 +950,9 @@ def test_answers_that_trickle_overflow_or_break_are_dropped_within_the_timeout(
     }
     keys = {**deployment.keys(), **{name: b"k" * 32 for name in answers}}
     provider = HttpUpdateProvider(
-        keys, token=deployment.token, timeout=5, retries=0, max_response_bytes=2**18
-    )
+        keys, token=deployment.token, timeout=5, retries=0, max_response_bytes=2**18,
+        model_init=initial_model,
+    )  # fmt: skip
     with ExitStack() as stack:
         nodes = [FederatedNode(node_id="node-0", address=cluster[0].address)]
         heads: dict[str, list[bytes]] = {}
@@ -1027,7 +1051,10 @@ def test_a_streamed_request_over_the_limit_gets_413_and_the_node_keeps_serving(
 
 def test_node_settings_do_not_show_their_secrets() -> None:
     settings = NodeSettings(
-        node_id="n", key=b"the-key" * 5, trainer=failing_trainer, token=b"the-token" * 4
+        node_id="n",
+        key=b"the-key" * 5,
+        trainer_factory=function_trainer(failing_trainer),
+        token=b"the-token" * 4,
     )
 
     assert "the-key" not in repr(settings) and "the-token" not in repr(settings)
@@ -1048,22 +1075,46 @@ def test_dropped_update_warnings_reach_the_current_stderr(
     assert stderr.getvalue() == "WARNING: round 9: no update from node-0: probe\n"
 
 
-def test_the_built_in_node_trainer_keeps_its_inner_state_and_redoes_a_retried_round() -> None:
-    from aumai_fedtrain.network.server import SimulationTrainer
-
+def test_the_node_keeps_its_trainer_state_redoes_a_retry_and_resets_only_with_a_key_proof() -> None:
     config = TrainingConfig(num_nodes=3)
     weights = initial_model(config)
-    trainer = SimulationTrainer(1, config)
-
-    first = trainer(1, weights, config)
-    second = trainer(2, weights, config)
-    retried = trainer(2, weights, config)
-    stateless_second = SimulationTrainer(1, config)(2, weights, config)
-    new_run = trainer(1, weights, config)
-
-    assert (
-        retried[1] == second[1]
-        and retried[0]["layer1.weight"].tobytes() == second[0]["layer1.weight"].tobytes()
+    app = create_app(
+        NodeSettings(
+            node_id="node-1", key=b"k" * 32, trainer_factory=SimulationTrainer, config=config
+        )
     )
-    assert stateless_second[1] != second[1]  # the AdamW state carried over from round 1
-    assert new_run[1] == first[1]  # an earlier round means a new run: fresh AdamW
+
+    async def post(round_id: int, headers: dict[str, str]) -> httpx.Response:
+        body = TrainRequest(round_id=round_id, global_weights=weights).model_dump(mode="json")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+            return await client.post("/train", json=body, headers=headers, timeout=REQUEST_TIMEOUT)
+
+    def train(round_id: int, **headers: str) -> float:
+        answer = asyncio.run(post(round_id, headers))
+        assert answer.status_code == 200, answer.text
+        return float(answer.json()["loss"])
+
+    def proof(key: bytes, nonce: str) -> dict[str, str]:
+        return {NONCE_HEADER: nonce, RESET_HEADER: reset_proof(key, 1, nonce)}
+
+    first, second, retried = train(1), train(2), train(2)
+    # Back to round 1 (a new run) resets the node only with a fresh proof by its key.
+    refused = [
+        asyncio.run(post(1, headers))
+        for headers in ({}, proof(b"x" * 32, "ab" * 16), proof(b"k" * 32, ""))
+    ]
+    new_run = train(1, **proof(b"k" * 32, "ab" * 16))
+    train(2)
+    replayed = asyncio.run(post(1, proof(b"k" * 32, "ab" * 16)))
+    _, stateless_second, _ = SimulationTrainer("node-1", config).train(2, weights)
+
+    assert retried == second  # a retry is redone from the state before the round
+    assert stateless_second != second  # the AdamW state carried over from round 1
+    assert new_run == first  # a new run: a fresh trainer
+    for answer in [*refused, replayed]:
+        assert answer.status_code == 409
+        assert answer.json()["detail"].startswith(
+            "round 1 is before the last round this node trained (2); only the coordinator "
+            "holding this node's key can start a new run"
+        )

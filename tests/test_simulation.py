@@ -317,7 +317,7 @@ def test_kept_inner_state_is_restored_from_its_state_dict() -> None:
     expected, actual = running.get_updates(2, state, nodes), restored.get_updates(2, state, nodes)
 
     # Assert
-    assert sorted({name.split("/")[1] for name in saved}) == ["0", "1"]
+    assert sorted({name.split("/")[1] for name in saved}) == [n.node_id for n in nodes]
     assert_same_updates(expected, actual)
     with pytest.raises(ValueError, match="keeps no state"):
         stateless = SimulationProvider(keep_inner_state=False)
@@ -331,11 +331,9 @@ def test_provider_errors_are_clear() -> None:
     with pytest.raises(RuntimeError, match="configure"):
         provider.evaluate(initial_model(config))
     provider.configure(config)
-    state = GlobalState(parameters=provider.initial_parameters(config))
-    with pytest.raises(ValueError, match=r"3 nodes given.*num_nodes=2"):
-        provider.get_updates(1, state, make_nodes(3))
-    with pytest.raises(ValueError, match=r"state\.parameters"):
-        provider.get_updates(1, GlobalState(), make_nodes(2))
+    wrong = {"layer1.weight": np.zeros((2, 2))}
+    with pytest.raises(RuntimeError, match=r"node 'node-000' failed in round 1.*built-in model"):
+        provider.get_updates(1, GlobalState(parameters=wrong), make_nodes(2))
 
 
 def test_a_diverging_node_is_a_clear_error_without_numpy_warnings() -> None:
@@ -348,8 +346,12 @@ def test_a_diverging_node_is_a_clear_error_without_numpy_warnings() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        with pytest.raises(ValueError, match=r"node 'node-000' diverged in round 1"):
-            provider.get_updates(1, state, make_nodes(2))
+        updates = provider.get_updates(1, state, make_nodes(2))
+
+    assert updates == []
+    failures = provider.round_failures(1)
+    assert sorted(failures) == ["node-000", "node-001"]
+    assert "non-finite loss nan: the node's local training diverged" in failures["node-000"]
 
 
 def test_progress_hook_sees_every_node() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -29,14 +30,22 @@ from aumai_fedtrain.models import (
 )
 from aumai_fedtrain.outer import outer_step, zero_momentum
 from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.screening import screen_updates
+
+logger = logging.getLogger("aumai_fedtrain")
 
 EMPTY_ROUND_MESSAGE = "No updates provided for aggregation."
 
 RoundCallback = Callable[[RoundRecord], None]
+StartCallback = Callable[[GlobalState], None]
 
 
 class QuorumError(RuntimeError):
     """Fewer valid updates than the quorum (``min_nodes``) arrived for a round."""
+
+
+class DivergenceError(RuntimeError):
+    """The outer step made the global model non-finite; the round was not applied."""
 
 
 def check_unique_node_ids(nodes: Sequence[FederatedNode]) -> None:
@@ -68,7 +77,7 @@ class DiLoCoCoordinator:
         self._averager = GradientAverager(backend=backend)
         self.credit_tracker = credit_tracker if credit_tracker is not None else CreditTracker()
         self._config: TrainingConfig | None = None
-        self._node_ids: frozenset[str] = frozenset()
+        self._nodes: dict[str, FederatedNode] = {}
 
     def initialize(
         self,
@@ -85,7 +94,7 @@ class DiLoCoCoordinator:
             raise ValueError("a run needs at least one node")
         check_unique_node_ids(nodes)
         self._config = config
-        self._node_ids = frozenset(node.node_id for node in nodes)
+        self._nodes = {node.node_id: node for node in nodes}
         self._averager = GradientAverager(config.aggregation_weights, self._backend)
         if parameters is None:
             return GlobalState(round_id=0)
@@ -98,26 +107,52 @@ class DiLoCoCoordinator:
             raise ValueError(EMPTY_ROUND_MESSAGE)
         return self._averager.average(updates)
 
+    def screen(
+        self, state: GlobalState, updates: Sequence[LocalUpdate]
+    ) -> tuple[list[LocalUpdate], dict[str, str]]:
+        """Split ``updates`` into those that count and ``{node_id: reason}`` for the rest.
+
+        See :mod:`aumai_fedtrain.screening` for what is checked.
+        """
+        return screen_updates(
+            updates,
+            self._nodes,
+            expected_round=state.round_id + 1,
+            parameters=state.parameters,
+            config=self._require_config(),
+        )
+
     def run_round(self, state: GlobalState, updates: Sequence[LocalUpdate]) -> GlobalState:
         """Check, average and apply one round of updates; credit the nodes.
 
-        Raises ``ValueError`` naming the node for an update from an unknown node, a duplicate,
-        a wrong ``round_id``, non-finite values or shapes that do not match the model. A
+        Raises ``ValueError`` naming the node for an update that does not pass screening (an
+        unknown node, a duplicate, a wrong ``round_id``, non-finite or out-of-bounds values,
+        shapes that do not match the model, implausible samples), and
+        :class:`DivergenceError` when the outer step would make the model non-finite. A
         rejected round changes nothing (no credit, no state).
         """
+        accepted, dropped = self.screen(state, updates)
+        if dropped:
+            node, reason = next(iter(dropped.items()))
+            raise ValueError(f"update from node {node!r}: {reason}")
+        return self._apply(state, accepted)
+
+    def _apply(self, state: GlobalState, updates: Sequence[LocalUpdate]) -> GlobalState:
+        """Average screened ``updates``, take the outer step, check it and credit the nodes."""
         config = self._require_config()
-        self._check_updates(state, updates)
         delta = self.collect_updates(updates)
         parameters, momentum = state.parameters, state.momentum
         if parameters is not None:
-            parameters, momentum = outer_step(
-                parameters,
-                momentum if momentum is not None else zero_momentum(parameters),
-                delta,
-                lr=config.outer_learning_rate,
-                momentum_factor=config.outer_momentum,
-                nesterov=config.nesterov,
-            )
+            with np.errstate(over="ignore", invalid="ignore"):
+                parameters, momentum = outer_step(
+                    parameters,
+                    momentum if momentum is not None else zero_momentum(parameters),
+                    delta,
+                    lr=config.outer_learning_rate,
+                    momentum_factor=config.outer_momentum,
+                    nesterov=config.nesterov,
+                )
+            _check_outer_step(state.round_id + 1, config, parameters, momentum)
         for update in updates:
             self.credit_tracker.record(update.node_id, update.samples_used)
         return GlobalState(
@@ -139,14 +174,30 @@ class DiLoCoCoordinator:
         checkpoint_dir: str | Path | None = None,
         resume: bool = False,
         on_round: RoundCallback | None = None,
+        on_start: StartCallback | None = None,
+        min_nodes: int = 1,
     ) -> TrainingResult:
         """Run up to ``config.global_rounds`` rounds with updates from ``provider``.
 
-        Stops early when the provider returns no update. With ``checkpoint_dir`` the complete
-        run state is written atomically after every round; ``resume=True`` continues from the
-        last completed round found there (starting afresh when there is none yet).
-        ``on_round`` is called with each round's :class:`RoundRecord`.
+        Every update is screened (:meth:`screen`); a node whose update does not count is
+        dropped for the round with its reason (logged on the ``aumai_fedtrain`` logger and kept
+        in :attr:`RoundRecord.dropped`), and the round goes on when at least ``min_nodes``
+        updates count, else :class:`QuorumError` ends the run with the last checkpoint intact.
+        Stops early when the provider returns no update and reports no failure. With
+        ``checkpoint_dir`` the complete run state is written atomically after every round;
+        ``resume=True`` continues from the last completed round found there (starting afresh
+        when there is none yet); nodes may differ from the checkpointed run's (a node added
+        starts from the global model, a removed node keeps its credits). ``on_start`` is called
+        with the starting state once the run is ready to train, ``on_round`` with each round's
+        :class:`RoundRecord`.
         """
+        if min_nodes < 1:
+            raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
+        if config.num_nodes != len(nodes):
+            raise ValueError(
+                f"config.num_nodes is {config.num_nodes} but {len(nodes)} nodes were given; "
+                "make them agree"
+            )
         provider.configure(config)
         node_list = list(nodes)
         state = self.initialize(config, node_list, provider.initial_parameters(config))
@@ -162,14 +213,23 @@ class DiLoCoCoordinator:
                     raise CheckpointError(
                         f"the checkpoint in {checkpoint_dir} does not fit this provider ({exc})"
                     ) from None
+        if on_start is not None:
+            on_start(state)
         started = time.perf_counter()
         while state.round_id < config.global_rounds:
             round_started = time.perf_counter()
-            updates = provider.get_updates(state.round_id + 1, state, node_list)
-            if not updates:
+            round_id = state.round_id + 1
+            updates = provider.get_updates(round_id, state, node_list)
+            dropped = provider.round_failures(round_id)
+            if not updates and not dropped:
                 break
-            state = self.run_round(state, updates)
-            record = self._record(state, provider, time.perf_counter() - round_started)
+            accepted, refused = self.screen(state, updates)
+            for node_id, reason in refused.items():
+                logger.warning("round %d: dropped the update of %s: %s", round_id, node_id, reason)
+            dropped |= refused
+            _check_quorum(round_id, len(accepted), len(node_list), min_nodes, dropped)
+            state = self._apply(state, accepted)
+            record = self._record(state, provider, time.perf_counter() - round_started, dropped)
             history.append(record)
             elapsed = elapsed_before + time.perf_counter() - started
             if checkpoint_dir is not None:
@@ -202,29 +262,6 @@ class DiLoCoCoordinator:
             raise RuntimeError("call initialize(config, nodes) before run_round")
         return self._config
 
-    def _check_updates(self, state: GlobalState, updates: Sequence[LocalUpdate]) -> None:
-        seen: set[str] = set()
-        expected_round = state.round_id + 1
-        for update in updates:
-            node = update.node_id
-            if node not in self._node_ids:
-                raise ValueError(f"update from unknown node {node!r}")
-            if node in seen:
-                raise ValueError(f"duplicate update from node {node!r} in round {expected_round}")
-            seen.add(node)
-            if update.round_id != expected_round:
-                raise ValueError(
-                    f"update from node {node!r} is for round {update.round_id}, "
-                    f"expected round {expected_round}"
-                )
-            for key, value in update.gradients.items():
-                if not np.isfinite(value).all():
-                    raise ValueError(
-                        f"update from node {node!r}: gradient {key!r} has non-finite values"
-                    )
-            if state.parameters is not None:
-                _check_matches_model(node, update.gradients, state.parameters)
-
     def _restore(
         self,
         directory: Path,
@@ -246,9 +283,22 @@ class DiLoCoCoordinator:
             self.credit_tracker.record(node_id, samples)
         return checkpoint
 
-    @staticmethod
-    def _record(state: GlobalState, provider: UpdateProvider, duration: float) -> RoundRecord:
-        evaluation = provider.evaluate(state.parameters) if state.parameters is not None else None
+    def _record(
+        self,
+        state: GlobalState,
+        provider: UpdateProvider,
+        duration: float,
+        dropped: dict[str, str],
+    ) -> RoundRecord:
+        evaluation = None
+        if state.parameters is not None:
+            with np.errstate(all="ignore"):
+                evaluation = provider.evaluate(state.parameters)
+        if evaluation is not None and not math.isfinite(evaluation[0]):
+            raise DivergenceError(
+                f"round {state.round_id}: the global model's eval loss is {evaluation[0]}: "
+                f"{_outer_advice(self._require_config())}"
+            )
         assert state.avg_loss is not None
         return RoundRecord(
             round_id=state.round_id,
@@ -258,20 +308,40 @@ class DiLoCoCoordinator:
             duration_seconds=duration,
             eval_loss=evaluation[0] if evaluation else None,
             eval_accuracy=evaluation[1] if evaluation else None,
+            dropped=dropped,
         )
 
 
-def _check_matches_model(node: str, gradients: TensorMap, parameters: TensorMap) -> None:
-    if gradients.keys() != parameters.keys():
-        missing = sorted(parameters.keys() - gradients.keys())
-        extra = sorted(gradients.keys() - parameters.keys())
-        raise ValueError(
-            f"update from node {node!r} does not match the model: "
-            f"missing keys {missing}, unknown keys {extra}"
-        )
-    for key, value in gradients.items():
-        if value.shape != parameters[key].shape:
-            raise ValueError(
-                f"update from node {node!r}: gradient {key!r} has shape "
-                f"{value.shape}, the model's is {parameters[key].shape}"
-            )
+def _outer_advice(config: TrainingConfig) -> str:
+    return (
+        "the outer optimizer diverged; lower outer_learning_rate "
+        f"(now {config.outer_learning_rate:g}) or outer_momentum (now {config.outer_momentum:g})"
+    )
+
+
+def _check_outer_step(
+    round_id: int, config: TrainingConfig, parameters: TensorMap, momentum: TensorMap
+) -> None:
+    """Raise :class:`DivergenceError` when the outer step left a non-finite value."""
+    for group, tensors in (("parameter", parameters), ("momentum of", momentum)):
+        for key, value in tensors.items():
+            if not np.isfinite(value).all():
+                raise DivergenceError(
+                    f"round {round_id}: the outer step made {group} {key!r} non-finite: "
+                    f"{_outer_advice(config)}; the state and the last checkpoint are unchanged"
+                )
+
+
+def _check_quorum(
+    round_id: int, counted: int, total: int, min_nodes: int, dropped: dict[str, str]
+) -> None:
+    if counted >= min_nodes:
+        return
+    shown = list(dropped.items())[:5]
+    reasons = "; ".join(f"{node}: {reason}" for node, reason in shown)
+    if len(dropped) > len(shown):
+        reasons += f"; and {len(dropped) - len(shown)} more"
+    raise QuorumError(
+        f"round {round_id}: {counted} of {total} nodes sent an update that counts, the quorum "
+        f"is {min_nodes} ({reasons}); the state and the last checkpoint are unchanged"
+    )

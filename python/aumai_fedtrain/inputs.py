@@ -5,16 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
-import click
 from pydantic import BaseModel, ValidationError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-class InputError(click.ClickException):
-    """Bad input from the user (a file, its JSON, a config key, an option): CLI exit code 2."""
-
-    exit_code = 2
 
 
 def describe_validation_error(error: ValidationError, limit: int = 3) -> str:
@@ -22,12 +15,13 @@ def describe_validation_error(error: ValidationError, limit: int = 3) -> str:
     parts = []
     for item in error.errors()[:limit]:
         location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             parts.append(f"unknown key {location!r}")
         elif location:
-            parts.append(f"{location}: {item['msg']}")
+            parts.append(f"{location}: {message}")
         else:
-            parts.append(item["msg"])
+            parts.append(message)
     more = error.error_count() - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -108,13 +109,24 @@ class _Model(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _check_node_id(node_id: str) -> str:
+    if "/" in node_id or any(char.isspace() for char in node_id):
+        raise ValueError(f"a node id must not contain '/' or whitespace, got {node_id!r}")
+    return node_id
+
+
+NodeId = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_node_id)]
+"""A node's id: 1-256 characters, no ``/`` (it names the node's state in checkpoints) and no
+whitespace."""
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class FederatedNode(_Model):
     """A participant in the run: an id, a network address and capability metadata."""
 
-    node_id: Annotated[str, Field(min_length=1)]
+    node_id: NodeId
     address: str = ""
     capabilities: dict[str, Any] = Field(default_factory=dict)
     status: Literal["idle", "training", "offline"] = "idle"
@@ -125,7 +137,7 @@ class FederatedNode(_Model):
 class LocalUpdate(_Model):
     """What a node sends after its local steps: the pseudo-gradient, its loss and samples."""
 
-    node_id: Annotated[str, Field(min_length=1)]
+    node_id: NodeId
     round_id: Annotated[int, Field(ge=0)]
     gradients: TensorMap
     loss: FiniteFloat

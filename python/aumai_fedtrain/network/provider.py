@@ -62,7 +62,6 @@ from aumai_fedtrain.network.wire import (
     model_mismatch,
 )
 from aumai_fedtrain.providers.base import UpdateProvider
-from aumai_fedtrain.simulation import initial_model
 from aumai_fedtrain.verification import HashVerifier
 
 __all__ = [
@@ -146,8 +145,10 @@ class HttpUpdateProvider(UpdateProvider):
     bench_after
         After this many failed rounds in a row a node is benched (see the module doc).
     model_init
-        ``config -> initial global parameters``; defaults to the built-in simulation's model,
-        which is what ``aumai-fedtrain node`` trains by default.
+        ``config -> initial global parameters`` (for nodes running the built-in trainer:
+        :func:`aumai_fedtrain.simulation.initial_model`); None runs without a global model:
+        the coordinator then only averages the updates, and nodes start every round from
+        their own initial model.
     evaluator
         Optional ``parameters -> (loss, accuracy)`` of the global model on held-out data.
     max_workers
@@ -201,7 +202,7 @@ class HttpUpdateProvider(UpdateProvider):
         self.wire_format = SAFETENSORS if wire == "binary" else JSON
         self.max_response_bytes = max_response_bytes
         self.memory_budget = memory_budget
-        self.model_init = model_init if model_init is not None else initial_model
+        self.model_init = model_init
         self.evaluator = evaluator
         self.max_workers = max_workers
         self.failures: dict[int, dict[str, str]] = {}
@@ -220,9 +221,9 @@ class HttpUpdateProvider(UpdateProvider):
         self._hasher = HashVerifier()
         self._python_hash = get_backend() is get_backend("python")
 
-    def initial_parameters(self, config: TrainingConfig) -> TensorMap:
-        """The initial global model, from ``model_init``."""
-        return self.model_init(config)
+    def initial_parameters(self, config: TrainingConfig) -> TensorMap | None:
+        """The initial global model from ``model_init`` (None without one)."""
+        return self.model_init(config) if self.model_init is not None else None
 
     def evaluate(self, parameters: TensorMap) -> tuple[float, float] | None:
         """Held-out loss and accuracy from ``evaluator``, or None without one."""

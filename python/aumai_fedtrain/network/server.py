@@ -22,18 +22,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import operator
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import uvicorn
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -41,14 +38,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from aumai_fedtrain.inputs import describe_validation_error
-from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig
+from aumai_fedtrain.models import TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
     NONCE_HEADER,
+    RESET_HEADER,
     SIGNATURE_HEADER,
     check_nonce,
     sign_update,
     tokens_equal,
+    verify_reset_proof,
 )
 from aumai_fedtrain.network.wire import (
     DEFAULT_MAX_BODY_BYTES,
@@ -59,12 +57,7 @@ from aumai_fedtrain.network.wire import (
     encode_update,
     response_media_type,
 )
-from aumai_fedtrain.simulation import (
-    SyntheticTask,
-    initial_model,
-    new_inner_optimizer,
-    train_locally,
-)
+from aumai_fedtrain.trainer import NodeTrainer, TrainerFactory, TrainerResultError, as_update
 from aumai_fedtrain.verification import HashVerifier
 
 __all__ = [
@@ -72,8 +65,6 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "REPEAT_WINDOW_SECONDS",
     "NodeSettings",
-    "SimulationTrainer",
-    "Trainer",
     "create_app",
     "listen",
     "serve",
@@ -90,67 +81,7 @@ REPEAT_WINDOW_SECONDS = 10.0
 _SPARE_FILES = 64  # files a node needs besides its connections
 _LOGGERS = ("", "asyncio", "uvicorn", "uvicorn.error", "uvicorn.access")
 _MAX_REMEMBERED_LINES = 1024
-
-Trainer = Callable[[int, TensorMap, TrainingConfig], tuple[Mapping[str, Any], float, int]]
-"""``(round_id, weights, config) -> (pseudo_gradient, mean_loss, samples_used)``.
-
-``weights`` are the global model weights to start from (float64 arrays; empty when the
-coordinator sent none, then start from your initial model); ``config`` is the node's
-:class:`TrainingConfig`. Return ``weights - trained_weights`` per key, the mean training loss of
-the round and the number of samples processed. Raise ``ValueError`` for weights you cannot use
-(the coordinator gets a 422 with your message).
-"""
-
-
-class SimulationTrainer:
-    """The built-in trainer: the simulation's MLP on shard ``shard`` of the synthetic task.
-
-    As in DiLoCo, the inner AdamW state stays on the node, in memory, across rounds. A retried
-    round restarts from the state before it; a round earlier than the last one (a new run) and
-    a restart of the node process start from a fresh AdamW.
-
-    Parameters
-    ----------
-    shard
-        Which node's shard of the seeded synthetic dataset this node holds.
-    config
-        The node's configuration; its ``seed`` and ``simulation`` settings define the task and
-        the initial model, which must match the coordinator's.
-    """
-
-    def __init__(self, shard: int, config: TrainingConfig) -> None:
-        self.shard = shard
-        self.task = SyntheticTask(config.simulation, config.seed, cache_size=1)
-        self._shapes = {key: value.shape for key, value in initial_model(config).items()}
-        self.optimizer = new_inner_optimizer(config)
-        self._lock = threading.Lock()
-        self._last_round: int | None = None
-        self._state_before_last_round: TensorMap = {}
-
-    def __call__(
-        self, round_id: int, weights: TensorMap, config: TrainingConfig
-    ) -> tuple[TensorMap, float, int]:
-        """Train ``local_steps`` AdamW steps from ``weights`` (the initial model when empty)."""
-        start = weights if weights else initial_model(config)
-        shapes = {key: value.shape for key, value in start.items()}
-        if shapes != self._shapes:
-            raise ValueError(
-                f"global_weights do not match the built-in model: got shapes {shapes}, "
-                f"expected {self._shapes}"
-            )
-        with self._lock:
-            if round_id == self._last_round:  # asked again (a retry): redo it from the same state
-                self.optimizer.load_state_dict(self._state_before_last_round)
-            else:
-                if self._last_round is not None and round_id < self._last_round:
-                    self.optimizer = new_inner_optimizer(config)  # a new run: start afresh
-                saved = self.optimizer.state_dict()
-                self._state_before_last_round = {k: v.copy() for k, v in saved.items()}
-                self._last_round = round_id
-            delta, loss = train_locally(
-                start, self.task, self.shard, round_id, config, self.optimizer
-            )
-        return delta, loss, config.local_steps * config.batch_size
+_MAX_RESET_NONCES = 4096
 
 
 @dataclass(frozen=True)
@@ -163,10 +94,11 @@ class NodeSettings:
         The id the coordinator knows this node by (in its nodes file).
     key
         The secret shared with the coordinator; every update is signed with it.
-    trainer
-        The local training function (see :data:`Trainer`).
+    trainer_factory
+        ``factory(node_id, config) -> NodeTrainer``: makes the node's trainer (see
+        :mod:`aumai_fedtrain.trainer`).
     config
-        The node's training configuration, passed to the trainer.
+        The node's training configuration, passed to the factory.
     token
         The coordinator's bearer token; None accepts training requests from anyone.
     max_body_bytes
@@ -177,7 +109,7 @@ class NodeSettings:
 
     node_id: str
     key: bytes = field(repr=False)
-    trainer: Trainer
+    trainer_factory: TrainerFactory
     config: TrainingConfig = field(default_factory=TrainingConfig)
     token: bytes | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -185,13 +117,61 @@ class NodeSettings:
 
 
 class _Node:
-    """State and endpoints of one node."""
+    """State and endpoints of one node.
+
+    The trainer keeps its state across rounds. Before each round the node keeps a copy of that
+    state, so a round asked again (a coordinator's retry) is redone from the same state; a
+    round earlier than the last one trained (a new run) starts from a fresh trainer, but only
+    when the request carries a reset proof by the node's key (see
+    :func:`~aumai_fedtrain.network.auth.reset_proof`), used once: otherwise it gets a 409.
+    """
 
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
         self.rounds_trained = 0
         self._lock = threading.Lock()
         self._verifier = HashVerifier()
+        self._trainer = self._new_trainer()
+        self._last_round: int | None = None
+        self._state_before_last_round: TensorMap = {}
+        self._used_reset_nonces: set[str] = set()
+
+    def _new_trainer(self) -> NodeTrainer:
+        try:
+            return self.settings.trainer_factory(self.settings.node_id, self.settings.config)
+        except Exception as exc:
+            raise RuntimeError(
+                f"the trainer factory failed for node {self.settings.node_id!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _prepare_round(self, round_id: int) -> None:
+        """Bring the trainer's state to where ``round_id`` starts (called under the lock)."""
+        if round_id == self._last_round:
+            self._trainer.load_state_dict(self._state_before_last_round)
+            return
+        if self._last_round is not None and round_id < self._last_round:
+            self._trainer = self._new_trainer()
+        self._state_before_last_round = {
+            key: np.array(value, copy=True) for key, value in self._trainer.state_dict().items()
+        }
+        self._last_round = round_id
+
+    def _check_reset(self, round_id: int, nonce: str, proof: str | None) -> None:
+        """Allow a new run from ``round_id`` only with a fresh proof by the node's key (409)."""
+        valid = proof is not None and verify_reset_proof(self.settings.key, round_id, nonce, proof)
+        if not valid or nonce in self._used_reset_nonces:
+            raise WireError(
+                f"round {round_id} is before the last round this node trained "
+                f"({self._last_round}); only the coordinator holding this node's key can start "
+                f"a new run (its first request carries a fresh {RESET_HEADER}): restart or "
+                "resume the run from that coordinator",
+                409,
+            )
+        if len(self._used_reset_nonces) >= _MAX_RESET_NONCES:
+            self._used_reset_nonces.clear()
+        self._used_reset_nonces.add(nonce)
+        logger.warning("round %d: a new run from the coordinator: fresh trainer state", round_id)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse(
@@ -216,7 +196,10 @@ class _Node:
             body = await _read_body(request, self.settings.max_body_bytes)
             train_request = await run_in_threadpool(decode_request, body, content_type)
             fmt = response_media_type(request.headers.get("accept"))
-            content, signature = await run_in_threadpool(self._train, train_request, nonce, fmt)
+            proof = request.headers.get(RESET_HEADER)
+            content, signature = await run_in_threadpool(
+                self._train, train_request, nonce, fmt, proof
+            )
         except WireError as exc:
             return _problem(str(exc), exc.status)
         return Response(content, media_type=fmt, headers={SIGNATURE_HEADER: signature})
@@ -234,21 +217,29 @@ class _Node:
             return _problem("wrong token", 403)
         return None
 
-    def _train(self, request: TrainRequest, nonce: str, fmt: str) -> tuple[bytes, str]:
+    def _train(
+        self, request: TrainRequest, nonce: str, fmt: str, proof: str | None
+    ) -> tuple[bytes, str]:
         """Run the trainer (one round at a time), sign and encode the update."""
         _check_finite(request.global_weights)
         started = time.perf_counter()
+        round_id = request.round_id
         with self._lock:
+            if self._last_round is not None and round_id < self._last_round:
+                self._check_reset(round_id, nonce, proof)
+            self._prepare_round(round_id)
             try:
-                result = self.settings.trainer(
-                    request.round_id, request.global_weights, self.settings.config
-                )
+                result = self._trainer.train(round_id, request.global_weights)
             except ValueError as exc:
                 raise WireError(f"the trainer cannot use this request: {exc}", 422) from None
             except Exception as exc:
-                logger.exception("round %d: the trainer failed", request.round_id)
+                logger.exception("round %d: the trainer failed", round_id)
                 raise WireError(f"the trainer failed: {type(exc).__name__}: {exc}", 500) from None
-            update = _as_update(result, self.settings.node_id, request.round_id)
+            try:
+                update = as_update(result, self.settings.node_id, round_id)
+            except TrainerResultError as exc:
+                logger.error("round %d: %s", round_id, exc)
+                raise WireError(str(exc), 500) from None
             self.rounds_trained += 1
         signature = sign_update(self.settings.key, update, nonce, self._verifier)
         logger.info(
@@ -284,27 +275,6 @@ def _check_finite(weights: TensorMap) -> None:
     for key, value in weights.items():
         if not np.isfinite(value).all():
             raise WireError(f"global_weights[{key!r}] has non-finite values", 422)
-
-
-def _as_update(result: Any, node_id: str, round_id: int) -> LocalUpdate:
-    """The trainer's ``(gradients, loss, samples)`` as an update, or a 500 saying what is wrong."""
-    try:
-        gradients, loss, samples = result
-        return LocalUpdate(
-            node_id=node_id,
-            round_id=round_id,
-            gradients=dict(gradients),
-            loss=loss,
-            samples_used=operator.index(samples),
-        )
-    except (TypeError, ValueError) as exc:
-        reason = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-        logger.error("round %d: the trainer returned an invalid result: %s", round_id, reason)
-        raise WireError(
-            "the trainer returned an invalid result (expected (pseudo_gradient, loss, "
-            f"samples_used)): {reason}",
-            500,
-        ) from None
 
 
 def create_app(settings: NodeSettings) -> Starlette:

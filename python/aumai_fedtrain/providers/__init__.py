@@ -1,5 +1,6 @@
 """Update providers: where the coordinator's updates come from."""
 
 from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.providers.in_process import InProcessProvider, NodeProgress
 
-__all__ = ["UpdateProvider"]
+__all__ = ["InProcessProvider", "NodeProgress", "UpdateProvider"]

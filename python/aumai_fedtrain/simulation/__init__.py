@@ -11,8 +11,11 @@ from aumai_fedtrain.simulation.data import SyntheticTask
 from aumai_fedtrain.simulation.provider import (
     NodeProgress,
     SimulationProvider,
+    SimulationTrainer,
+    builtin_evaluator,
     initial_model,
     new_inner_optimizer,
+    shard_of,
     simulated_nodes,
     train_locally,
 )
@@ -22,12 +25,15 @@ __all__ = [
     "AdamW",
     "NodeProgress",
     "SimulationProvider",
+    "SimulationTrainer",
     "Stream",
     "SyntheticTask",
+    "builtin_evaluator",
     "derive_rng",
     "initial_model",
     "mlp",
     "new_inner_optimizer",
+    "shard_of",
     "simulated_nodes",
     "train_locally",
 ]

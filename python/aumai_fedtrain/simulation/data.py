@@ -131,9 +131,11 @@ class SyntheticTask:
     def _features(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
         clusters = rng.integers(self.config.clusters_per_class, size=len(labels))
         noise = rng.standard_normal((len(labels), self.config.num_features))
-        return self.centres[labels, clusters] + self.config.cluster_std * noise
+        features: np.ndarray = self.centres[labels, clusters] + self.config.cluster_std * noise
+        return features
 
 
 def _logsumexp(values: np.ndarray, axis: int) -> np.ndarray:
     peak = values.max(axis=axis, keepdims=True)
-    return np.log(np.exp(values - peak).sum(axis=axis)) + np.squeeze(peak, axis=axis)
+    result: np.ndarray = np.log(np.exp(values - peak).sum(axis=axis)) + np.squeeze(peak, axis=axis)
+    return result

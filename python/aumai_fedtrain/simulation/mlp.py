@@ -13,19 +13,26 @@ import numpy as np
 
 from aumai_fedtrain.models import TensorMap
 
-__all__ = ["evaluate", "init_parameters", "loss_and_grads", "pack"]
+__all__ = ["evaluate", "init_parameters", "loss_and_grads", "pack", "parameter_shapes"]
+
+
+def parameter_shapes(
+    num_features: int, hidden_units: int, num_classes: int
+) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter, by name."""
+    return {
+        "layer1.weight": (hidden_units, num_features),
+        "layer1.bias": (hidden_units,),
+        "layer2.weight": (num_classes, hidden_units),
+        "layer2.bias": (num_classes,),
+    }
 
 
 def init_parameters(
     num_features: int, hidden_units: int, num_classes: int, rng: np.random.Generator
 ) -> TensorMap:
     """PyTorch's default ``nn.Linear`` init: weights and biases ~ U(-1/sqrt(fan_in), +)."""
-    shapes = {
-        "layer1.weight": (hidden_units, num_features),
-        "layer1.bias": (hidden_units,),
-        "layer2.weight": (num_classes, hidden_units),
-        "layer2.bias": (num_classes,),
-    }
+    shapes = parameter_shapes(num_features, hidden_units, num_classes)
     fan_in = {"layer1": num_features, "layer2": hidden_units}
     return {
         key: rng.uniform(-1.0, 1.0, size=shape) / np.sqrt(fan_in[key.split(".")[0]])

@@ -1,9 +1,11 @@
-"""The built-in simulation as an :class:`UpdateProvider`: real local training of virtual nodes.
+"""The built-in simulation: :class:`SimulationTrainer` and the provider that runs it in process.
 
 Each virtual node starts a round from the global parameters, takes ``local_steps`` AdamW steps
 on mini-batches of its own shard and returns the pseudo-gradient
-``theta_global - theta_node``. Nodes are trained one after the other, so memory holds one
-node's model and optimizer state at a time (plus the returned updates).
+``theta_global - theta_node``. :class:`SimulationTrainer` implements the node-trainer interface
+(:mod:`aumai_fedtrain.trainer`), so the same code trains a virtual node in process and a real
+node over HTTP (``aumai-fedtrain node`` without ``--trainer``). Nodes are trained one after the
+other, so memory holds one node's model at a time (plus the returned updates).
 
 As in the DiLoCo paper, each node keeps its inner AdamW state across rounds; it is never
 communicated, but it is part of the run's checkpoints (:meth:`SimulationProvider.state_dict`),
@@ -15,35 +17,32 @@ every round starts from a fresh AdamW, which costs no memory per node but trains
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import hashlib
+import re
 
 import numpy as np
 
-from aumai_fedtrain.models import (
-    FederatedNode,
-    GlobalState,
-    LocalUpdate,
-    TensorMap,
-    TrainingConfig,
-)
-from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.models import FederatedNode, TensorMap, TrainingConfig
+from aumai_fedtrain.providers.in_process import InProcessProvider, NodeProgress
 from aumai_fedtrain.simulation import mlp
 from aumai_fedtrain.simulation.adamw import AdamW
 from aumai_fedtrain.simulation.data import SyntheticTask
 from aumai_fedtrain.simulation.seeding import Stream, derive_rng
+from aumai_fedtrain.trainer import Evaluator
 
 __all__ = [
     "NodeProgress",
     "SimulationProvider",
+    "SimulationTrainer",
+    "builtin_evaluator",
     "initial_model",
     "new_inner_optimizer",
+    "shard_of",
     "simulated_nodes",
     "train_locally",
 ]
 
-NodeProgress = Callable[[int, int], None]
-"""Called as ``(nodes_done, nodes_total)`` after each node of a round has trained."""
+_SIMULATED_ID = re.compile(r"node-(\d+)")
 
 
 def simulated_nodes(count: int) -> list[FederatedNode]:
@@ -55,12 +54,31 @@ def simulated_nodes(count: int) -> list[FederatedNode]:
     ]
 
 
+def shard_of(node_id: str) -> int:
+    """The synthetic task's shard a node trains on, a function of its id alone.
+
+    ``node-<N>`` (the ids of :func:`simulated_nodes`) holds shard ``N``; any other id holds a
+    shard numbered by the first 8 bytes of its id's SHA-256, so a node keeps its data whatever
+    its position in the node list.
+    """
+    match = _SIMULATED_ID.fullmatch(node_id)
+    if match is not None:
+        return int(match.group(1))
+    return int.from_bytes(hashlib.sha256(node_id.encode("utf-8")).digest()[:8], "big")
+
+
 def initial_model(config: TrainingConfig) -> TensorMap:
     """The seeded initial global model of a run."""
     sim = config.simulation
     return mlp.init_parameters(
         sim.num_features, sim.hidden_units, sim.num_classes, derive_rng(config.seed, Stream.INIT)
     )
+
+
+def builtin_evaluator(config: TrainingConfig) -> Evaluator:
+    """Held-out loss and accuracy of the built-in model on the synthetic task's eval set."""
+    task = SyntheticTask(config.simulation, config.seed, cache_size=0)
+    return lambda parameters: mlp.evaluate(parameters, *task.eval_set())
 
 
 def new_inner_optimizer(config: TrainingConfig) -> AdamW:
@@ -97,11 +115,71 @@ def train_locally(
     return delta, float(np.mean(losses))
 
 
-class SimulationProvider(UpdateProvider):
+class SimulationTrainer:
+    """The built-in node trainer: the simulation's MLP on the node's shard of the synthetic task.
+
+    Made by ``SimulationTrainer(node_id, config)`` (a factory of the node-trainer interface).
+    The inner AdamW state stays with the trainer across rounds and is its :meth:`state_dict`.
+
+    Parameters
+    ----------
+    node_id
+        The node's id; it chooses the shard (see :func:`shard_of`) unless ``shard`` is given.
+    config
+        The run's configuration; its ``seed`` and ``simulation`` settings define the task and
+        the initial model, which must match the coordinator's.
+    task
+        The dataset to draw the shard from (shared by the virtual nodes of one process); by
+        default one is built from ``config``.
+    shard
+        Train on this shard instead of the one of ``node_id``.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        config: TrainingConfig,
+        *,
+        task: SyntheticTask | None = None,
+        shard: int | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.shard = shard_of(node_id) if shard is None else shard
+        self.task = task if task is not None else SyntheticTask(config.simulation, config.seed)
+        sim = config.simulation
+        self._shapes = mlp.parameter_shapes(sim.num_features, sim.hidden_units, sim.num_classes)
+        self.optimizer = new_inner_optimizer(config)
+
+    def train(self, round_id: int, parameters: TensorMap) -> tuple[TensorMap, float, int]:
+        """``local_steps`` AdamW steps from ``parameters`` (the initial model when empty)."""
+        start = parameters if parameters else initial_model(self.config)
+        shapes = {key: tuple(value.shape) for key, value in start.items()}
+        if shapes != self._shapes:
+            raise ValueError(
+                f"the parameters do not match the built-in model: got shapes {shapes}, "
+                f"expected {self._shapes}"
+            )
+        delta, loss = train_locally(
+            start, self.task, self.shard, round_id, self.config, self.optimizer
+        )
+        return delta, loss, self.config.local_steps * self.config.batch_size
+
+    def state_dict(self) -> TensorMap:
+        """The inner AdamW's step count and moments (see :meth:`AdamW.state_dict`)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: TensorMap) -> None:
+        """Restore the inner AdamW from :meth:`state_dict`."""
+        self.optimizer.load_state_dict(state)
+
+
+class SimulationProvider(InProcessProvider):
     """Virtual nodes that really train an MLP on shards of the built-in synthetic task.
 
-    The node at position ``i`` of the node list trains on shard ``i``; everything random is a
-    function of ``(config.seed, node, round)``, so the updates are deterministic.
+    Each node trains with a :class:`SimulationTrainer` on the shard of its id (see
+    :func:`shard_of`); everything random is a function of ``(config.seed, shard, round)``, so
+    the updates are deterministic.
 
     Parameters
     ----------
@@ -121,92 +199,28 @@ class SimulationProvider(UpdateProvider):
         shard_cache_size: int = 16,
         keep_inner_state: bool = True,
     ) -> None:
-        self.on_node_done = on_node_done
+        super().__init__(
+            self._make_trainer,
+            model_init=initial_model,
+            keep_state=keep_inner_state,
+            on_node_done=on_node_done,
+        )
         self._shard_cache_size = shard_cache_size
-        self._inner_states: dict[int, AdamW] | None = {} if keep_inner_state else None
         self.task: SyntheticTask | None = None
 
     def configure(self, config: TrainingConfig) -> None:
         """Remember the run's config and build its dataset."""
         super().configure(config)
         self.task = SyntheticTask(config.simulation, config.seed, cache_size=self._shard_cache_size)
-        if self._inner_states is not None:
-            self._inner_states.clear()
-
-    def initial_parameters(self, config: TrainingConfig) -> TensorMap:
-        """The seeded initial MLP of the run."""
-        return initial_model(config)
-
-    def get_updates(
-        self,
-        round_id: int,
-        state: GlobalState,
-        nodes: list[FederatedNode],
-    ) -> list[LocalUpdate]:
-        """Train every node from ``state.parameters`` and return their pseudo-gradients."""
-        config, task = self._require_configured()
-        if state.parameters is None:
-            raise ValueError("the simulation needs the global parameters in state.parameters")
-        if len(nodes) > config.num_nodes:
-            raise ValueError(
-                f"{len(nodes)} nodes given but the simulation has shards for "
-                f"config.num_nodes={config.num_nodes}"
-            )
-        samples = config.local_steps * config.batch_size
-        updates = []
-        for index, node in enumerate(nodes):
-            optimizer = None
-            if self._inner_states is not None:
-                optimizer = self._inner_states.setdefault(index, new_inner_optimizer(config))
-            delta, loss = train_locally(state.parameters, task, index, round_id, config, optimizer)
-            if not math.isfinite(loss):
-                raise ValueError(
-                    f"node {node.node_id!r} diverged in round {round_id} (mean loss {loss}); "
-                    "lower the learning_rate"
-                )
-            updates.append(
-                LocalUpdate(
-                    node_id=node.node_id,
-                    round_id=round_id,
-                    gradients=delta,
-                    loss=loss,
-                    samples_used=samples,
-                )
-            )
-            if self.on_node_done is not None:
-                self.on_node_done(index + 1, len(nodes))
-        return updates
-
-    def state_dict(self) -> TensorMap:
-        """Every node's inner AdamW state (``node/<index>/<tensor>``); empty when stateless."""
-        return {
-            f"node/{index}/{key}": value
-            for index, optimizer in (self._inner_states or {}).items()
-            for key, value in optimizer.state_dict().items()
-        }
-
-    def load_state_dict(self, state: TensorMap) -> None:
-        """Restore the nodes' inner optimizers from :meth:`state_dict` (after configure)."""
-        config, _ = self._require_configured()
-        if self._inner_states is None:
-            super().load_state_dict(state)
-            return
-        per_node: dict[int, TensorMap] = {}
-        for name, value in state.items():
-            _, index, key = name.split("/", 2)
-            per_node.setdefault(int(index), {})[key] = value
-        self._inner_states.clear()
-        for index, optimizer_state in per_node.items():
-            optimizer = new_inner_optimizer(config)
-            optimizer.load_state_dict(optimizer_state)
-            self._inner_states[index] = optimizer
 
     def evaluate(self, parameters: TensorMap) -> tuple[float, float]:
         """Loss and accuracy of the global model on the held-out evaluation set."""
-        _, task = self._require_configured()
-        return mlp.evaluate(parameters, *task.eval_set())
+        return mlp.evaluate(parameters, *self._require_task().eval_set())
 
-    def _require_configured(self) -> tuple[TrainingConfig, SyntheticTask]:
-        if self.config is None or self.task is None:
+    def _make_trainer(self, node_id: str, config: TrainingConfig) -> SimulationTrainer:
+        return SimulationTrainer(node_id, config, task=self._require_task())
+
+    def _require_task(self) -> SyntheticTask:
+        if self.task is None:
             raise RuntimeError("call configure(config) before using the simulation")
-        return self.config, self.task
+        return self.task

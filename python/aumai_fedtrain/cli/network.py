@@ -6,9 +6,7 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -18,14 +16,23 @@ from typing import Any, TypeVar
 
 import click
 
-from aumai_fedtrain.inputs import InputError, load_model_file
+from aumai_fedtrain.cli.errors import InputError
+from aumai_fedtrain.cli.plugins import load_trainer_factory
+from aumai_fedtrain.inputs import load_model_file
 from aumai_fedtrain.models import FederatedNode, TrainingConfig
 from aumai_fedtrain.network import http_module
 from aumai_fedtrain.network.auth import SecretError, load_secret
 from aumai_fedtrain.network.nodes_file import NodesFileError, read_nodes_file
 from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.trainer import Evaluator, ModelInit, TrainerFactory
 
-__all__ = ["node_command", "nodes_file_options", "prepare_http_run"]
+__all__ = [
+    "StderrHandler",
+    "config_file_option",
+    "node_command",
+    "nodes_file_options",
+    "prepare_http_run",
+]
 
 logger = logging.getLogger("aumai_fedtrain.network")
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
@@ -47,23 +54,9 @@ def _secret(path: Path, what: str) -> bytes:
         raise InputError(str(exc)) from None
 
 
-def load_trainer(spec: str) -> Callable[..., Any]:
-    """The function named by ``module:function`` (the current folder is importable)."""
-    module_name, _, function_name = spec.partition(":")
-    if not module_name or not function_name:
-        raise InputError(f"--trainer must look like module:function, got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any failure of the user's module, reported in one line
-        raise InputError(
-            f"--trainer: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise InputError(f"--trainer: {module_name!r} has no function {function_name!r}")
-    return function
+def config_file_option(help_text: str) -> Callable[[CommandT], CommandT]:
+    """The ``--config`` option (a TrainingConfig JSON file, as ``config_path``)."""
+    return click.option("--config", "config_path", type=click.Path(path_type=Path), help=help_text)
 
 
 def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
@@ -92,21 +85,19 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     type=click.Path(path_type=Path),
     help="The coordinator's bearer token; without it anyone may ask for training.",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="TrainingConfig JSON file for local training (default: the built-in configuration).",
+@config_file_option(
+    "TrainingConfig JSON file for local training (default: the built-in configuration)."
 )
 @click.option(
     "--shard",
     type=click.IntRange(min=0),
-    help="Shard of the built-in synthetic dataset this node trains on (default 0).",
+    help="Shard of the built-in synthetic dataset this node trains on (default: N for a node "
+    "id node-N, else one chosen by the id).",
 )
 @click.option(
     "--trainer",
     "trainer_spec",
-    help="Your training function as module:function (default: the built-in simulation).",
+    help="Your trainer factory as module:factory (default: the built-in simulation).",
 )
 @click.option("--ssl-certfile", type=click.Path(path_type=Path), help="TLS certificate (PEM).")
 @click.option("--ssl-keyfile", type=click.Path(path_type=Path), help="TLS private key (PEM).")
@@ -149,13 +140,20 @@ def node_command(
         if config_path is not None
         else TrainingConfig()
     )
+    factory: TrainerFactory
     if trainer_spec is not None:
         if shard is not None:
             raise InputError("--shard is for the built-in trainer; it cannot go with --trainer")
-        trainer, trainer_name = load_trainer(trainer_spec), trainer_spec
+        factory, trainer_name = load_trainer_factory(trainer_spec), trainer_spec
     else:
-        trainer = server.SimulationTrainer(shard or 0, config)
-        trainer_name = f"built-in simulation, shard {shard or 0}"
+        from aumai_fedtrain.simulation import SimulationTrainer, shard_of
+
+        chosen = shard if shard is not None else shard_of(node_id)
+
+        def factory(node: str, node_config: TrainingConfig) -> SimulationTrainer:
+            return SimulationTrainer(node, node_config, shard=chosen)
+
+        trainer_name = f"built-in simulation, shard {chosen}"
     _check_tls(ssl_certfile, ssl_keyfile)
     try:
         sock = server.listen(host, port)
@@ -176,7 +174,7 @@ def node_command(
     settings = server.NodeSettings(
         node_id=node_id,
         key=key,
-        trainer=trainer,
+        trainer_factory=factory,
         config=config,
         token=token,
         max_body_bytes=max_body_mb * _MIB,
@@ -191,7 +189,7 @@ def node_command(
     )
 
 
-_RUN_OPTIONS: list[tuple[str, click.ParamType, str]] = [
+_RUN_OPTIONS: list[tuple[str, click.ParamType[Any], str]] = [
     (
         "--nodes-file",
         click.Path(path_type=Path),
@@ -203,7 +201,6 @@ _RUN_OPTIONS: list[tuple[str, click.ParamType, str]] = [
         click.Path(path_type=Path),
         "CA certificate of the nodes' TLS certificates (host:port addresses use https).",
     ),
-    ("--min-nodes", click.IntRange(min=1), "Fewest valid updates a round needs (default 1)."),
     (
         "--timeout",
         click.FloatRange(min=0, min_open=True),
@@ -234,11 +231,13 @@ def prepare_http_run(
     min_nodes: int | None,
     timeout: float | None,
     memory_budget_mb: int | None,
+    model_init: ModelInit | None,
+    evaluator: Evaluator | None,
 ) -> tuple[TrainingConfig, list[FederatedNode], UpdateProvider] | None:
     """For ``run --nodes-file``: the config, the nodes and an ``HttpUpdateProvider``.
 
-    Returns None without ``--nodes-file`` (the simulation runs), after checking that no other
-    network option was given.
+    Returns None without ``--nodes-file`` (the nodes train in process), after checking that
+    no other network option was given.
     """
     if nodes_file is None:
         given = [
@@ -246,7 +245,6 @@ def prepare_http_run(
             for name, value in (
                 ("--token-file", token_file),
                 ("--ca-file", ca_file),
-                ("--min-nodes", min_nodes),
                 ("--timeout", timeout),
                 ("--memory-budget-mb", memory_budget_mb),
             )
@@ -258,7 +256,6 @@ def prepare_http_run(
     if nodes is not None:
         raise InputError("--nodes cannot go with --nodes-file (the file lists the nodes)")
     provider_module = _require_http("provider")
-    _show_dropped_updates()
     try:
         listed = read_nodes_file(nodes_file)
     except NodesFileError as exc:
@@ -276,14 +273,15 @@ def prepare_http_run(
             min_nodes=min_nodes or 1,
             timeout=timeout or 120.0,
             memory_budget=memory_budget_mb * _MIB if memory_budget_mb is not None else None,
-            evaluator=builtin_evaluator(config),
+            model_init=model_init,
+            evaluator=evaluator,
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
     return config, node_list, provider
 
 
-class _StderrHandler(logging.Handler):
+class StderrHandler(logging.Handler):
     """Writes records to the ``sys.stderr`` of the moment (it may be replaced after set-up)."""
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -291,20 +289,3 @@ class _StderrHandler(logging.Handler):
             click.echo(self.format(record), err=True)
         except Exception:
             self.handleError(record)
-
-
-def _show_dropped_updates() -> None:
-    """Print the provider's warnings (dropped updates, stragglers) on stderr."""
-    if not logger.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.WARNING)
-
-
-def builtin_evaluator(config: TrainingConfig) -> Callable[[Any], tuple[float, float]]:
-    """Held-out loss and accuracy of the built-in model on the synthetic task's eval set."""
-    from aumai_fedtrain.simulation import SyntheticTask, mlp
-
-    task = SyntheticTask(config.simulation, config.seed, cache_size=0)
-    return lambda parameters: mlp.evaluate(parameters, *task.eval_set())

@@ -1,4 +1,4 @@
-"""The ``aumai-fedtrain`` command line: run the simulation, hash and verify updates.
+"""The ``aumai-fedtrain`` command line: train (simulated, your own or real nodes), hash, verify.
 
 Every failure is one line on stderr: exit 2 for bad input (files, JSON, config keys, options),
 exit 1 for a failed verification or a run that fails.
@@ -7,26 +7,38 @@ exit 1 for a failed verification or a run that fails.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from pydantic import ValidationError
 
 from aumai_fedtrain import __version__
 from aumai_fedtrain.checkpoint import CheckpointError
+from aumai_fedtrain.cli.errors import InputError, fail, one_line
+from aumai_fedtrain.cli.network import (
+    StderrHandler,
+    config_file_option,
+    node_command,
+    nodes_file_options,
+    prepare_http_run,
+)
+from aumai_fedtrain.cli.plugins import load_evaluator, load_model_init, load_trainer_factory
 from aumai_fedtrain.coordinator import DiLoCoCoordinator
-from aumai_fedtrain.inputs import InputError, describe_validation_error, load_model_file
-from aumai_fedtrain.models import LocalUpdate, RoundRecord, TrainingConfig
+from aumai_fedtrain.inputs import load_model_file
+from aumai_fedtrain.models import GlobalState, LocalUpdate, RoundRecord, TrainingConfig
 from aumai_fedtrain.models import TrainingResult as Result
-from aumai_fedtrain.network.cli import node_command, nodes_file_options, prepare_http_run
-from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.providers import InProcessProvider, UpdateProvider
 from aumai_fedtrain.verification import HashVerifier, normalize_digest
+
+__all__ = ["MAX_NODES", "cli", "main"]
 
 PROG_NAME = "aumai-fedtrain"
 MAX_CREDIT_LINES = 50
+MAX_NODES = 1_000_000
+"""Most nodes a run may have (a sanity bound: 10,000 virtual nodes on one machine are fine)."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,14 +47,22 @@ def cli() -> None:
     """Federated, low-communication (DiLoCo) training."""
 
 
+def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> TrainingConfig:
+    config = (
+        load_model_file(config_path, TrainingConfig, "config", InputError)
+        if config_path is not None
+        else TrainingConfig()
+    )
+    return config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
 @cli.command()
+@config_file_option("TrainingConfig JSON file (default: the built-in configuration).")
 @click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="TrainingConfig JSON file (default: the built-in configuration).",
+    "--nodes",
+    type=click.IntRange(1, MAX_NODES),
+    help=f"Number of simulated nodes (at most {MAX_NODES:,}).",
 )
-@click.option("--nodes", type=click.IntRange(min=1), help="Number of simulated nodes.")
 @click.option("--rounds", type=click.IntRange(min=1), help="Number of global rounds.")
 @click.option("--seed", type=int, help="Seed of the data, model and node sampling.")
 @click.option(
@@ -52,6 +72,27 @@ def cli() -> None:
 )
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --checkpoint-dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--trainer",
+    "trainer_spec",
+    help="Train the simulated nodes with your trainer factory, module:factory "
+    "(default: the built-in MLP).",
+)
+@click.option(
+    "--model-init",
+    "model_init_spec",
+    help="Your initial global model, module:function(config) (default: the built-in MLP's).",
+)
+@click.option(
+    "--evaluator",
+    "evaluator_spec",
+    help="Your held-out evaluation, module:function(parameters, config) -> (loss, accuracy).",
+)
+@click.option(
+    "--min-nodes",
+    type=click.IntRange(min=1),
+    help="Fewest updates that must count for a round to proceed (default 1).",
+)
 @nodes_file_options
 def run(
     config_path: Path | None,
@@ -61,33 +102,61 @@ def run(
     checkpoint_dir: Path | None,
     resume: bool,
     as_json: bool,
+    trainer_spec: str | None,
+    model_init_spec: str | None,
+    evaluator_spec: str | None,
+    min_nodes: int | None,
     **network: Any,
 ) -> None:
-    """Train a model with the built-in DiLoCo simulation, or with real nodes (--nodes-file)."""
-    from aumai_fedtrain.simulation import SimulationProvider, simulated_nodes
+    """Train with DiLoCo: simulated nodes in this process, or real nodes (--nodes-file)."""
+    from aumai_fedtrain.simulation import (
+        SimulationProvider,
+        builtin_evaluator,
+        initial_model,
+        simulated_nodes,
+    )
 
+    _show_warnings()
     if resume and checkpoint_dir is None:
         raise InputError("--resume needs --checkpoint-dir")
-    config = (
-        load_model_file(config_path, TrainingConfig, "config", InputError)
-        if config_path is not None
-        else TrainingConfig()
-    )
-    overrides = {"num_nodes": nodes, "global_rounds": rounds, "seed": seed}
-    config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    config = _load_config(config_path, {"num_nodes": nodes, "global_rounds": rounds, "seed": seed})
     progress = _RoundProgress(config.global_rounds, enabled=not as_json and _is_terminal())
-    http_run = prepare_http_run(config, nodes, **network)
+    custom_model = model_init_spec is not None or trainer_spec is not None
+    model_init = load_model_init(model_init_spec) if model_init_spec else None
+    if model_init is None and not custom_model:
+        model_init = initial_model
+    evaluator = load_evaluator(evaluator_spec, config) if evaluator_spec else None
+    if evaluator is None and not custom_model:
+        evaluator = builtin_evaluator(config)
+    http_run = prepare_http_run(
+        config, nodes, min_nodes=min_nodes, model_init=model_init, evaluator=evaluator, **network
+    )
     provider: UpdateProvider
-    if http_run is None:
-        node_list = simulated_nodes(config.num_nodes)
-        provider = SimulationProvider(on_node_done=progress.node_done)
-    else:
+    if http_run is not None:
+        if trainer_spec is not None:
+            raise InputError("--trainer cannot go with --nodes-file (each node runs its own)")
         config, node_list, provider = http_run
-    if not as_json:
+    else:
+        node_list = simulated_nodes(config.num_nodes)
+        if trainer_spec is None:
+            provider = SimulationProvider(on_node_done=progress.node_done)
+        else:
+            provider = InProcessProvider(
+                load_trainer_factory(trainer_spec),
+                model_init=model_init,
+                evaluator=evaluator,
+                on_node_done=progress.node_done,
+            )
+
+    def starting(state: GlobalState) -> None:
+        if as_json:
+            return
+        resumed = f"  (resuming after round {state.round_id})" if state.round_id else ""
         click.echo(
             f"Starting federated training: {config.model_name}  "
-            f"nodes={config.num_nodes}  rounds={config.global_rounds}"
+            f"nodes={len(node_list)}  rounds={config.global_rounds}{resumed}"
         )
+
     coordinator = DiLoCoCoordinator()
     try:
         result = coordinator.run_training(
@@ -97,6 +166,8 @@ def run(
             checkpoint_dir=checkpoint_dir,
             resume=resume,
             on_round=progress,
+            on_start=starting,
+            min_nodes=min_nodes or 1,
         )
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
@@ -108,14 +179,27 @@ def run(
         _print_result(config, result)
 
 
-@cli.command("hash")
-@click.option(
+def _show_warnings() -> None:
+    """Print the library's warnings (dropped updates, stragglers) on stderr, one line each."""
+    logger = logging.getLogger("aumai_fedtrain")
+    if not any(isinstance(handler, StderrHandler) for handler in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
+_update_file_option = click.option(
     "--update",
     "update_path",
     required=True,
     type=click.Path(path_type=Path),
     help="LocalUpdate JSON file.",
 )
+
+
+@cli.command("hash")
+@_update_file_option
 def hash_command(update_path: Path) -> None:
     """Print the canonical SHA-256 of an update's gradients."""
     update = load_model_file(update_path, LocalUpdate, "update", InputError)
@@ -126,13 +210,7 @@ cli.add_command(node_command)
 
 
 @cli.command()
-@click.option(
-    "--update",
-    "update_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="LocalUpdate JSON file.",
-)
+@_update_file_option
 @click.option("--hash", "expected", required=True, help="Expected SHA-256 hex digest.")
 def verify(update_path: Path, expected: str) -> None:
     """Check an update's gradients against a SHA-256 digest (exit 1 on mismatch)."""
@@ -234,17 +312,6 @@ def _print_result(config: TrainingConfig, result: Result) -> None:
         echo(f"  ... and {len(credits) - MAX_CREDIT_LINES} more nodes (--json lists all)")
 
 
-def _one_line(exc: Exception) -> str:
-    """The exception's message on one line (a pydantic error as its fields, like bad input)."""
-    message = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(code)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``aumai-fedtrain`` command; errors are one line, never a traceback."""
     try:
@@ -254,11 +321,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             standalone_mode=False,
         )
     except click.ClickException as exc:
-        _fail(exc.format_message(), exc.exit_code)
+        fail(exc.format_message(), exc.exit_code)
     except click.exceptions.Abort:
-        _fail("aborted", 130)
+        fail("aborted", 130)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        fail("interrupted", 130)
     except Exception as exc:  # a failing run: report it in one line, not a traceback
-        _fail(f"{type(exc).__name__}: {_one_line(exc)}", 1)
+        fail(f"{type(exc).__name__}: {one_line(exc)}", 1)
     sys.exit(code if isinstance(code, int) else 0)

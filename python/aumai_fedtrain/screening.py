@@ -1,0 +1,142 @@
+"""Screening: the one check every update passes before any aggregation sees it.
+
+An update counts only when it comes from a known node, once, for the expected round, with a
+finite loss of at most ``config.max_loss`` in magnitude, at most the samples its node can
+process in a round (:attr:`FederatedNode.max_samples`, by default ``local_steps *
+batch_size``), exactly the model's keys and shapes, and finite pseudo-gradient values of at most
+``config.max_abs_update`` in magnitude. These bounds keep a node that holds a valid key from
+overflowing the weights, the average or the outer step; they do not make a plausible but wrong
+update harmless (that is what robust aggregation is for).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from aumai_fedtrain.models import FederatedNode, LocalUpdate, TensorMap, TrainingConfig
+
+__all__ = ["max_samples_of", "model_mismatch", "screen_update", "screen_updates"]
+
+
+def max_samples_of(node: FederatedNode, config: TrainingConfig) -> int:
+    """Most samples ``node`` may claim in a round: its ``max_samples`` or one round's worth."""
+    if node.max_samples is not None:
+        return node.max_samples
+    return config.local_steps * config.batch_size
+
+
+def model_mismatch(gradients: TensorMap, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why ``gradients`` do not have exactly the keys and ``shapes`` of the model, or None."""
+    if gradients.keys() != shapes.keys():
+        missing = sorted(shapes.keys() - gradients.keys())
+        extra = sorted(gradients.keys() - shapes.keys())
+        return f"does not match the model: missing keys {missing}, unknown keys {extra}"
+    for key, value in gradients.items():
+        if value.shape != shapes[key]:
+            return f"gradient {key!r} has shape {value.shape}, the model's is {shapes[key]}"
+    return None
+
+
+def _value_problem(key: str, value: np.ndarray, bound: float) -> str | None:
+    if value.size == 0:
+        return None
+    # max/min propagate NaN and allocate nothing; NaN fails both comparisons.
+    largest, smallest = value.max(), value.min()
+    if largest <= bound and smallest >= -bound:
+        return None
+    if not (np.isfinite(largest) and np.isfinite(smallest)):
+        return f"gradient {key!r} has non-finite values"
+    magnitude = max(abs(float(largest)), abs(float(smallest)))
+    return f"gradient {key!r} has values beyond max_abs_update={bound:g} (up to {magnitude:.3g})"
+
+
+def screen_update(
+    update: LocalUpdate,
+    node: FederatedNode | None,
+    *,
+    expected_round: int,
+    shapes: Mapping[str, tuple[int, ...]] | None,
+    config: TrainingConfig,
+) -> str | None:
+    """Why ``update`` must not count, or None when it passes.
+
+    ``node`` is the run's node of that id (None: unknown); ``shapes`` are the model's
+    parameter shapes (None: the run has no model, any keys and shapes pass).
+    """
+    if node is None:
+        return "unknown node: not a node of this run"
+    if update.round_id != expected_round:
+        return f"update is for round {update.round_id}, expected round {expected_round}"
+    if not math.isfinite(update.loss) or abs(update.loss) > config.max_loss:
+        return f"loss {update.loss:g} is beyond max_loss={config.max_loss:g}"
+    limit = max_samples_of(node, config)
+    if update.samples_used > limit:
+        return (
+            f"claims {update.samples_used} samples, more than the {limit} it may process in a "
+            "round (max_samples)"
+        )
+    if shapes is not None:
+        mismatch = model_mismatch(update.gradients, shapes)
+        if mismatch is not None:
+            return mismatch
+    for key, value in update.gradients.items():
+        problem = _value_problem(key, value, config.max_abs_update)
+        if problem is not None:
+            return problem
+    return None
+
+
+def screen_updates(
+    updates: Sequence[LocalUpdate],
+    nodes: Mapping[str, FederatedNode],
+    *,
+    expected_round: int,
+    parameters: TensorMap | None,
+    config: TrainingConfig,
+) -> tuple[list[LocalUpdate], dict[str, str]]:
+    """Split ``updates`` into those that count and ``{node_id: reason}`` for those that don't.
+
+    A node that sent more than one update has none counted. Without ``parameters`` (a run
+    without a model) updates may carry different keys, but a key's non-empty values must have
+    the shape of the first update that passed with it.
+    """
+    counts = Counter(update.node_id for update in updates)
+    shapes = (
+        {key: value.shape for key, value in parameters.items()} if parameters is not None else None
+    )
+    seen_shapes: dict[str, tuple[int, ...]] = {}
+    accepted: list[LocalUpdate] = []
+    dropped: dict[str, str] = {}
+    for update in updates:
+        if counts[update.node_id] > 1:
+            dropped[update.node_id] = f"sent {counts[update.node_id]} updates for one round"
+            continue
+        reason = screen_update(
+            update,
+            nodes.get(update.node_id),
+            expected_round=expected_round,
+            shapes=shapes,
+            config=config,
+        )
+        if reason is None and shapes is None:
+            reason = _shape_conflict(update.gradients, seen_shapes)
+        if reason is not None:
+            dropped[update.node_id] = reason
+            continue
+        accepted.append(update)
+    return accepted, dropped
+
+
+def _shape_conflict(gradients: TensorMap, seen: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a non-empty gradient's shape differs from the one ``seen`` for its key (else note it)."""
+    for key, value in gradients.items():
+        if value.size and seen.get(key, value.shape) != value.shape:
+            return f"gradient {key!r} has shape {value.shape}, other nodes sent {seen[key]}"
+    for key, value in gradients.items():
+        if value.size:
+            seen.setdefault(key, value.shape)
+    return None
