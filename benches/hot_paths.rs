@@ -2,7 +2,8 @@
 
 use std::hint::black_box;
 
-use aumai_fedtrain::average::{weighted_average, NodeUpdate, Tensor, TensorData};
+use aumai_fedtrain::array::Array;
+use aumai_fedtrain::average::{weighted_average, NodeUpdate};
 use aumai_fedtrain::hash::{canonical_hash, Value};
 use aumai_fedtrain::key::Key;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -47,10 +48,7 @@ fn bench_average(c: &mut Criterion) {
             .enumerate()
             .map(|(n, values)| NodeUpdate {
                 label: format!("node-{n}"),
-                entries: vec![(
-                    Key::from("w"),
-                    Tensor::new(vec![len], TensorData::F64(values[..].into())),
-                )],
+                entries: vec![(Key::from("w"), Array::floats(&values[..]))],
             })
             .collect();
         let weights: Vec<f64> = (0..nodes).map(|n| (n + 1) as f64).collect();

@@ -8,6 +8,10 @@ use crate::key::Key;
 /// The exact message for an empty list of updates.
 pub const EMPTY_UPDATES_MESSAGE: &str = "Cannot average an empty list of updates.";
 
+/// The exact message for weights whose total overflows float64.
+pub const WEIGHTS_OVERFLOW_MESSAGE: &str =
+    "the weights sum to more than float64 can hold (their total overflows to inf): scale them down";
+
 /// Why a weighted average cannot be computed. Each maps to a Python `ValueError`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AverageError {
@@ -17,6 +21,8 @@ pub enum AverageError {
     WeightCount { weights: usize, updates: usize },
     /// A negative or non-finite weight.
     InvalidWeight { index: usize, weight: f64 },
+    /// Finite weights whose total overflows float64.
+    WeightsOverflow,
     /// Two updates carry values of different shapes for one key.
     ShapeMismatch {
         key: Key<'static>,
@@ -41,6 +47,7 @@ impl AverageError {
                 "weight #{index} is {}: weights must be finite and >= 0",
                 float_repr(*weight)
             ),
+            AverageError::WeightsOverflow => WEIGHTS_OVERFLOW_MESSAGE.to_owned(),
             AverageError::ShapeMismatch {
                 key,
                 label,

@@ -8,6 +8,7 @@
 //! The core is plain Rust; the optional `python` feature adds the PyO3 module
 //! `aumai_fedtrain._native` on top of it.
 
+pub mod array;
 pub mod average;
 pub mod error;
 pub mod hash;

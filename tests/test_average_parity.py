@@ -1,12 +1,17 @@
-"""Averaging parity: both backends give the per-key weighted mean of a NumPy reference.
+"""Averaging parity: both backends follow the contract's sequence of roundings bit for bit.
 
-The reference is computed here in float64 with NumPy; results must match within 1e-12
-relative. Error cases must raise the same exception type and name the key or node.
+The contract (``_fallback.weighted_average``): per element, ``acc = 0.0``, then for each
+carrier in update order ``acc = acc + (w_i * x_i)``, and the result is ``acc / W`` with ``W``
+the carriers' weights summed in update order. The reference below writes that sequence out
+with NumPy; results must have the same bytes, not merely be close. Error cases must raise the
+same exception type and name the key or node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -15,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aumai_fedtrain.backend import Backend, get_backend
+from aumai_fedtrain.backend import Backend, get_backend, native_available
+from tests.test_hash_parity import ARRAY_SUBCLASSES
 
 SETTINGS = settings(
     max_examples=100,
@@ -23,6 +29,8 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 EMPTY_UPDATES_MESSAGE = "Cannot average an empty list of updates."
+# rust/average.rs PARALLEL_MIN_WORK: from this many multiply-adds on, the native core threads.
+NATIVE_PARALLEL_MIN_WORK = 1 << 20
 
 
 @pytest.fixture
@@ -34,9 +42,10 @@ def backend(backend_name: str) -> Backend:
 def reference_average(
     updates: Sequence[Mapping[str, Any]], weights: Sequence[float]
 ) -> dict[str, np.ndarray]:
-    """Per-key ``sum((w_i / total) * x_i)`` over the updates with a non-empty value.
+    """Per key, the contract's sequence over the updates with a non-empty value.
 
-    Accumulated in update order, so cancelling terms round as in the contract's definition.
+    ``acc = 0.0; acc = acc + (w_i * x_i)`` in update order, then ``acc / W`` with ``W`` summed
+    in update order from ``0.0`` (not ``sum``, which compensates).
     """
     keys = list(dict.fromkeys(key for update in updates for key in update))
     result = {}
@@ -49,34 +58,40 @@ def reference_average(
         if not carriers:
             result[key] = np.empty(0)
             continue
-        total = sum(weight for weight, _ in carriers)
-        average = np.zeros(carriers[0][1].shape)
+        acc = np.zeros(carriers[0][1].shape)
+        total = 0.0
         for weight, value in carriers:
-            average = average + (weight / total) * value
-        result[key] = average
+            acc = acc + weight * value
+            total = total + weight
+        result[key] = acc / total
     return result
 
 
 def assert_same_average(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Same keys in the same order, each a float64 array of the same shape and bytes."""
     assert list(actual) == list(expected)
     for key, value in expected.items():
-        assert isinstance(actual[key], np.ndarray)
+        assert type(actual[key]) is np.ndarray
         assert actual[key].dtype == np.float64
         assert actual[key].shape == value.shape, key
-        np.testing.assert_allclose(actual[key], value, rtol=1e-12, atol=1e-300)
+        assert actual[key].tobytes() == value.tobytes(), key
 
 
 @st.composite
 def node_values(draw: st.DrawFn, shape: tuple[int, ...]) -> Any:
     """One node's value of a given shape, as a float64/float32/int array, list or scalar."""
-    form = draw(st.sampled_from(["float64", "float32", "int32", "strided", "list", "scalar"]))
+    form = draw(
+        st.sampled_from(
+            ["float64", "float32", "int32", "int64", "uint64", "strided", "list", "scalar"]
+        )
+    )
     elements = st.floats(min_value=-1e6, max_value=1e6, width=32)
     if form == "float64":
         return draw(hnp.arrays(np.float64, shape, elements=elements))
     if form == "float32":
         return draw(hnp.arrays(np.float32, shape, elements=elements))
-    if form == "int32":
-        return draw(hnp.arrays(np.int32, shape, elements=st.integers(-(2**31), 2**31 - 1)))
+    if form in ("int32", "int64", "uint64"):
+        return draw(hnp.arrays(np.dtype(form), shape))  # the whole range: 64-bit ints round
     if form == "strided":
         wide = draw(hnp.arrays(np.float64, (*shape, 2), elements=elements))
         return wide[..., 1]
@@ -171,28 +186,83 @@ def test_keys_in_first_appearance_order_with_empty_and_missing_keys(backend: Bac
 
     # Assert
     assert list(result) == ["b", "empty", "a", "c"]
-    np.testing.assert_allclose(result["b"], [2.5, 3.5], rtol=1e-12)
+    np.testing.assert_array_equal(result["b"], [2.5, 3.5])
     assert result["a"].shape == ()
-    np.testing.assert_allclose(result["a"], (3 * 3.0 + 4 * 5) / 7, rtol=1e-12)
+    assert result["a"] == (3.0 * 3.0 + 4.0 * 5) / 7.0
     for key in ("empty", "c"):
         assert result[key].shape == (0,)
         assert result[key].dtype == np.float64
 
 
 def test_large_inputs_split_across_threads(backend: Backend) -> None:
-    # Prepare: enough work for the native core to use every thread.
+    # Prepare: more multiply-adds than the native core's threading threshold, in odd sizes
+    # (threads split the elements in blocks; the last block is short).
     rng = np.random.default_rng(11)
     updates = [
-        {"w": rng.standard_normal((300, 500)), "v": rng.standard_normal(70_001).astype(np.float32)}
-        for _ in range(4)
+        {
+            "w": rng.standard_normal((301, 499)) * 10.0 ** rng.integers(-8, 8, (301, 499)),
+            "v": rng.standard_normal(70_001).astype(np.float32),
+            "i": rng.integers(-(2**63), 2**63 - 1, 40_003, dtype=np.int64),
+        }
+        for _ in range(5)
     ]
-    weights = [3.0, 1.0, 0.5, 2.0]
+    updates[2]["w"] = np.asfortranarray(updates[2]["w"])
+    weights = [3.0, 0.1, 0.5, 2.0, 1e-3]
+    work = sum(value.size for update in updates for value in update.values())
+    assert work > NATIVE_PARALLEL_MIN_WORK
 
     # Execute
     result = backend.weighted_average(updates, weights)
 
     # Assert
     assert_same_average(result, reference_average(updates, weights))
+
+
+@pytest.mark.skipif(not native_available(), reason="the native extension is not built")
+@SETTINGS
+@given(federation=federations())
+def test_native_and_python_give_the_same_bytes(
+    federation: tuple[list[dict[str, Any]], list[float]],
+) -> None:
+    # Prepare
+    updates, weights = federation
+    weights = [1.0 + w for w in weights]  # every node counts, so no key is all-zero
+
+    # Execute
+    native = get_backend("native").weighted_average(updates, weights)
+    python = get_backend("python").weighted_average(updates, weights)
+
+    # Assert
+    assert_same_average(native, python)
+
+
+@pytest.mark.parametrize(
+    ("values", "weights"),
+    [
+        ([0.1], [3.0]),  # (0.0 + 3 * 0.1) / 3 == 0.10000000000000002, not 0.1
+        ([1.0, 1e16, -1e16], [1.0, 1.0, 1.0]),  # another order of the sum gives 1 / 3
+        ([0.1, 0.2, 0.3], [1.0, 2.0, 3.0]),  # coefficients w / W give 0.23333333333333334
+        ([-0.0, -0.0], [1.0, 2.0]),  # 0.0 + -0.0 is 0.0
+        ([1e308, 1e308], [2.0, 1.0]),  # the product overflows though the mean would not
+    ],
+    ids=["one_node", "order", "coefficients", "negative_zero", "overflowing_product"],
+)
+def test_average_is_the_specified_sequence_of_roundings(
+    backend: Backend, values: list[float], weights: list[float]
+) -> None:
+    # Prepare: the sequence in plain Python floats (IEEE doubles, no fused multiply-add).
+    acc = 0.0
+    total = 0.0
+    for weight, value in zip(weights, values, strict=True):
+        acc = acc + weight * value
+        total = total + weight
+    expected = np.float64(acc / total)
+
+    # Execute
+    result = backend.weighted_average([{"w": value} for value in values], weights)
+
+    # Assert
+    assert result["w"].tobytes() == expected.tobytes()
 
 
 def test_non_contiguous_and_unusual_layouts(backend: Backend) -> None:
@@ -242,8 +312,10 @@ def test_empty_update_list_has_the_exact_message(backend: Backend) -> None:
         ([1.0, -0.5], "weight #1"),
         ([float("nan"), 1.0], "weight #0"),
         ([1.0, float("inf")], "weight #1"),
+        ([1e308, 1e308], "overflows"),
+        ([1.7976931348623157e308, 1e292], "overflows"),
     ],
-    ids=["too_few", "too_many", "negative", "nan", "inf"],
+    ids=["too_few", "too_many", "negative", "nan", "inf", "large", "just_past_the_largest"],
 )
 def test_bad_weights_are_value_errors(backend: Backend, weights: list[float], match: str) -> None:
     # Prepare
@@ -252,6 +324,41 @@ def test_bad_weights_are_value_errors(backend: Backend, weights: list[float], ma
     # Execute / Assert
     with pytest.raises(ValueError, match=match):
         backend.weighted_average(updates, weights)
+
+
+@pytest.mark.parametrize(
+    "weight",
+    ["1.5", True, np.True_, None, 1 + 0j, Decimal("1.5"), np.array(1.0), [1.0]],
+    ids=["str", "bool", "numpy_bool", "none", "complex", "decimal", "array", "list"],
+)
+def test_weights_that_are_not_real_numbers_are_type_errors(backend: Backend, weight: Any) -> None:
+    # Execute / Assert
+    with pytest.raises(TypeError, match="weight #1") as error:
+        backend.weighted_average([{"w": [1.0]}, {"w": [2.0]}], [1.0, weight])
+    assert "real numbers" in str(error.value)
+
+
+def test_real_number_weights_of_any_type_are_accepted(backend: Backend) -> None:
+    # Prepare
+    weights = [2, np.float32(0.5), np.int64(3), Fraction(1, 4), np.float64(0.1)]
+    updates = [{"w": [float(i), 1.0]} for i in range(len(weights))]
+
+    # Execute
+    result = backend.weighted_average(updates, weights)
+
+    # Assert
+    assert_same_average(result, reference_average(updates, [float(w) for w in weights]))
+
+
+@pytest.mark.parametrize("make", ARRAY_SUBCLASSES)
+def test_numpy_array_subclasses_are_type_errors_naming_the_key(
+    backend: Backend, make: Callable[[], np.ndarray]
+) -> None:
+    # Execute / Assert: a masked array would average its hidden values.
+    with pytest.raises(TypeError, match="subclass") as error:
+        backend.weighted_average([{"w": [1.0, 2.0]}, {"w": make()}], [1.0, 1.0], ["a", "b"])
+    assert "'w'" in str(error.value)
+    assert "b" in str(error.value)
 
 
 def test_label_count_mismatch_is_a_value_error(backend: Backend) -> None:

@@ -339,7 +339,7 @@ def test_membership_and_operational_settings_may_change_on_resume(tmp_path: Path
 
     result = DiLoCoCoordinator().run_training(
         changed,
-        [FederatedNode(node_id=node_id) for node_id in ("b", "c")],
+        [FederatedNode(node_id=node_id) for node_id in ("b", "c", "d")],  # "d" sends nothing
         QuadraticProvider(targets),
         checkpoint_dir=tmp_path,
         resume=True,
@@ -347,7 +347,7 @@ def test_membership_and_operational_settings_may_change_on_resume(tmp_path: Path
 
     assert result.rounds_completed == 4
     assert [record.num_participants for record in result.history] == [2, 2, 2, 2]
-    assert result.credits == {"a": 8, "b": 16, "c": 8}
+    assert result.credits == {"a": 8, "b": 16, "c": 8, "d": 0}
 
 
 def test_fewer_rounds_than_the_checkpoint_completed_is_a_clear_error(tmp_path: Path) -> None:
@@ -361,21 +361,10 @@ def test_fewer_rounds_than_the_checkpoint_completed_is_a_clear_error(tmp_path: P
     assert train(CONFIG.model_copy(update={"global_rounds": 3}), tmp_path, resume=True).history
 
 
-def test_a_node_id_with_a_slash_cannot_be_checkpointed(tmp_path: Path) -> None:
-    checkpoint = Checkpoint(
-        config=CONFIG,
-        node_ids=["site/a"],
-        state=DiLoCoCoordinator().initialize(CONFIG, [FederatedNode(node_id="site/a")]),
-        credits={},
-        history=[],
-        elapsed=0.0,
-    )
-
-    with pytest.raises(CheckpointError, match="node id 'site/a' contains '/'"):
-        save_checkpoint(tmp_path, checkpoint)
-    with pytest.raises(CheckpointError, match="node id 'site/a' contains '/'"):
-        checkpoint.check_compatible(CONFIG, ["site/a"])
-    assert load_checkpoint(tmp_path) is None
+def test_a_node_id_with_a_slash_cannot_be_checkpointed() -> None:
+    # Per-node provider tensors are named node/<node_id>/...: the data model refuses such ids.
+    with pytest.raises(ValueError, match="must not contain '/'"):
+        FederatedNode(node_id="site/a")
 
 
 def test_save_and_load_accept_a_str_directory(tmp_path: Path) -> None:

@@ -136,7 +136,12 @@ def test_verify_passes_and_fails_with_exit_codes(tmp_path: Path) -> None:
         (
             '{"node_id": "n", "round_id": 1, "gradients": {"w": ["x"]}, "loss": 1, '
             '"samples_used": 1}',
-            ["gradients.w"],
+            ["gradient 'w': holds a string, not numbers"],
+        ),
+        (
+            '{"node_id": "n", "round_id": 1, "gradients": {"w": [10000000000000000000000]}, '
+            '"loss": 1, "samples_used": 1}',
+            ["gradient 'w': holds values that are not numbers, or ints too large for 64 bits"],
         ),
         (
             '{"node_id": "n", "round_id": 1, "gradients": {}, "loss": 1, "samples_used": 1, '

@@ -103,3 +103,10 @@ def test_credit_tracker_accumulates_per_node() -> None:
     assert tracker.get_credits("a") == 15
     with pytest.raises(ValueError, match="negative"):
         tracker.record("a", -1)
+
+
+def test_sample_counts_whose_total_overflows_are_an_error(backend_name: str) -> None:
+    updates = [update("a", {"w": [1.0]}, samples=10**308), update("b", {"w": [2.0]}, 10**308)]
+
+    with pytest.raises(ValueError, match="overflows"):
+        GradientAverager(backend=backend_name).average(updates)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -394,6 +394,33 @@ def test_bad_input_is_a_type_error_naming_the_key(
     with pytest.raises(TypeError) as error:
         backend.canonical_hash(gradients)
     assert named in str(error.value)
+
+
+class _Tagged(np.ndarray):
+    """A trivial ndarray subclass."""
+
+
+# NumPy array subclasses, which both hot paths refuse on both backends (makers, so that each
+# test builds its own).
+ARRAY_SUBCLASSES = [
+    pytest.param(lambda: np.ma.masked_array([1.0, 2.0], mask=[False, True]), id="masked"),
+    pytest.param(
+        lambda: np.matrix([[1.0, 2.0]]),
+        id="matrix",
+        marks=pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning"),
+    ),
+    pytest.param(lambda: np.array([1.0, 2.0]).view(_Tagged), id="custom"),
+]
+
+
+@pytest.mark.parametrize("make", ARRAY_SUBCLASSES)
+def test_numpy_array_subclasses_are_type_errors_naming_the_key(
+    backend: Backend, make: Callable[[], np.ndarray]
+) -> None:
+    # Execute / Assert: `.tolist()` of a masked array writes None for masked values.
+    with pytest.raises(TypeError, match="subclass") as error:
+        backend.canonical_hash({"w": make(), "b": [1.0]})
+    assert "'w'" in str(error.value)
 
 
 @pytest.mark.parametrize("gradients", [[("w", 1.0)], "w", None, 1.0], ids=repr)

@@ -6,7 +6,8 @@ reproduces, and serve as the fallback when the extension is unavailable:
 - :func:`canonical_hash` is ``sha256(json.dumps(plain(g), sort_keys=True))`` where ``plain``
   turns NumPy arrays into ``.tolist()``; anyone can recompute it with the standard library.
 - :func:`weighted_average` is the per-key weighted mean over the updates that carry a
-  non-empty value for the key, accumulated in float64 with NumPy.
+  non-empty value for the key, computed in float64 by one specified sequence of roundings
+  (see the function), which the native core reproduces bit for bit.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 EMPTY_UPDATES_MESSAGE = "Cannot average an empty list of updates."
+WEIGHTS_OVERFLOW_MESSAGE = (
+    "the weights sum to more than float64 can hold (their total overflows to inf): scale them down"
+)
 
 # NumPy dtype kinds that serialise as JSON numbers: signed/unsigned ints and floats.
 _NUMERIC_KINDS = frozenset("iuf")
@@ -29,23 +34,32 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _plain_value(key: str, value: Any) -> Any:
-    """Return the JSON-equivalent plain form of one gradient value, validating its types."""
+def _check_value(key: str, value: Any) -> None:
+    """Check the types of one gradient value (hashed or averaged alike)."""
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        # A subclass (masked array, matrix, ...) carries meaning a plain array does not.
+        raise TypeError(
+            f"gradient {key!r}: {_describe(value)} is a NumPy array subclass, which is not "
+            "accepted: pass a plain numpy.ndarray"
+        )
     if isinstance(value, np.ndarray | np.generic):
         if value.dtype.kind not in _NUMERIC_KINDS:
             raise TypeError(
                 f"gradient {key!r}: array dtype {value.dtype} is not numeric "
                 "(expected a float or int dtype)"
             )
-        return value.tolist()
-    if isinstance(value, list | tuple):
+    elif isinstance(value, list | tuple):
         _check_numbers(key, value)
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    elif isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(
             f"gradient {key!r}: expected a number or a list of numbers, got {_describe(value)}"
         )
-    return value
+
+
+def _plain_value(key: str, value: Any) -> Any:
+    """Return the JSON-equivalent plain form of one gradient value, validating its types."""
+    _check_value(key, value)
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
 
 
 def _check_numbers(key: str, values: list[Any] | tuple[Any, ...]) -> None:
@@ -84,24 +98,42 @@ def canonical_hash(gradients: Mapping[str, Any]) -> str:
 
 def _as_float_array(key: str, label: str, value: Any) -> np.ndarray:
     try:
-        plain = _plain_value(key, value)
+        _check_value(key, value)
     except TypeError as exc:
         raise TypeError(f"{label}: {exc}") from None
     try:
-        return np.asarray(plain, dtype=np.float64)
+        return np.asarray(value, dtype=np.float64)
     except ValueError as exc:  # ragged nested lists
         raise ValueError(
             f"gradient {key!r} from {label}: not a rectangular array ({exc})"
         ) from None
 
 
+def _sum_in_order(weights: Sequence[float]) -> float:
+    """``0.0 + w_0 + w_1 + ...`` rounded after each addition (``sum`` compensates)."""
+    total = 0.0
+    for weight in weights:
+        total += weight
+    return total
+
+
 def _check_weights(weights: Sequence[float], count: int) -> list[float]:
-    checked = [float(w) for w in weights]
+    checked: list[float] = []
+    for index, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(
+                f"weight #{index} is {_describe(weight)} {weight!r}: "
+                "weights must be real numbers (int or float)"
+            )
+        checked.append(float(weight))
     if len(checked) != count:
         raise ValueError(f"got {len(checked)} weights for {count} updates")
     for index, weight in enumerate(checked):
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight #{index} is {weight!r}: weights must be finite and >= 0")
+    # A finite total bounds every key's total: fewer non-negative terms, in the same order.
+    if math.isinf(_sum_in_order(checked)):
+        raise ValueError(WEIGHTS_OVERFLOW_MESSAGE)
     return checked
 
 
@@ -116,13 +148,21 @@ def weighted_average(
     is ``sum(w_i * x_i) / sum(w_i)`` over the updates that carry a non-empty value for that
     key. A key that no update carries non-empty maps to an empty array.
 
+    The arithmetic is one specified sequence, which both backends follow bit for bit: per
+    element, ``acc = 0.0``, then for each carrier in update order ``acc = acc + (w_i * x_i)``
+    (a rounded product, then a rounded sum), and the result is ``acc / W`` with ``W`` the
+    carriers' weights summed in update order from ``0.0``. Values are read as
+    ``np.asarray(value, dtype=np.float64)`` reads them.
+
     Raises
     ------
     ValueError
         Empty ``updates``, a weight count that does not match, negative or non-finite weights,
-        values of different shapes for one key, or all-zero weights for a key.
+        weights whose total overflows float64, values of different shapes for one key, or
+        all-zero weights for a key.
     TypeError
-        Non-str keys or non-numeric values.
+        Weights that are not real numbers (bools and strings included), non-str keys,
+        non-numeric values, or NumPy array subclasses.
     """
     if len(updates) == 0:
         raise ValueError(EMPTY_UPDATES_MESSAGE)
@@ -155,11 +195,14 @@ def weighted_average(
                     f"gradient {key!r}: shape {array.shape} from {label} does not "
                     f"match shape {first.shape} from {first_label}"
                 )
-        total = sum(weight for _, weight, _ in entries)
+        total = _sum_in_order([weight for _, weight, _ in entries])
         if total == 0:
             raise ValueError(f"gradient {key!r}: all weights of the updates that carry it are zero")
         acc = np.zeros(first.shape, dtype=np.float64)
-        for _, weight, array in entries:
-            acc += (weight / total) * array
+        # Non-finite values and overflowing products propagate silently, as in the native core.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for _, weight, array in entries:
+                acc += weight * array
+            acc /= total
         result[key] = acc
     return result

@@ -30,13 +30,16 @@ def average_updates(
     """Per-key weighted mean of the updates' gradients, in float64.
 
     Each key is averaged over the updates that carry a non-empty value for it; a key that no
-    update carries non-empty maps to an empty array.
+    update carries non-empty maps to an empty array. Both backends compute
+    ``sum(w_i * x_i) / sum(w_i)`` by the same sequence of roundings (see
+    ``aumai_fedtrain._fallback.weighted_average``), so their results are bit for bit equal.
 
     Raises
     ------
     ValueError
         ``Cannot average an empty list of updates.``, shapes that differ for one key (naming the
-        key and nodes), or all-zero weights for a key.
+        key and nodes), all-zero weights for a key, or sample counts whose total overflows
+        float64.
     """
     chosen = backend if backend is not None else get_backend()
     return chosen.weighted_average(

@@ -1,27 +1,29 @@
 """Selection of the hot-path backend: the native Rust core or the pure-Python fallback.
 
-The native extension is used when it imports; ``AUMAI_FEDTRAIN_BACKEND=python|native``
-forces one (forcing ``native`` when the extension is missing is an error). Classes that use a
-hot path take an optional ``backend`` argument with the same names.
+The native extension is used when it imports and was built for the installed version of the
+package; ``AUMAI_FEDTRAIN_BACKEND=python|native`` forces one (forcing ``native`` when the
+extension is unusable is an error). A missing or stale extension is reported once, when the
+package is imported, by a ``RuntimeWarning``. Classes that use a hot path take an optional
+``backend`` argument with the same names.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 from typing import Any, Protocol, cast
 
 import numpy as np
 
 from aumai_fedtrain import _fallback
 
-try:
-    from aumai_fedtrain import _native
-except ImportError:  # pragma: no cover - exercised only on installs without the extension
-    _native = None
-
 ENV_VAR = "AUMAI_FEDTRAIN_BACKEND"
 BACKEND_NAMES = ("native", "python")
+DISTRIBUTION = "aumai-fedtrain"
+REBUILD_HINT = "reinstall with `pip install -e .` (from a source checkout) to rebuild it"
 
 
 class Backend(Protocol):
@@ -37,8 +39,36 @@ class Backend(Protocol):
     ) -> dict[str, np.ndarray]: ...
 
 
+def _load_native() -> tuple[ModuleType | None, str | None]:
+    """The native extension if it is usable, else None and what is wrong with it."""
+    try:
+        from aumai_fedtrain import _native
+    except ImportError as exc:
+        return None, f"the native extension aumai_fedtrain._native is not built ({exc})"
+    try:
+        installed = version(DISTRIBUTION)
+    except PackageNotFoundError:  # a source tree that is not installed: nothing to compare
+        return _native, None
+    built = getattr(_native, "__version__", "unknown")
+    if built != installed:
+        return None, (
+            f"the native extension aumai_fedtrain._native is stale (built for version {built}, "
+            f"the installed package is version {installed})"
+        )
+    return _native, None
+
+
+_native, _native_problem = _load_native()
+if _native_problem is not None:
+    warnings.warn(
+        f"{_native_problem}; the slow pure-Python fallback is in use: {REBUILD_HINT}",
+        RuntimeWarning,
+        stacklevel=1,
+    )
+
+
 def native_available() -> bool:
-    """Whether the compiled extension imported."""
+    """Whether the compiled extension imported and matches the installed package."""
     return _native is not None
 
 
@@ -47,6 +77,13 @@ def get_backend(name: str | None = None) -> Backend:
 
     The default is ``$AUMAI_FEDTRAIN_BACKEND`` when set, else native when available, else
     python.
+
+    Raises
+    ------
+    ValueError
+        An unknown backend name.
+    RuntimeError
+        ``native`` is requested but the extension is missing or stale.
     """
     chosen = name if name is not None else os.environ.get(ENV_VAR, "").strip().lower() or None
     if chosen is None:
@@ -55,9 +92,10 @@ def get_backend(name: str | None = None) -> Backend:
         return cast(Backend, _fallback)
     if chosen == "native":
         if _native is None:
+            problem = _native_problem or "the native extension aumai_fedtrain._native is missing"
             raise RuntimeError(
-                "the native backend was requested but aumai_fedtrain._native is not built; "
-                "reinstall the package or use the python backend"
+                f"the native backend was requested but {problem}: {REBUILD_HINT}, "
+                f"or use the python backend ({ENV_VAR}=python)"
             )
         return cast(Backend, _native)
     raise ValueError(f"unknown backend {chosen!r}: expected one of {', '.join(BACKEND_NAMES)}")

@@ -65,13 +65,12 @@ class Checkpoint(BaseModel):
     provider_state: TensorMap = Field(default_factory=dict)
     """What the provider keeps across rounds (:meth:`UpdateProvider.state_dict`)."""
 
-    def check_compatible(self, config: TrainingConfig, node_ids: list[str]) -> None:
+    def check_compatible(self, config: TrainingConfig) -> None:
         """Raise :class:`CheckpointError` unless ``config`` may continue this checkpoint's run.
 
         The nodes may differ (membership changes across a resume), and so may the config's
         ``global_rounds``, ``num_nodes``, ``max_loss`` and ``max_abs_update``; every other field
-        must match. ``global_rounds`` may not be below the rounds already completed, and no
-        node id may contain "/" (per-node provider tensors are named ``node/<node_id>/...``).
+        must match. ``global_rounds`` may not be below the rounds already completed.
         """
         saved = self.config.model_dump(mode="json", exclude=set(_OPERATIONAL_FIELDS))
         wanted = config.model_dump(mode="json", exclude=set(_OPERATIONAL_FIELDS))
@@ -89,15 +88,6 @@ class Checkpoint(BaseModel):
                 f"the checkpoint already completed {done} rounds; --rounds "
                 f"{config.global_rounds} is below that: pass --rounds {done} or more, "
                 "or another --checkpoint-dir"
-            )
-        _check_node_ids(node_ids)
-
-
-def _check_node_ids(node_ids: list[str]) -> None:
-    for node_id in node_ids:
-        if "/" in node_id:
-            raise CheckpointError(
-                f"node id {node_id!r} contains '/', which checkpoints cannot store: rename it"
             )
 
 
@@ -219,7 +209,6 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
     written; the previous checkpoint is then left as it was.
     """
     directory = Path(directory)
-    _check_node_ids(checkpoint.node_ids)
     _ensure_directory(directory)
     tensors = _flatten(checkpoint)
     run = checkpoint.model_dump(mode="json", exclude={"state", "provider_state"})

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from aumai_fedtrain.aggregation import GradientAverager, weighted_mean_loss
 from aumai_fedtrain.checkpoint import (
     Checkpoint,
     CheckpointError,
+    check_writable,
+    checkpoint_lock,
     load_checkpoint,
     save_checkpoint,
 )
@@ -46,6 +49,18 @@ class QuorumError(RuntimeError):
 
 class DivergenceError(RuntimeError):
     """The outer step made the global model non-finite; the round was not applied."""
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one :meth:`DiLoCoCoordinator.run_training` call trains with."""
+
+    config: TrainingConfig
+    nodes: list[FederatedNode]
+    provider: UpdateProvider
+    min_nodes: int
+    on_round: RoundCallback | None
+    on_start: StartCallback | None
 
 
 def check_unique_node_ids(nodes: Sequence[FederatedNode]) -> None:
@@ -199,22 +214,32 @@ class DiLoCoCoordinator:
                 "make them agree"
             )
         provider.configure(config)
-        node_list = list(nodes)
+        run = _Run(config, list(nodes), provider, min_nodes, on_round, on_start)
+        if checkpoint_dir is None:
+            return self._train(run, None, resume)
+        directory = Path(checkpoint_dir)
+        check_writable(directory)
+        with checkpoint_lock(directory):
+            return self._train(run, directory, resume)
+
+    def _train(self, run: _Run, directory: Path | None, resume: bool) -> TrainingResult:
+        """The rounds of :meth:`run_training` (holding the checkpoint directory's lock)."""
+        config, node_list, provider = run.config, run.nodes, run.provider
         state = self.initialize(config, node_list, provider.initial_parameters(config))
         history: list[RoundRecord] = []
         elapsed_before = 0.0
-        if checkpoint_dir is not None:
-            restored = self._restore(Path(checkpoint_dir), config, node_list, resume)
+        if directory is not None:
+            restored = self._restore(directory, config, resume)
             if restored is not None:
                 state, history, elapsed_before = restored.state, restored.history, restored.elapsed
                 try:
                     provider.load_state_dict(restored.provider_state)
                 except (KeyError, ValueError) as exc:
                     raise CheckpointError(
-                        f"the checkpoint in {checkpoint_dir} does not fit this provider ({exc})"
+                        f"the checkpoint in {directory} does not fit this provider ({exc})"
                     ) from None
-        if on_start is not None:
-            on_start(state)
+        if run.on_start is not None:
+            run.on_start(state)
         started = time.perf_counter()
         while state.round_id < config.global_rounds:
             round_started = time.perf_counter()
@@ -227,14 +252,14 @@ class DiLoCoCoordinator:
             for node_id, reason in refused.items():
                 logger.warning("round %d: dropped the update of %s: %s", round_id, node_id, reason)
             dropped |= refused
-            _check_quorum(round_id, len(accepted), len(node_list), min_nodes, dropped)
+            _check_quorum(round_id, len(accepted), len(node_list), run.min_nodes, dropped)
             state = self._apply(state, accepted)
             record = self._record(state, provider, time.perf_counter() - round_started, dropped)
             history.append(record)
             elapsed = elapsed_before + time.perf_counter() - started
-            if checkpoint_dir is not None:
+            if directory is not None:
                 save_checkpoint(
-                    Path(checkpoint_dir),
+                    directory,
                     Checkpoint(
                         config=config,
                         node_ids=[node.node_id for node in node_list],
@@ -245,8 +270,8 @@ class DiLoCoCoordinator:
                         provider_state=provider.state_dict(),
                     ),
                 )
-            if on_round is not None:
-                on_round(record)
+            if run.on_round is not None:
+                run.on_round(record)
         return TrainingResult(
             final_loss=history[-1].avg_loss if history else math.nan,
             total_samples=sum(record.total_samples for record in history),
@@ -262,13 +287,7 @@ class DiLoCoCoordinator:
             raise RuntimeError("call initialize(config, nodes) before run_round")
         return self._config
 
-    def _restore(
-        self,
-        directory: Path,
-        config: TrainingConfig,
-        nodes: list[FederatedNode],
-        resume: bool,
-    ) -> Checkpoint | None:
+    def _restore(self, directory: Path, config: TrainingConfig, resume: bool) -> Checkpoint | None:
         checkpoint = load_checkpoint(directory)
         if checkpoint is None:
             return None
@@ -277,7 +296,7 @@ class DiLoCoCoordinator:
                 f"{directory} already holds a checkpoint of round {checkpoint.state.round_id}; "
                 "resume it or choose another checkpoint directory"
             )
-        checkpoint.check_compatible(config, [node.node_id for node in nodes])
+        checkpoint.check_compatible(config)
         self.credit_tracker.reset()
         for node_id, samples in checkpoint.credits.items():
             self.credit_tracker.record(node_id, samples)

@@ -14,7 +14,11 @@ def describe_validation_error(error: ValidationError, limit: int = 3) -> str:
     """One line naming each invalid field (``unknown key 'x'`` for unexpected ones)."""
     parts = []
     for item in error.errors()[:limit]:
-        location = ".".join(str(part) for part in item["loc"])
+        loc = item["loc"]
+        if len(loc) == 2 and loc[0] == "gradients":
+            location = f"gradient {loc[1]!r}"
+        else:
+            location = ".".join(str(part) for part in loc)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             parts.append(f"unknown key {location!r}")

@@ -37,6 +37,13 @@ __all__ = [
 ]
 
 _NUMERIC_KINDS = frozenset("iuf")
+_NOT_NUMBERS = {
+    "U": "holds a string, not numbers",
+    "S": "holds bytes, not numbers",
+    "b": "holds booleans, not numbers",
+    "c": "holds complex numbers, not real numbers",
+    "O": "holds values that are not numbers, or ints too large for 64 bits (e.g. None, 10**400)",
+}
 
 
 def to_tensor(value: Any) -> np.ndarray:
@@ -46,16 +53,18 @@ def to_tensor(value: Any) -> np.ndarray:
     """
     if isinstance(value, np.ndarray) and value.dtype == np.float64:
         return value
-    if isinstance(value, str | bytes | Mapping):
-        raise ValueError(
-            f"expected a number or a (nested) list of numbers, got {type(value).__name__}"
-        )
+    if isinstance(value, str | bytes):
+        raise ValueError(_NOT_NUMBERS["U" if isinstance(value, str) else "S"])
+    if isinstance(value, Mapping):
+        raise ValueError("holds a mapping, not a number or a (nested) list of numbers")
     try:
         array = np.asarray(value)
     except ValueError as exc:
         raise ValueError(f"not a rectangular array of numbers ({exc})") from None
     if array.dtype.kind not in _NUMERIC_KINDS:
-        raise ValueError(f"expected numbers, got values of type {array.dtype}")
+        raise ValueError(
+            _NOT_NUMBERS.get(array.dtype.kind, f"holds {array.dtype} values, not numbers")
+        )
     return array.astype(np.float64, copy=False)
 
 

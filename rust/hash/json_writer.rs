@@ -8,7 +8,8 @@
 use std::mem;
 
 use super::float_repr::{copy_short, write_float, MAX_FLOAT_LEN};
-use super::{NumberData, Numbers, Value};
+use super::Value;
+use crate::array::{Array, ArrayData};
 use crate::key::Key;
 
 /// Size of one chunk of JSON text.
@@ -217,17 +218,18 @@ impl<'s> JsonWriter<'s> {
                 }
                 self.ascii(b"]");
             }
-            Value::Array(numbers) => self.array(numbers),
+            Value::Array(array) => self.array(array),
         }
     }
 
     /// Write an N-D array as `.tolist()` gives it: nested lists, or a bare number for 0-D.
-    fn array(&mut self, numbers: &Numbers<'_>) {
-        match &numbers.data {
-            NumberData::F64(data) => self.array_of(&numbers.shape, data),
-            NumberData::F32(data) => self.array_of(&numbers.shape, data),
-            NumberData::I64(data) => self.array_of(&numbers.shape, data),
-            NumberData::U64(data) => self.array_of(&numbers.shape, data),
+    fn array(&mut self, array: &Array<'_>) {
+        let shape = array.shape();
+        match array.data() {
+            ArrayData::F64(data) => self.array_of(shape, data),
+            ArrayData::F32(data) => self.array_of(shape, data),
+            ArrayData::I64(data) => self.array_of(shape, data),
+            ArrayData::U64(data) => self.array_of(shape, data),
         }
     }
 
@@ -273,8 +275,8 @@ impl<'s> JsonWriter<'s> {
 pub(super) mod tests {
     use super::*;
 
-    fn array<'a>(shape: &[usize], data: NumberData<'a>) -> Value<'a> {
-        Value::Array(Box::new(Numbers::new(shape.to_vec(), data)))
+    fn array<'a>(shape: &[usize], data: ArrayData<'a>) -> Value<'a> {
+        Value::Array(Box::new(Array::new(shape.to_vec(), data)))
     }
 
     /// The JSON text of a document, collected through a sink that keeps every chunk.
@@ -316,7 +318,7 @@ pub(super) mod tests {
         assert_eq!(text_of(&[]), "{}");
         assert_eq!(single(Value::List(vec![])), r#"{"k": []}"#);
         assert_eq!(
-            single(array(&[2, 0], NumberData::F64(vec![].into()))),
+            single(array(&[2, 0], ArrayData::F64(vec![].into()))),
             r#"{"k": [[], []]}"#
         );
     }
@@ -336,23 +338,23 @@ pub(super) mod tests {
     fn arrays_nest_by_shape() {
         let data = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         assert_eq!(
-            single(array(&[2, 3], NumberData::F64(data[..].into()))),
+            single(array(&[2, 3], ArrayData::F64(data[..].into()))),
             r#"{"k": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]}"#
         );
         assert_eq!(
-            single(array(&[3, 1, 2], NumberData::F64(data[..].into()))),
+            single(array(&[3, 1, 2], ArrayData::F64(data[..].into()))),
             r#"{"k": [[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 6.0]]]}"#
         );
         assert_eq!(
-            single(array(&[], NumberData::U64(vec![7].into()))),
+            single(array(&[], ArrayData::U64(vec![7].into()))),
             r#"{"k": 7}"#
         );
         assert_eq!(
-            single(array(&[1, 2], NumberData::I64(vec![i64::MIN, 0].into()))),
+            single(array(&[1, 2], ArrayData::I64(vec![i64::MIN, 0].into()))),
             r#"{"k": [[-9223372036854775808, 0]]}"#
         );
         assert_eq!(
-            single(array(&[2], NumberData::F32(vec![0.1f32, -2.0].into()))),
+            single(array(&[2], ArrayData::F32(vec![0.1f32, -2.0].into()))),
             r#"{"k": [0.10000000149011612, -2.0]}"#
         );
     }

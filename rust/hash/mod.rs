@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 pub use float_repr::float_repr;
 use json_writer::{Chunk, JsonWriter};
 
+use crate::array::Array;
 use crate::key::Key;
 
 /// One gradient value: what `plain(g)[key]` holds before JSON serialisation.
@@ -30,60 +31,13 @@ pub enum Value<'a> {
     /// A list or tuple, possibly nested and ragged.
     List(Vec<Value<'a>>),
     /// An N-D array of numbers, written as its `.tolist()`.
-    Array(Box<Numbers<'a>>),
-}
-
-/// An N-D array of numbers of one dtype, row-major, borrowed or owned.
-#[derive(Clone, Debug)]
-pub struct Numbers<'a> {
-    shape: Vec<usize>,
-    data: NumberData<'a>,
-}
-
-/// The row-major values of [`Numbers`].
-#[derive(Clone, Debug)]
-pub enum NumberData<'a> {
-    F64(Cow<'a, [f64]>),
-    /// Written as the doubles of the same values, as `.tolist()` gives them.
-    F32(Cow<'a, [f32]>),
-    I64(Cow<'a, [i64]>),
-    U64(Cow<'a, [u64]>),
-}
-
-impl NumberData<'_> {
-    fn len(&self) -> usize {
-        match self {
-            NumberData::F64(d) => d.len(),
-            NumberData::F32(d) => d.len(),
-            NumberData::I64(d) => d.len(),
-            NumberData::U64(d) => d.len(),
-        }
-    }
-}
-
-impl<'a> Numbers<'a> {
-    /// An array of the given shape (empty for 0-D) over row-major `data`.
-    ///
-    /// # Panics
-    /// If `data` does not hold exactly as many values as `shape`.
-    pub fn new(shape: Vec<usize>, data: NumberData<'a>) -> Self {
-        assert_eq!(
-            data.len(),
-            shape.iter().product::<usize>(),
-            "data length must match shape {shape:?}"
-        );
-        Numbers { shape, data }
-    }
+    Array(Box<Array<'a>>),
 }
 
 impl<'a> Value<'a> {
     /// A flat list of floats.
     pub fn floats(values: impl Into<Cow<'a, [f64]>>) -> Self {
-        let data = values.into();
-        Value::Array(Box::new(Numbers::new(
-            vec![data.len()],
-            NumberData::F64(data),
-        )))
+        Value::Array(Box::new(Array::floats(values)))
     }
 
     /// How many numbers the value holds.
@@ -91,7 +45,7 @@ impl<'a> Value<'a> {
         match self {
             Value::Float(_) | Value::Int(_) | Value::BigInt(_) => 1,
             Value::List(items) => items.iter().map(Value::number_count).sum(),
-            Value::Array(numbers) => numbers.data.len(),
+            Value::Array(array) => array.len(),
         }
     }
 }

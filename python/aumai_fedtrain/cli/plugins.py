@@ -39,7 +39,7 @@ def load_function(spec: str, option: str) -> Callable[..., Any]:
         raise InputError(
             f"{option}: cannot import {module_name!r}: {type(exc).__name__}: {exc}"
         ) from None
-    function = getattr(module, function_name, None)
+    function: object = getattr(module, function_name, None)
     if not callable(function):
         raise InputError(f"{option}: {module_name!r} has no function {function_name!r}")
     return function

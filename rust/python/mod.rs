@@ -1,0 +1,149 @@
+//! The PyO3 module `aumai_fedtrain._native`: a thin layer over the core.
+//!
+//! With the GIL held, Python values are checked exactly as the reference
+//! (`aumai_fedtrain._fallback`) checks them and turned into core values: NumPy float64,
+//! float32, int64 and uint64 arrays are borrowed in place, other numeric arrays are converted
+//! by NumPy, lists are copied into Rust vectors. The GIL is then released while the core
+//! hashes or averages.
+//!
+//! - `input`: the entries of a gradient map and the kind of each value;
+//! - `lists`: lists and tuples of numbers;
+//! - `source`: values as core values, NumPy arrays through one array view.
+
+mod input;
+mod lists;
+mod source;
+
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::PyArray;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyType};
+
+use crate::average::{self, NodeUpdate};
+use crate::error::AverageError;
+use crate::hash;
+use crate::key::Key;
+use input::{key_of, repr, type_name};
+use source::{average_source, gradient_sources, hash_source};
+
+/// Native hot paths of aumai-fedtrain (same contract as `aumai_fedtrain._fallback`).
+#[pymodule]
+mod _native {
+    #[pymodule_export]
+    use super::{canonical_hash, weighted_average};
+
+    /// The crate's version; the package refuses an extension built for another version.
+    #[allow(non_upper_case_globals)]
+    #[pymodule_export]
+    const __version__: &str = env!("CARGO_PKG_VERSION");
+}
+
+/// SHA-256 hex digest of the canonical JSON serialisation of ``gradients``.
+#[pyfunction]
+fn canonical_hash(py: Python<'_>, gradients: &Bound<'_, PyAny>) -> PyResult<String> {
+    let mut sources = gradient_sources(gradients, None, hash_source)?;
+    let mut entries = Vec::with_capacity(sources.len());
+    for (key, source) in &mut sources {
+        entries.push((key_of(key)?, source.take()));
+    }
+    Ok(py.detach(|| hash::canonical_hash(entries)))
+}
+
+/// Per-key weighted mean of gradient maps, in float64 (see ``_fallback.weighted_average``).
+#[pyfunction]
+#[pyo3(signature = (updates, weights, labels = None))]
+fn weighted_average<'py>(
+    py: Python<'py>,
+    updates: &Bound<'py, PyAny>,
+    weights: &Bound<'py, PyAny>,
+    labels: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let count = updates.len()?;
+    // The reference rejects an empty list before it looks at the weights.
+    if count == 0 {
+        average::check_weights(&[], 0).map_err(|error| value_error(py, &error))?;
+    }
+    let weights = weights
+        .try_iter()?
+        .enumerate()
+        .map(|(index, w)| weight_value(index, &w?))
+        .collect::<PyResult<Vec<f64>>>()?;
+    average::check_weights(&weights, count).map_err(|error| value_error(py, &error))?;
+    let labels: Vec<String> = match labels {
+        None => (0..count).map(|i| format!("update #{i}")).collect(),
+        Some(labels) => labels
+            .try_iter()?
+            .map(|label| Ok(label?.str()?.to_string_lossy().into_owned()))
+            .collect::<PyResult<_>>()?,
+    };
+    if labels.len() != count {
+        return Err(PyValueError::new_err(format!(
+            "got {} labels for {count} updates",
+            labels.len()
+        )));
+    }
+
+    let mut nodes = Vec::with_capacity(count);
+    for (update, label) in updates.try_iter()?.zip(&labels) {
+        nodes.push(gradient_sources(&update?, Some(label), average_source)?);
+    }
+    let mut node_updates = Vec::with_capacity(count);
+    for (entries, label) in nodes.iter_mut().zip(labels) {
+        let mut converted = Vec::with_capacity(entries.len());
+        for (key, source) in entries.iter_mut() {
+            converted.push((key_of(key)?, source.take()));
+        }
+        node_updates.push(NodeUpdate {
+            label,
+            entries: converted,
+        });
+    }
+    let averages = py
+        .detach(|| average::weighted_average(&node_updates, &weights))
+        .map_err(|error| value_error(py, &error))?;
+
+    let result = PyDict::new(py);
+    for averaged in averages {
+        let key = &nodes[averaged.node][averaged.entry].0;
+        let values = ArrayD::from_shape_vec(IxDyn(&averaged.shape), averaged.values)
+            .expect("the core returns as many values as the shape holds");
+        result.set_item(key, PyArray::from_owned_array(py, values))?;
+    }
+    Ok(result)
+}
+
+/// Weight #`index` as `float(obj)`, exactly as the reference converts weights: a real number
+/// (`numbers.Real`: int, float, NumPy int or float scalar, ...) but not a bool.
+fn weight_value(index: usize, obj: &Bound<'_, PyAny>) -> PyResult<f64> {
+    if let Ok(float) = obj.cast_exact::<PyFloat>() {
+        return Ok(float.value());
+    }
+    let py = obj.py();
+    if obj.is_instance_of::<PyBool>() || !obj.is_instance(numbers_real(py)?)? {
+        return Err(PyTypeError::new_err(format!(
+            "weight #{index} is {} {}: weights must be real numbers (int or float)",
+            type_name(obj),
+            repr(obj)
+        )));
+    }
+    py.get_type::<PyFloat>().call1((obj,))?.extract()
+}
+
+fn numbers_real(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    static REAL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    REAL.import(py, "numbers", "Real")
+}
+
+/// A core error as a `ValueError`, naming keys as Python's `repr` does.
+fn value_error(py: Python<'_>, error: &AverageError) -> PyErr {
+    PyValueError::new_err(error.message_with(&|key| key_repr(py, key)))
+}
+
+/// Python's `repr` of the `str` a core key came from.
+fn key_repr(py: Python<'_>, key: &Key<'_>) -> String {
+    PyBytes::new(py, key.as_bytes())
+        .call_method1("decode", ("utf-8", "surrogatepass"))
+        .map_or_else(|_| key.to_string(), |text| repr(&text).into_owned())
+}

@@ -1,0 +1,185 @@
+//! Python gradient values as core values: NumPy arrays read in place through [`ArrayView`],
+//! everything else converted into owned core values.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::mem;
+
+use numpy::{
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyFloat, PyInt, PyString};
+
+use super::input::{classify, gradient_entries, type_name, Kind, Site};
+use super::lists::{int_value, plain_sequence, Rectangle};
+use crate::array::{Array, ArrayData};
+use crate::hash::Value;
+
+/// A NumPy array as one of the core's element types, borrowed for as long as the view lives:
+/// read in place when it is float64, float32, int64 or uint64 (native byte order, aligned),
+/// else a copy converted by NumPy (smaller ints widen exactly; float16, other byte orders and
+/// unaligned data become float64 exactly; long double is rounded to float64).
+pub(super) enum ArrayView<'py> {
+    F64(PyReadonlyArrayDyn<'py, f64>),
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    I64(PyReadonlyArrayDyn<'py, i64>),
+    U64(PyReadonlyArrayDyn<'py, u64>),
+}
+
+impl<'py> ArrayView<'py> {
+    /// View an array of a numeric dtype (checked by [`classify`]).
+    fn of(array: &Bound<'py, PyUntypedArray>) -> PyResult<Self> {
+        if viewable_as::<f64>(array) {
+            return Ok(ArrayView::F64(array_as(array)?));
+        }
+        if viewable_as::<f32>(array) {
+            return Ok(ArrayView::F32(array_as(array)?));
+        }
+        Ok(match array.dtype().kind() {
+            b'i' => ArrayView::I64(array_as(array)?),
+            b'u' => ArrayView::U64(array_as(array)?),
+            _ => ArrayView::F64(array_as(array)?),
+        })
+    }
+
+    /// The core array: borrowed when the NumPy array is C-contiguous, else copied row-major.
+    fn array(&self) -> Array<'_> {
+        match self {
+            ArrayView::F64(a) => Array::new(a.shape().to_vec(), ArrayData::F64(row_major(a))),
+            ArrayView::F32(a) => Array::new(a.shape().to_vec(), ArrayData::F32(row_major(a))),
+            ArrayView::I64(a) => Array::new(a.shape().to_vec(), ArrayData::I64(row_major(a))),
+            ArrayView::U64(a) => Array::new(a.shape().to_vec(), ArrayData::U64(row_major(a))),
+        }
+    }
+}
+
+/// Whether the array can be read in place as `T`: its dtype is `T` (native byte order) and its
+/// data is aligned.
+fn viewable_as<T: Element>(array: &Bound<'_, PyUntypedArray>) -> bool {
+    array.cast::<PyArrayDyn<T>>().is_ok() && array.is_aligned()
+}
+
+/// The array as `T`: itself when [`viewable_as`], else a copy converted by NumPy.
+fn array_as<'py, T: Element>(
+    array: &Bound<'py, PyUntypedArray>,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let typed = if viewable_as::<T>(array) {
+        array.cast::<PyArrayDyn<T>>()?.clone()
+    } else {
+        array
+            .call_method1("astype", (numpy::dtype::<T>(array.py()),))?
+            .cast_into::<PyArrayDyn<T>>()?
+    };
+    Ok(typed.try_readonly()?)
+}
+
+/// The array's values in row-major order: borrowed in place when C-contiguous, else copied.
+fn row_major<'a, T: Element + Copy>(array: &'a PyReadonlyArrayDyn<'_, T>) -> Cow<'a, [T]> {
+    match array.as_slice() {
+        Ok(slice) if array.is_c_contiguous() => Cow::Borrowed(slice),
+        _ => Cow::Owned(array.as_array().iter().copied().collect()),
+    }
+}
+
+/// A gradient value ready for the core: an owned core value (`T`), or a NumPy array that the
+/// core value will borrow.
+pub(super) enum Source<'py, T> {
+    Owned(T),
+    View(ArrayView<'py>),
+}
+
+impl Source<'_, Value<'static>> {
+    /// The value to hash; an owned value is moved out, an array is borrowed.
+    pub(super) fn take(&mut self) -> Value<'_> {
+        match self {
+            Source::Owned(value) => mem::replace(value, Value::List(Vec::new())),
+            Source::View(view) => Value::Array(Box::new(view.array())),
+        }
+    }
+}
+
+impl Source<'_, Array<'static>> {
+    /// The array to average; an owned array is moved out, a NumPy array is borrowed.
+    pub(super) fn take(&mut self) -> Array<'_> {
+        match self {
+            Source::Owned(array) => mem::take(array),
+            Source::View(view) => view.array(),
+        }
+    }
+}
+
+/// The `(key, source)` pairs of a gradient map, each value checked and converted by `convert`.
+pub(super) fn gradient_sources<'py, T>(
+    gradients: &Bound<'py, PyAny>,
+    label: Option<&str>,
+    convert: fn(&Site<'_, 'py>, &Bound<'py, PyAny>) -> PyResult<Source<'py, T>>,
+) -> PyResult<Vec<(Bound<'py, PyString>, Source<'py, T>)>> {
+    let mut sources = Vec::new();
+    for entry in gradient_entries(gradients, label)? {
+        let (key, value) = entry?;
+        let site = Site {
+            key: key.as_any(),
+            label,
+        };
+        let source = convert(&site, &value)?;
+        sources.push((key, source));
+    }
+    Ok(sources)
+}
+
+/// A gradient value to hash, as `plain(g)[key]` holds it.
+pub(super) fn hash_source<'py>(
+    site: &Site<'_, 'py>,
+    value: &Bound<'py, PyAny>,
+) -> PyResult<Source<'py, Value<'static>>> {
+    let plain = match classify(site, value)? {
+        Kind::Array(array) => {
+            let dtype = array.dtype();
+            // long double: `.tolist()` keeps NumPy scalars, which json.dumps rejects.
+            if dtype.kind() == b'f' && dtype.itemsize() > 8 {
+                return Err(not_serialisable(site, format_args!("array dtype {dtype}")));
+            }
+            return Ok(Source::View(ArrayView::of(&array)?));
+        }
+        // `.tolist()` gives a Python float or int (or, for long double, a NumPy scalar that
+        // json cannot serialise).
+        Kind::NumpyScalar => {
+            let plain = value.call_method0("tolist")?;
+            if let Ok(float) = plain.cast::<PyFloat>() {
+                Value::Float(float.value())
+            } else if let Ok(int) = plain.cast::<PyInt>() {
+                int_value(int)?
+            } else {
+                let what = format!("object of type {}", type_name(&plain));
+                return Err(not_serialisable(site, what));
+            }
+        }
+        Kind::Sequence => plain_sequence(site, value)?,
+        Kind::Float(x) => Value::Float(x),
+        Kind::Int(int) => int_value(&int)?,
+    };
+    Ok(Source::Owned(plain))
+}
+
+fn not_serialisable(site: &Site<'_, '_>, what: impl fmt::Display) -> PyErr {
+    site.type_error(format_args!("{what} is not JSON serializable"))
+}
+
+/// A gradient value to average, as `np.asarray(value, dtype=np.float64)` reads it.
+pub(super) fn average_source<'py>(
+    site: &Site<'_, 'py>,
+    value: &Bound<'py, PyAny>,
+) -> PyResult<Source<'py, Array<'static>>> {
+    let scalar = |x: f64| Array::new(Vec::new(), ArrayData::F64(vec![x].into()));
+    Ok(Source::Owned(match classify(site, value)? {
+        Kind::Array(array) => return Ok(Source::View(ArrayView::of(&array)?)),
+        Kind::NumpyScalar | Kind::Int(_) => scalar(value.extract::<f64>()?),
+        Kind::Float(x) => scalar(x),
+        Kind::Sequence => {
+            let (shape, values) = Rectangle::of(site, value)?;
+            Array::new(shape, ArrayData::F64(values.into()))
+        }
+    }))
+}
