@@ -798,11 +798,11 @@ def test_the_custom_trainer_example_learns_the_regression(tmp_path: Path) -> Non
 
 
 Answer = Callable[[socket.socket, bytes, threading.Event], None]
-"""What a raw node does with a connection: ``(connection, request head, stop event)``."""
+"""What a raw node does with a connection: ``(connection, request, stop event)``."""
 
 
 def read_request(conn: socket.socket) -> bytes:
-    """One HTTP request (head and ``Content-Length`` body) read from ``conn``."""
+    """One HTTP request (its head, the blank line and its ``Content-Length`` body) from ``conn``."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = conn.recv(65536)
@@ -817,7 +817,7 @@ def read_request(conn: socket.socket) -> bytes:
         if not chunk:
             break
         body += chunk
-    return head
+    return head + b"\r\n\r\n" + body
 
 
 @contextmanager
@@ -826,8 +826,9 @@ def raw_node(
 ) -> Iterator[tuple[str, list[bytes]]]:
     """A TCP (or, with ``tls``, TLS) server on a free loopback port; ``answer`` writes its answers.
 
-    Yields ``host:port`` and the list of the request heads it received. Every connection is
-    served in a thread; ``answer`` gets a stop event, set (and all threads joined) on exit.
+    Yields ``host:port`` and the list of the requests (head and body) it received. Every
+    connection is served in a thread; ``answer`` gets a stop event, set (and all threads
+    joined) on exit.
     """
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.05)
