@@ -1,16 +1,23 @@
-"""Hostile node trainers for ``aumai-fedtrain node --trainer tests.hostile_nodes:<factory>``.
+"""Hostile nodes: trainers for ``aumai-fedtrain node --trainer tests.hostile_nodes:<factory>``,
+an answer of 1.6 million empty tensors (``python -m tests.hostile_nodes COUNT`` serves it) and
+a flood of idle connections.
 
-Each trains honestly (the built-in simulation's trainer) and then corrupts what it returns;
-the node signs the result with its valid key, so only the coordinator's screening can stop it.
+Each hostile trainer trains honestly (the built-in simulation's trainer) and then corrupts what
+it returns; the node signs the result with its valid key, so only the coordinator's screening
+can stop it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import resource
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
 from aumai_fedtrain.models import TensorMap, TrainingConfig
+from aumai_fedtrain.network import LocalNode
 from aumai_fedtrain.simulation import SimulationTrainer
 from aumai_fedtrain.trainer import TrainResult
 
@@ -79,7 +86,6 @@ def serve_empty_tensors(count: int) -> None:
     Prints ``host:port`` first. Run as its own process, so that the coordinator's memory is
     not measured with this one's (a child's peak includes its parent's memory at fork).
     """
-    import socket
     import sys
     import threading
 
@@ -99,3 +105,29 @@ if __name__ == "__main__":
     import sys
 
     serve_empty_tensors(int(sys.argv[1]))
+
+
+IDLE_CONNECTIONS = 1000
+FEW_FILES = 512
+
+
+@contextmanager
+def flood(node: LocalNode, timeout: float) -> Iterator[list[socket.socket]]:
+    """Hold :data:`IDLE_CONNECTIONS` connections to ``node`` that never send a request.
+
+    The node is first limited to :data:`FEW_FILES` open files (as on many machines), which so
+    many idle connections used to exhaust. The connections are closed on exit.
+    """
+    assert node.process is not None, "start the node first"
+    resource.prlimit(node.process.pid, resource.RLIMIT_NOFILE, (FEW_FILES, FEW_FILES))
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(IDLE_CONNECTIONS):
+            sock = socket.socket()
+            idle.append(sock)
+            sock.settimeout(timeout)
+            sock.connect((node.host, node.port))
+        yield idle
+    finally:
+        for sock in idle:
+            sock.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from aumai_fedtrain.network import LocalNode
 from aumai_fedtrain.network.auth import sign_update
 from aumai_fedtrain.network.wire import JSON
 from tests.helpers import CLI_TIMEOUT
+from tests.hostile_nodes import flood
 from tests.test_network_nodes import (
     COMMAND_TIMEOUT,
     REQUEST_TIMEOUT,
@@ -235,17 +235,7 @@ def flooded(deployment: Deployment) -> Callable[[], Any]:
 
     @contextmanager
     def start() -> Iterator[str]:
-        with ExitStack() as stack:
-            (node,) = stack.enter_context(running([deployment.local_node(2)]))
-            assert node.process is not None
-            resource.prlimit(node.process.pid, resource.RLIMIT_NOFILE, (512, 512))
-            idle: list[socket.socket] = []
-            stack.callback(lambda: [sock.close() for sock in idle])
-            for _ in range(1000):
-                sock = socket.socket()
-                sock.settimeout(REQUEST_TIMEOUT)
-                idle.append(sock)
-                sock.connect(("127.0.0.1", node.port))
+        with running([deployment.local_node(2)]) as (node,), flood(node, REQUEST_TIMEOUT):
             yield node.address
 
     return start

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import resource
 import secrets
 import socket
 import threading
@@ -31,6 +30,7 @@ from aumai_fedtrain.network.provider import MIN_MEMORY_BUDGET
 from aumai_fedtrain.network.wire import encode_update, max_update_bytes
 from aumai_fedtrain.simulation import initial_model
 from tests.helpers import run_cli
+from tests.hostile_nodes import flood
 from tests.test_network_nodes import (
     COMMAND_TIMEOUT,
     LOGGER,
@@ -281,18 +281,7 @@ def test_a_node_survives_a_thousand_idle_connections(
 ) -> None:
     """The node closes connections that send no request head, so the coordinator gets in."""
     deployment = honest_nodes[0]
-    with ExitStack() as stack:
-        node = stack.enter_context(running([deployment.local_node(0)]))[0]
-        assert node.process is not None
-        # Few file descriptors, as on many machines: 1,000 idle connections used to exhaust them.
-        resource.prlimit(node.process.pid, resource.RLIMIT_NOFILE, (512, 512))
-        idle: list[socket.socket] = []
-        stack.callback(lambda: [sock.close() for sock in idle])
-        for _ in range(1000):
-            sock = socket.socket()
-            sock.settimeout(REQUEST_TIMEOUT)
-            idle.append(sock)
-            sock.connect(("127.0.0.1", node.port))
+    with running([deployment.local_node(0)]) as (node,), flood(node, REQUEST_TIMEOUT) as idle:
         provider = HttpUpdateProvider(
             deployment.keys(), token=deployment.token, timeout=REQUEST_TIMEOUT
         )
