@@ -276,6 +276,35 @@ def test_a_failing_node_is_benched_probed_after_growing_gaps_and_comes_back(
     ]
 
 
+def test_benched_nodes_are_asked_when_the_quorum_needs_them(honest_nodes: Honest) -> None:
+    deployment, cluster = honest_nodes
+    healthy = threading.Event()
+
+    def flaky(conn: socket.socket, request: bytes, stop: threading.Event) -> None:
+        if healthy.is_set():
+            conn.sendall(signed_answer(request, "flaky", 4))
+        else:
+            conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy")
+
+    provider = HttpUpdateProvider(
+        {**deployment.keys(), "flaky": KEY}, token=deployment.token, min_nodes=2, retries=0,
+        timeout=REQUEST_TIMEOUT,
+    )  # fmt: skip
+    with raw_node(flaky) as (address, requests):
+        nodes = [
+            FederatedNode(node_id="node-0", address=cluster[0].address),
+            FederatedNode(node_id="flaky", address=address),
+        ]
+        for round_id in (1, 2, 3):
+            with pytest.raises(QuorumError):
+                provider.get_updates(round_id, STATE, nodes)
+        healthy.set()
+        updates = provider.get_updates(4, STATE, nodes)  # flaky is benched, but needed
+
+    assert sorted(update.node_id for update in updates) == ["flaky", "node-0"]
+    assert len(requests) == 4
+
+
 def test_a_node_survives_a_thousand_idle_connections(
     honest_nodes: Honest,
 ) -> None:

@@ -126,8 +126,9 @@ def load_secret(path: str | Path, what: str = "key") -> bytes:
     """
     text = read_text_file(path, what, SecretError)
     label = f"{what} file {str(path)!r}"
+    secret = secret_from_text(text, label, token=what == "token")
     warn_if_readable(path, label)
-    return secret_from_text(text, label, token=what == "token")
+    return secret
 
 
 def warn_if_readable(path: str | Path, label: str) -> None:

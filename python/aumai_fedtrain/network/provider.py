@@ -239,7 +239,8 @@ class HttpUpdateProvider(UpdateProvider):
         state: GlobalState,
         nodes: list[FederatedNode],
     ) -> list[LocalUpdate]:
-        """Ask the nodes (all but the benched ones) to train from ``state.parameters``.
+        """Ask the nodes to train from ``state.parameters`` (benched ones only to probe them,
+        or when the quorum cannot be reached without them).
 
         Returns the updates that count. Raises :class:`QuorumError` when fewer than
         ``min_nodes`` valid updates arrive, and ``ValueError`` for a node without a key or an
@@ -256,6 +257,8 @@ class HttpUpdateProvider(UpdateProvider):
             self.memory_budget if self.memory_budget is not None else self.default_budget(weights)
         )
         asked, sitting_out = self._bench.split(round_id, nodes)
+        if len(asked) < self.min_nodes:  # the quorum needs the benched nodes: probe them all
+            asked, sitting_out = nodes, {}
         round_ = _Round(round_id, body, expected, deadline, budget)
         with (
             deadline,
@@ -385,9 +388,8 @@ class HttpUpdateProvider(UpdateProvider):
                 ) as response:
                     return self._receive(response, node, round_, nonce)
             except httpx.TransportError as exc:
+                # (httpx's timeouts are the time left: a timeout is the deadline too.)
                 if deadline.expired or isinstance(exc, httpx.TimeoutException):
-                    # Not even connected in time: ask again; connected, then silent: a straggler.
-                    too_late.retry = isinstance(exc, httpx.ConnectTimeout) or not attempt.connected
                     raise too_late from None
                 raise self._unreachable(url, exc, deadline) from None
 
@@ -575,13 +577,11 @@ class _Attempt:
 
     def __init__(self, deadline: _RoundDeadline) -> None:
         self.deadline = deadline
-        self.connected = False
         self._watched: list[socket.socket] = []
 
     def trace(self, event: str, info: Mapping[str, Any]) -> None:
         """httpcore's trace hook: watch the socket as soon as it is connected."""
         if event.endswith(".connect_tcp.complete"):
-            self.connected = True
             self.watch(info["return_value"].get_extra_info("socket"))
 
     def watch(self, sock: socket.socket) -> None:
