@@ -8,6 +8,7 @@ and every process, socket and server is stopped in a ``finally``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -421,3 +422,34 @@ def test_a_non_ascii_token_is_the_coordinators_input_error(
     assert "entry 0 ('a'): token must be printable ASCII" in inline_err
     with pytest.raises(ValueError, match="token of node 'a' must be printable ASCII"):
         HttpUpdateProvider({"a": KEY}, tokens={"a": "ü".encode() * 40})
+
+
+def test_repeated_node_log_lines_are_shown_once_per_window_with_a_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aumai_fedtrain.network import server
+
+    now = [1000.0]
+    monkeypatch.setattr(server.time, "monotonic", lambda: now[0])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(server._RepeatFilter())
+    log = logging.getLogger("test.repeats")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        for second in range(25):  # the same failure every 0.5 s, and one other line
+            now[0] = 1000.0 + second / 2
+            log.error("socket.accept() out of system resource")
+        log.error("another line")
+        now[0] = 1010.0 + server.REPEAT_WINDOW_SECONDS + 15
+        log.error("socket.accept() out of system resource")
+    finally:
+        log.removeHandler(handler)
+
+    assert stream.getvalue().splitlines() == [
+        "socket.accept() out of system resource",  # at 0 s; 0.5 s ... 9.5 s held back
+        "socket.accept() out of system resource (and 19 more times in 10 s)",  # at 10 s
+        "another line",
+        "socket.accept() out of system resource (and 4 more times in 10 s)",
+    ]
