@@ -105,3 +105,38 @@ class FunctionTrainer:
 def function_trainer(train: Callable[[int, TensorMap, TrainingConfig], Any]) -> TrainerFactory:
     """A trainer factory whose trainers call ``train(round_id, parameters, config)``."""
     return lambda node_id, config: FunctionTrainer(train, config)
+
+
+class HostileProvider(UpdateProvider):
+    """Wraps a provider and replaces the update of node ``hostile`` by ``forge(update)``.
+
+    The forged update is built with ``model_construct`` (no validation), as a provider that
+    decodes a hostile answer could hand it over, so screening is what has to stop it.
+    """
+
+    def __init__(
+        self, inner: UpdateProvider, hostile: str, forge: Callable[[LocalUpdate], dict[str, Any]]
+    ):
+        self.inner = inner
+        self.hostile = hostile
+        self.forge = forge
+
+    def configure(self, config: TrainingConfig) -> None:
+        super().configure(config)
+        self.inner.configure(config)
+
+    def initial_parameters(self, config: TrainingConfig) -> TensorMap | None:
+        return self.inner.initial_parameters(config)
+
+    def evaluate(self, parameters: TensorMap) -> tuple[float, float] | None:
+        return self.inner.evaluate(parameters)
+
+    def get_updates(
+        self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
+    ) -> list[LocalUpdate]:
+        honest = [node for node in nodes if node.node_id != self.hostile]
+        updates = self.inner.get_updates(round_id, state, honest)
+        template = updates[0]
+        fields = {**template.__dict__, "node_id": self.hostile}
+        fields.update(self.forge(template))
+        return [*updates, LocalUpdate.model_construct(**fields)]

@@ -217,3 +217,73 @@ def test_a_failing_run_reports_a_validation_error_on_one_line() -> None:
     message = one_line(info.value)
 
     assert "\n" not in message and message.startswith("loss: ")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ('{"global_rounds": "5"}', "global_rounds: Input should be a valid integer"),
+        ('{"global_rounds": true}', "global_rounds: Input should be a valid integer"),
+        ('{"nesterov": "yes"}', "nesterov: Input should be a valid boolean"),
+        ('{"simulation": {"hidden_units": "8"}}', "simulation.hidden_units"),
+    ],
+)
+def test_config_files_are_strict(tmp_path: Path, content: str, needle: str) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(content)
+
+    completed = cli("run", "--config", str(config))
+
+    assert_one_line_error(completed, needle)
+    assert completed.stdout == ""
+
+
+def test_the_node_count_has_a_sanity_bound() -> None:
+    assert_one_line_error(cli("run", "--nodes", "1000001"), "--nodes", "1<=x<=1000000")
+
+
+def test_a_quorum_above_the_node_count_is_refused_before_training() -> None:
+    completed = cli("run", "--nodes", "3", "--min-nodes", "4")
+
+    assert_one_line_error(completed, "--min-nodes 4 exceeds the 3 nodes of the run")
+    assert completed.stdout == ""
+
+
+def test_a_refused_run_prints_only_its_error(tmp_path: Path) -> None:
+    assert cli("run", "--rounds", "2", "--checkpoint-dir", str(tmp_path)).returncode == 0
+
+    again = cli("run", "--rounds", "2", "--checkpoint-dir", str(tmp_path))
+    fewer = cli("run", "--rounds", "1", "--checkpoint-dir", str(tmp_path), "--resume")
+
+    assert_one_line_error(again, "already holds a checkpoint of round 2")
+    assert_one_line_error(fewer, "already completed 2 rounds; --rounds 1 is below that")
+    assert again.stdout == fewer.stdout == ""
+
+
+def test_an_unusable_checkpoint_dir_fails_before_any_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    completed = cli("run", "--checkpoint-dir", str(blocker / "checkpoints"))
+
+    assert_one_line_error(completed, "checkpoint directory")
+    assert completed.stdout == ""
+
+
+def test_a_resumed_run_may_lose_a_node_and_keeps_its_credits(tmp_path: Path) -> None:
+    first = cli("run", "--nodes", "3", "--rounds", "2", "--checkpoint-dir", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+
+    resumed = cli(
+        "run", "--nodes", "2", "--rounds", "3", "--checkpoint-dir", str(tmp_path), "--resume",
+        "--json",
+    )  # fmt: skip
+
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    per_round = 10 * 32
+    assert summary["rounds_completed"] == 3
+    assert summary["credits"] == {
+        "node-000": 3 * per_round, "node-001": 3 * per_round, "node-002": 2 * per_round
+    }  # fmt: skip
+    assert [record["num_participants"] for record in summary["history"]] == [3, 3, 2]

@@ -206,8 +206,10 @@ class DiLoCoCoordinator:
         with the starting state once the run is ready to train, ``on_round`` with each round's
         :class:`RoundRecord`.
         """
-        if min_nodes < 1:
-            raise ValueError(f"min_nodes must be >= 1, got {min_nodes}")
+        if not 1 <= min_nodes <= len(nodes):
+            raise ValueError(
+                f"min_nodes must be between 1 and the {len(nodes)} nodes, got {min_nodes}"
+            )
         if config.num_nodes != len(nodes):
             raise ValueError(
                 f"config.num_nodes is {config.num_nodes} but {len(nodes)} nodes were given; "
@@ -249,10 +251,16 @@ class DiLoCoCoordinator:
             if not updates and not dropped:
                 break
             accepted, refused = self.screen(state, updates)
-            for node_id, reason in refused.items():
-                logger.warning("round %d: dropped the update of %s: %s", round_id, node_id, reason)
             dropped |= refused
             _check_quorum(round_id, len(accepted), len(node_list), run.min_nodes, dropped)
+            if dropped:
+                logger.warning(
+                    "round %d: %d of %d nodes dropped (%s)",
+                    round_id,
+                    len(dropped),
+                    len(node_list),
+                    _describe_drops(dropped),
+                )
             state = self._apply(state, accepted)
             record = self._record(state, provider, time.perf_counter() - round_started, dropped)
             history.append(record)
@@ -351,16 +359,21 @@ def _check_outer_step(
                 )
 
 
+def _describe_drops(dropped: dict[str, str], shown: int = 5) -> str:
+    """``node: reason; ...`` for the first ``shown`` dropped nodes, and how many more."""
+    text = "; ".join(f"{node}: {reason}" for node, reason in list(dropped.items())[:shown])
+    if len(dropped) > shown:
+        text += f"; and {len(dropped) - shown} more"
+    return text
+
+
 def _check_quorum(
     round_id: int, counted: int, total: int, min_nodes: int, dropped: dict[str, str]
 ) -> None:
     if counted >= min_nodes:
         return
-    shown = list(dropped.items())[:5]
-    reasons = "; ".join(f"{node}: {reason}" for node, reason in shown)
-    if len(dropped) > len(shown):
-        reasons += f"; and {len(dropped) - len(shown)} more"
     raise QuorumError(
         f"round {round_id}: {counted} of {total} nodes sent an update that counts, the quorum "
-        f"is {min_nodes} ({reasons}); the state and the last checkpoint are unchanged"
+        f"is {min_nodes} ({_describe_drops(dropped)}); the state and the last checkpoint are "
+        "unchanged"
     )

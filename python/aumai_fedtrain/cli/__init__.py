@@ -121,6 +121,15 @@ def run(
         raise InputError("--resume needs --checkpoint-dir")
     config = _load_config(config_path, {"num_nodes": nodes, "global_rounds": rounds, "seed": seed})
     progress = _RoundProgress(config.global_rounds, enabled=not as_json and _is_terminal())
+    if trainer_spec is None and network.get("nodes_file") is None:
+        for option, spec in (("--model-init", model_init_spec), ("--evaluator", evaluator_spec)):
+            if spec is not None:
+                raise InputError(
+                    f"{option} needs --trainer or --nodes-file (the built-in nodes train the "
+                    "built-in model)"
+                )
+    if min_nodes is not None and network.get("nodes_file") is None and min_nodes > config.num_nodes:
+        raise InputError(f"--min-nodes {min_nodes} exceeds the {config.num_nodes} nodes of the run")
     custom_model = model_init_spec is not None or trainer_spec is not None
     model_init = load_model_init(model_init_spec) if model_init_spec else None
     if model_init is None and not custom_model:
