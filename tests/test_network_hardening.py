@@ -269,10 +269,14 @@ def test_a_failing_node_is_benched_probed_after_growing_gaps_and_comes_back(
     }  # fmt: skip
     assert len(heads) == 3 * 3 + 1 + 1 + 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [
-        *(f"round {i}: no update from flaky: {busy}" for i in (1, 2, 3)),
+    dropped = "round {}: 1 of 2 nodes dropped (flaky: {})"
+    assert warnings == [  # one line per round, and one when the bench changes
+        dropped.format(1, busy),
+        dropped.format(2, busy),
         "round 3: benched after 3 failed rounds in a row (asked again after 1, 2, 4, ... "
         "rounds): flaky",
+        dropped.format(3, busy),
+        *(dropped.format(i, reasons[i]) for i in (4, 5, 6, 7)),
         "round 8: back from the bench: flaky",
     ]
 

@@ -377,7 +377,7 @@ def test_tampered_forged_replayed_and_broken_updates_are_dropped_and_the_run_goe
         "node-8": node_app("node-8", rogue_keys["node-8"], wrong_model_trainer),
         "node-9": node_app("node-9", rogue_keys["node-9"], failing_trainer),
     }
-    caplog.set_level(logging.WARNING, logger=LOGGER)
+    caplog.set_level(logging.INFO, logger=LOGGER)
     app = Starlette(routes=[Mount(f"/{node_id}", app=a) for node_id, a in rogues.items()])
     with serve_in_thread(app) as address:
         nodes = federated(cluster) + [
@@ -519,11 +519,7 @@ def test_a_failed_quorum_keeps_the_last_checkpoint_and_the_run_resumes(tmp_path:
 
     assert first.returncode == 0, first.stderr
     assert failed.returncode == 1, failed.stderr
-    *warnings, error = failed.stderr.strip().splitlines()
-    assert warnings == [
-        f"WARNING: round 3: no update from node-1: cannot reach {nodes[1].url}/train: "
-        "[Errno 111] Connection refused"
-    ]
+    (error,) = failed.stderr.strip().splitlines()  # the reason is in it
     assert error.startswith(
         "Error: QuorumError: round 3: 1 of 2 nodes sent a valid update, the quorum is 2 "
         "(node-1: cannot reach http://127.0.0.1:"

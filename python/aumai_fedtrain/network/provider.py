@@ -7,12 +7,13 @@ the size an update of the model can have, be a valid update of the asked node fo
 round, match the model's tensors (refused from a safetensors header before anything is
 decoded) and carry a valid HMAC signature by that node's key over the request's one-time
 nonce. Answers being read and decoded reserve their memory from a budget shared by the round.
-Anything else is dropped with a log line on the ``aumai_fedtrain.network`` logger and earns no
-credit. A node that fails ``bench_after`` rounds in a row is benched: it is not asked, except
-for a probe after 1, 2, 4, ... rounds (at most :data:`MAX_PROBE_GAP_ROUNDS`), and is back as
-soon as it answers. The round goes on with the updates that passed when there are at least
-``min_nodes`` of them; otherwise :class:`QuorumError` is raised before the coordinator changes
-anything, so the last checkpoint stays as it was.
+Anything else is dropped (an info line on the ``aumai_fedtrain.network`` logger; the
+coordinator warns once per round about the nodes dropped) and earns no credit. A node that
+fails ``bench_after`` rounds in a row is benched: it is not asked, except for a probe after 1,
+2, 4, ... rounds (at most :data:`MAX_PROBE_GAP_ROUNDS`), and is back as soon as it answers.
+The round goes on with the updates that passed when there are at least ``min_nodes`` of them;
+otherwise :class:`QuorumError` is raised before the coordinator changes anything, so the last
+checkpoint stays as it was.
 """
 
 from __future__ import annotations
@@ -329,8 +330,8 @@ class HttpUpdateProvider(UpdateProvider):
         return headers
 
     def _ask(self, client: httpx.Client, node: FederatedNode, round_: _Round) -> LocalUpdate | str:
-        """The node's valid update, or why it does not count (logged; a probe of a benched
-        node is asked once, and its failure logged at info level)."""
+        """The node's valid update, or why it does not count (logged at info level; a probe
+        of a benched node is asked once)."""
         attempt = 0
         retries = 0 if self._bench.benched(node.node_id) else self.retries
         while True:
@@ -362,8 +363,8 @@ class HttpUpdateProvider(UpdateProvider):
                 )
                 return f"cannot handle the answer: {type(exc).__name__}: {exc}"
             round_.deadline.sleep(delay)
-        level = logging.INFO if self._bench.benched(node.node_id) else logging.WARNING
-        logger.log(level, "round %d: no update from %s: %s", round_.round_id, node.node_id, reason)
+        # (At info level: the coordinator warns once per round about every node dropped.)
+        logger.info("round %d: no update from %s: %s", round_.round_id, node.node_id, reason)
         return reason
 
     def _attempt(
