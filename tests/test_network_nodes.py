@@ -406,7 +406,7 @@ def test_tampered_forged_replayed_and_broken_updates_are_dropped_and_the_run_goe
         "node-5": "replayed or stale update for round 1, expected round ROUND",
         "node-6": "unsigned update (no X-Fedtrain-Signature header)",
         "node-7": "the answer is an update of node 'node-0'",
-        "node-8": "keys ['w'] do not match the model's ['layer1.bias', ",
+        "node-8": "does not match the model: missing keys ['layer1.bias', ",
         "node-9": 'HTTP 500: {"detail":"the trainer failed: RuntimeError: out of memory"}',
     }
     for round_id in (1, 2, 3):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,16 +29,24 @@ def max_samples_of(node: FederatedNode, config: TrainingConfig) -> int:
     return config.local_steps * config.batch_size
 
 
-def model_mismatch(gradients: TensorMap, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why ``gradients`` do not have exactly the keys and ``shapes`` of the model, or None."""
-    if gradients.keys() != shapes.keys():
-        missing = sorted(shapes.keys() - gradients.keys())
-        extra = sorted(gradients.keys() - shapes.keys())
+def model_mismatch(
+    shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """Why tensors of these ``shapes`` are not an update of the ``expected`` model, or None."""
+    if shapes.keys() != expected.keys():
+        missing = _names(expected.keys() - shapes.keys())
+        extra = _names(shapes.keys() - expected.keys())
         return f"does not match the model: missing keys {missing}, unknown keys {extra}"
-    for key, value in gradients.items():
-        if value.shape != shapes[key]:
-            return f"gradient {key!r} has shape {value.shape}, the model's is {shapes[key]}"
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            return f"gradient {name!r} has shape {shape}, the model's is {expected[name]}"
     return None
+
+
+def _names(names: Iterable[str], shown: int = 10) -> str:
+    ordered = sorted(names)
+    more = len(ordered) - shown
+    return f"{ordered[:shown]}" + (f" (and {more} more)" if more > 0 else "")
 
 
 def _value_problem(key: str, value: np.ndarray, bound: float) -> str | None:
@@ -80,7 +88,9 @@ def screen_update(
             "round (max_samples)"
         )
     if shapes is not None:
-        mismatch = model_mismatch(update.gradients, shapes)
+        mismatch = model_mismatch(
+            {key: value.shape for key, value in update.gradients.items()}, shapes
+        )
         if mismatch is not None:
             return mismatch
     for key, value in update.gradients.items():

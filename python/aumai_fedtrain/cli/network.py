@@ -164,13 +164,6 @@ def node_command(
     )
     if token is None:
         logger.warning("no --token-file: anyone who reaches this node may ask it to train")
-    scheme = "https" if ssl_certfile is not None else "http"
-    shown_host = f"[{host}]" if ":" in host else host
-    click.echo(
-        f"Node {node_id} serving on {scheme}://{shown_host}:{sock.getsockname()[1]}  "
-        f"(trainer: {trainer_name})"
-    )
-    sys.stdout.flush()
     settings = server.NodeSettings(
         node_id=node_id,
         key=key,
@@ -180,8 +173,16 @@ def node_command(
         max_body_bytes=max_body_mb * _MIB,
         trainer_name=trainer_name,
     )
+    app = server.create_app(settings)  # makes the trainer: a failing factory stops us here
+    scheme = "https" if ssl_certfile is not None else "http"
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"Node {node_id} serving on {scheme}://{shown_host}:{sock.getsockname()[1]}  "
+        f"(trainer: {trainer_name})"
+    )
+    sys.stdout.flush()
     server.serve(
-        settings,
+        app,
         sock,
         ssl_certfile=str(ssl_certfile) if ssl_certfile is not None else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile is not None else None,

@@ -60,9 +60,9 @@ from aumai_fedtrain.network.wire import (
     expected_tensors,
     max_update_bytes,
     media_type,
-    model_mismatch,
 )
 from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.screening import model_mismatch
 from aumai_fedtrain.verification import HashVerifier
 
 __all__ = [

@@ -295,7 +295,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    settings: NodeSettings,
+    app: Starlette,
     sock: socket.socket,
     *,
     ssl_certfile: str | None = None,
@@ -304,7 +304,8 @@ def serve(
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
-    """Serve the node on the listening socket ``sock`` until interrupted (SIGINT/SIGTERM).
+    """Serve the node ``app`` (:func:`create_app`) on the listening socket ``sock`` until
+    interrupted (SIGINT/SIGTERM).
 
     ``header_timeout`` and ``max_connections`` bound idle connections (see the module doc).
     """
@@ -315,7 +316,7 @@ def serve(
         max_connections=max(1, min(max_connections, open_files - _SPARE_FILES)),
     )
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         http=protocol,  # type: ignore[arg-type]  # a protocol factory, as uvicorn calls it
         loop="asyncio",
         log_level=log_level,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aumai_fedtrain.inputs import describe_validation_error
 from aumai_fedtrain.models import LocalUpdate, TensorMap
+from aumai_fedtrain.screening import model_mismatch
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -46,7 +47,6 @@ __all__ = [
     "expected_tensors",
     "max_update_bytes",
     "media_type",
-    "model_mismatch",
     "response_media_type",
 ]
 
@@ -307,22 +307,6 @@ def _check_header(header: dict[str, Any], expected: Expected | None) -> dict[str
         if problem is not None:
             raise ModelMismatchError(problem)
     return metadata if isinstance(metadata, dict) else {}
-
-
-def model_mismatch(shapes: Mapping[str, tuple[int, ...]], expected: Expected) -> str | None:
-    """Why tensors of these ``shapes`` are not an update of the ``expected`` model, or None."""
-    if shapes.keys() != expected.keys():
-        return f"keys {_names(shapes)} do not match the model's {_names(expected)}"
-    for name, shape in shapes.items():
-        if shape != expected[name]:
-            return f"gradient {name!r} has shape {shape}, the model's is {expected[name]}"
-    return None
-
-
-def _names(names: Mapping[str, object], shown: int = 10) -> str:
-    ordered = sorted(names)
-    more = len(ordered) - shown
-    return f"{ordered[:shown]}" + (f" (and {more} more)" if more > 0 else "")
 
 
 def _field(metadata: dict[str, str], name: str) -> str:
