@@ -85,6 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         key_file = Path(folder) / "bench.key"
         key_file.write_text(secrets.token_hex(32))
+        key_file.chmod(0o600)  # (the node warns about a key others may read)
         keys = {"bench": key_file.read_text().encode()}
         arguments = ["--trainer", "bench_wire:ScaledCopy"]
         with LocalNode("bench", key_file, arguments, cwd=Path(__file__).parent) as node:

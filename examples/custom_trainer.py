@@ -133,6 +133,7 @@ def main() -> None:
             np.savez(data_file, x=features, y=targets)
             key_file = Path(folder) / f"{node_id}.key"
             key_file.write_text(secrets.token_hex(32))
+            key_file.chmod(0o600)  # a secret: readable by its owner only
             keys[node_id] = key_file.read_text().encode()
             arguments = ["--config", str(config_file), "--trainer", "custom_trainer:make_trainer"]
             node = LocalNode(node_id, key_file, arguments, cwd=here, env={DATA_ENV: str(data_file)})

@@ -55,6 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         key_file = Path(folder) / "node-0.key"
         key_file.write_text(secrets.token_hex(32))
+        key_file.chmod(0o600)  # a secret: readable by its owner only
         with LocalNode("node-0", key_file, ["--shard", "0"]) as node:
             print(f"Node node-0 serving on {node.url}")
             nodes = [FederatedNode(node_id="node-0", address=node.address)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +23,20 @@ from aumai_fedtrain.network import (
     WireError,
     load_nodes_file,
     load_secret,
+    read_nodes_file,
     sign_update,
     verify_update,
 )
 from aumai_fedtrain.network.auth import check_nonce, tokens_equal
 from aumai_fedtrain.network.wire import (
+    MAX_HEADER_BYTES,
+    MAX_TENSORS,
+    ModelMismatchError,
     decode_request,
     decode_update,
     encode_request,
     encode_update,
+    max_update_bytes,
     response_media_type,
 )
 
@@ -349,3 +356,139 @@ def test_unreadable_and_non_json_nodes_files_are_named(tmp_path: Path) -> None:
         load_nodes_file(tmp_path / "absent.json")
     with pytest.raises(NodesFileError, match="Invalid JSON"):
         load_nodes_file(broken)
+
+
+MODEL_SHAPES = {"w": (7, 1), "b": (), "e": (0,)}
+
+
+def test_honest_updates_fit_the_bound_of_their_model() -> None:
+    longest = np.full((7, 1), -1.7976931348623157e308)  # the longest text a float64 has
+    update = make_update(gradients={"w": longest, "b": np.array(-2.2250738585072014e-308),
+                                    "e": np.zeros(0)})  # fmt: skip
+
+    for fmt in (JSON, SAFETENSORS):
+        body = encode_update(update, fmt)
+        assert len(body) <= max_update_bytes(MODEL_SHAPES, fmt)
+        assert decode_update(body, fmt, MODEL_SHAPES) == update
+
+
+def many_tensors(count: int) -> bytes:
+    metadata = {"aumai-fedtrain": "local-update/1", "node_id": "a", "round_id": "1",
+                "loss": "1.0", "samples_used": "1"}  # fmt: skip
+    header: dict[str, object] = {"__metadata__": metadata}
+    empty = {"dtype": "F64", "shape": [0], "data_offsets": [0, 0]}
+    header.update({f"t{i}": empty for i in range(count)})
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text
+
+
+def test_safetensors_headers_are_bounded_before_anything_is_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import safetensors.numpy
+
+    def no_decoding(body: bytes) -> None:
+        raise AssertionError("decoded a refused body")
+
+    monkeypatch.setattr(safetensors.numpy, "load", no_decoding)
+    huge = json.dumps({"__metadata__": {"x": "y" * MAX_HEADER_BYTES}}).encode()
+    cases = [
+        (many_tensors(MAX_TENSORS + 1), None, f"holds {MAX_TENSORS + 1} tensors, more than "),
+        (len(huge).to_bytes(8, "little") + huge, None, "exceeds the limit of 16777216 bytes"),
+        (many_tensors(4), MODEL_SHAPES, "holds 4 tensors, more than 3"),
+        (many_tensors(2), MODEL_SHAPES, "does not match the model: missing keys ['b', 'e',"),
+    ]
+    body = encode_update(make_update(), SAFETENSORS)
+    wrong_shape = {**MODEL_SHAPES, "w": (1, 7)}
+    float32 = save({"w": np.zeros((7, 1), np.float32), "b": np.zeros(()), "e": np.zeros(0)},
+                   metadata={"aumai-fedtrain": "local-update/1"})  # fmt: skip
+    mismatches = [
+        (body, wrong_shape, "gradient 'w' has shape (7, 1), the model's is (1, 7)"),
+        (float32, MODEL_SHAPES, "tensor 'w' has dtype 'F32'; updates carry F64 values"),
+    ]
+    for data, expected, needle in cases:
+        with pytest.raises(WireError, match=re.escape(needle)):
+            decode_update(data, SAFETENSORS, expected)
+    for data, expected, needle in mismatches:
+        with pytest.raises(ModelMismatchError, match=re.escape(needle)):
+            decode_update(data, SAFETENSORS, expected)
+
+
+def test_json_updates_with_more_numbers_than_the_model_are_refused_unparsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fields = '"node_id": "a", "round_id": 1, "loss": 1.0, "samples_used": 1'
+    numbers = "[" + ", ".join(["0"] * 1000) + "]"
+    nested = "[" + ", ".join(["[0]"] * 100) + "]"
+    honest = encode_update(make_update(), JSON)
+
+    def no_parsing(data: bytes) -> None:
+        raise AssertionError("parsed a refused body")
+
+    for gradients in (numbers, nested):
+        body = f'{{{fields}, "gradients": {{"w": {gradients}}}}}'.encode()
+        with (
+            pytest.raises(WireError, match="an update of the model has 9 lists of 8 numbers"),
+            monkeypatch.context() as patch,
+        ):
+            patch.setattr(LocalUpdate, "model_validate_json", no_parsing)
+            decode_update(body, JSON, MODEL_SHAPES)
+    assert decode_update(honest, JSON, MODEL_SHAPES) == make_update()
+
+
+def test_secret_files_readable_by_others_or_with_little_entropy_are_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    readable = tmp_path / "readable.key"
+    readable.write_text("ab" * 32)
+    readable.chmod(0o644)
+    weak = tmp_path / "weak.key"
+    weak.write_text("0123456789abcdef" * 2)  # 32 hex characters: 16 bytes
+    weak.chmod(0o600)
+    strong = tmp_path / "strong.key"
+    strong.write_text("ab" * 32)
+    strong.chmod(0o600)
+    text = tmp_path / "text.key"
+    text.write_text("correct horse battery staple, etc")  # 33 characters: ~33 bytes
+    text.chmod(0o600)
+    caplog.set_level(logging.WARNING, logger="aumai_fedtrain.network")
+
+    for path in (readable, weak, strong, text, readable, weak):
+        load_secret(path)
+
+    assert [record.getMessage() for record in caplog.records] == [
+        f"key file {str(readable)!r} may be read by group or others (mode -rw-r--r--); "
+        f"run: chmod 600 {str(readable)!r}",
+        f"key file {str(weak)!r} holds about 16 bytes of entropy; use at least 32 "
+        "(e.g. the output of: openssl rand -hex 32)",
+    ]
+
+
+def test_nodes_files_give_per_node_tokens_and_sample_bounds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "a.token").write_text("t" * 40)
+    (tmp_path / "a.token").chmod(0o600)
+    path = write_nodes(
+        tmp_path,
+        [
+            {"node_id": "a", "address": "h:1", "key": "a" * 32, "token_file": "a.token",
+             "max_samples": 640},
+            {"node_id": "b", "address": "h:2", "key": "b" * 64, "token": "u" * 32},
+            {"node_id": "c", "address": "h:3", "key": "c" * 32},
+        ],
+    )  # fmt: skip
+    path.chmod(0o644)
+    caplog.set_level(logging.WARNING, logger="aumai_fedtrain.network")
+
+    listed = read_nodes_file(path)
+
+    assert listed.tokens == {"a": b"t" * 40, "b": b"u" * 32}
+    assert [node.max_samples for node in listed.nodes] == [640, None, None]
+    assert listed.keys == {"a": b"a" * 32, "b": b"b" * 64, "c": b"c" * 32}
+    warning = caplog.records[0].getMessage()
+    assert warning.startswith(f"nodes file {str(path)!r} (it holds secrets) may be read by group")
+    both = {"node_id": "a", "address": "h:1", "key": "a" * 32, "token": "t" * 32,
+            "token_file": "a.token"}  # fmt: skip
+    with pytest.raises(NodesFileError, match="give exactly one of 'token' and 'token_file'"):
+        read_nodes_file(write_nodes(tmp_path, [both]))

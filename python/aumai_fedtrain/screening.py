@@ -1,11 +1,12 @@
 """Screening: the one check every update passes before any aggregation sees it.
 
 An update counts only when it comes from a known node, once, for the expected round, with a
-finite loss of at most ``config.max_loss`` in magnitude, at most the samples its node can
-process in a round (:attr:`FederatedNode.max_samples`, by default ``local_steps *
-batch_size``), exactly the model's keys and shapes, and finite pseudo-gradient values of at most
-``config.max_abs_update`` in magnitude (checked for all updates of a round in one pass of the
-backend's ``max_abs``, native on every core). These bounds keep a node that holds a valid key from
+finite loss of at most ``config.max_loss`` in magnitude, at least one sample when the mean is
+weighted by samples, at most the samples its node can process in a round
+(:attr:`FederatedNode.max_samples`, by default ``local_steps * batch_size``), exactly the
+model's keys and shapes, and finite pseudo-gradient values of at most ``config.max_abs_update``
+in magnitude (checked for all updates of a round in one pass of the backend's ``max_abs``,
+native on every core). These bounds keep a node that holds a valid key from
 overflowing the weights, the average or the outer step; they do not make a plausible but wrong
 update harmless (that is what robust aggregation is for).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, TensorMap, TrainingConfig
@@ -29,16 +30,24 @@ def max_samples_of(node: FederatedNode, config: TrainingConfig) -> int:
     return config.local_steps * config.batch_size
 
 
-def model_mismatch(gradients: TensorMap, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why ``gradients`` do not have exactly the keys and ``shapes`` of the model, or None."""
-    if gradients.keys() != shapes.keys():
-        missing = sorted(shapes.keys() - gradients.keys())
-        extra = sorted(gradients.keys() - shapes.keys())
+def model_mismatch(
+    shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """Why tensors of these ``shapes`` are not an update of the ``expected`` model, or None."""
+    if shapes.keys() != expected.keys():
+        missing = _names(expected.keys() - shapes.keys())
+        extra = _names(shapes.keys() - expected.keys())
         return f"does not match the model: missing keys {missing}, unknown keys {extra}"
-    for key, value in gradients.items():
-        if value.shape != shapes[key]:
-            return f"gradient {key!r} has shape {value.shape}, the model's is {shapes[key]}"
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            return f"gradient {name!r} has shape {shape}, the model's is {expected[name]}"
     return None
+
+
+def _names(names: Iterable[str], shown: int = 10) -> str:
+    ordered = sorted(names)
+    more = len(ordered) - shown
+    return f"{ordered[:shown]}" + (f" (and {more} more)" if more > 0 else "")
 
 
 def _value_problem(key: str, magnitude: float, bound: float) -> str | None:
@@ -71,7 +80,12 @@ def screen_update(
     if update.round_id != expected_round:
         return f"update is for round {update.round_id}, expected round {expected_round}"
     if not math.isfinite(update.loss) or abs(update.loss) > config.max_loss:
-        return f"loss {update.loss:g} is beyond max_loss={config.max_loss:g}"
+        return (
+            f"loss {update.loss:g} is beyond max_loss={config.max_loss:g} (if the node's local "
+            "training diverged, a lower inner learning_rate may help)"
+        )
+    if update.samples_used == 0 and config.aggregation_weights == "samples":
+        return "processed no samples: it has no weight in a mean weighted by samples"
     limit = max_samples_of(node, config)
     if update.samples_used > limit:
         return (
@@ -79,7 +93,9 @@ def screen_update(
             "round (max_samples)"
         )
     if shapes is not None:
-        mismatch = model_mismatch(update.gradients, shapes)
+        mismatch = model_mismatch(
+            {key: value.shape for key, value in update.gradients.items()}, shapes
+        )
         if mismatch is not None:
             return mismatch
     if magnitudes is None:

@@ -22,7 +22,7 @@ from aumai_fedtrain.inputs import load_model_file
 from aumai_fedtrain.models import FederatedNode, TrainingConfig
 from aumai_fedtrain.network import http_module
 from aumai_fedtrain.network.auth import SecretError, load_secret
-from aumai_fedtrain.network.nodes_file import NodesFileError, load_nodes_file
+from aumai_fedtrain.network.nodes_file import NodesFileError, read_nodes_file
 from aumai_fedtrain.providers.base import UpdateProvider
 from aumai_fedtrain.trainer import Evaluator, ModelInit, TrainerFactory
 
@@ -164,13 +164,6 @@ def node_command(
     )
     if token is None:
         logger.warning("no --token-file: anyone who reaches this node may ask it to train")
-    scheme = "https" if ssl_certfile is not None else "http"
-    shown_host = f"[{host}]" if ":" in host else host
-    click.echo(
-        f"Node {node_id} serving on {scheme}://{shown_host}:{sock.getsockname()[1]}  "
-        f"(trainer: {trainer_name})"
-    )
-    sys.stdout.flush()
     settings = server.NodeSettings(
         node_id=node_id,
         key=key,
@@ -180,8 +173,16 @@ def node_command(
         max_body_bytes=max_body_mb * _MIB,
         trainer_name=trainer_name,
     )
+    app = server.create_app(settings)  # makes the trainer: a failing factory stops us here
+    scheme = "https" if ssl_certfile is not None else "http"
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"Node {node_id} serving on {scheme}://{shown_host}:{sock.getsockname()[1]}  "
+        f"(trainer: {trainer_name})"
+    )
+    sys.stdout.flush()
     server.serve(
-        settings,
+        app,
         sock,
         ssl_certfile=str(ssl_certfile) if ssl_certfile is not None else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile is not None else None,
@@ -204,7 +205,12 @@ _RUN_OPTIONS: list[tuple[str, click.ParamType[Any], str]] = [
     (
         "--timeout",
         click.FloatRange(min=0, min_open=True),
-        "Seconds a node may take to answer a round (default 120).",
+        "Deadline of a round in seconds, retries and transfers included (default 120).",
+    ),
+    (
+        "--memory-budget-mb",
+        click.IntRange(min=1),
+        "MiB that answers being decoded at once may take (default: room for two, >= 1024).",
     ),
 ]
 
@@ -225,6 +231,7 @@ def prepare_http_run(
     ca_file: Path | None,
     min_nodes: int | None,
     timeout: float | None,
+    memory_budget_mb: int | None,
     model_init: ModelInit | None,
     evaluator: Evaluator | None,
 ) -> tuple[TrainingConfig, list[FederatedNode], UpdateProvider] | None:
@@ -240,6 +247,7 @@ def prepare_http_run(
                 ("--token-file", token_file),
                 ("--ca-file", ca_file),
                 ("--timeout", timeout),
+                ("--memory-budget-mb", memory_budget_mb),
             )
             if value is not None
         ]
@@ -250,19 +258,22 @@ def prepare_http_run(
         raise InputError("--nodes cannot go with --nodes-file (the file lists the nodes)")
     provider_module = _require_http("provider")
     try:
-        node_list, keys = load_nodes_file(nodes_file)
+        listed = read_nodes_file(nodes_file)
     except NodesFileError as exc:
         raise InputError(str(exc)) from None
+    node_list = listed.nodes
     if min_nodes is not None and min_nodes > len(node_list):
         raise InputError(f"--min-nodes {min_nodes} exceeds the {len(node_list)} nodes of the file")
     config = config.model_copy(update={"num_nodes": len(node_list)})
     try:
         provider = provider_module.HttpUpdateProvider(
-            keys,
+            listed.keys,
             token=_secret(token_file, "token") if token_file is not None else None,
+            tokens=listed.tokens,
             ca_file=ca_file,
             min_nodes=min_nodes or 1,
             timeout=timeout or 120.0,
+            memory_budget=memory_budget_mb * _MIB if memory_budget_mb is not None else None,
             model_init=model_init,
             evaluator=evaluator,
         )

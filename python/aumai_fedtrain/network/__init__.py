@@ -13,7 +13,12 @@ from types import ModuleType
 from typing import Any
 
 from aumai_fedtrain.network.auth import SecretError, load_secret, sign_update, verify_update
-from aumai_fedtrain.network.nodes_file import NodesFileError, load_nodes_file
+from aumai_fedtrain.network.nodes_file import (
+    NodesFile,
+    NodesFileError,
+    load_nodes_file,
+    read_nodes_file,
+)
 from aumai_fedtrain.network.wire import JSON, SAFETENSORS, TrainRequest, WireError
 
 __all__ = [
@@ -22,6 +27,7 @@ __all__ = [
     "HttpUpdateProvider",
     "LocalNode",
     "NodeSettings",
+    "NodesFile",
     "NodesFileError",
     "QuorumError",
     "SecretError",
@@ -31,6 +37,7 @@ __all__ = [
     "free_port",
     "load_nodes_file",
     "load_secret",
+    "read_nodes_file",
     "sign_update",
     "verify_update",
 ]

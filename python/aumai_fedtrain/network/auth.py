@@ -13,7 +13,16 @@ The coordinator recomputes the digest from the gradients it received and compare
 constant time. Nodes accept training requests only with the coordinator's bearer token.
 
 Keys and tokens are text (surrounding whitespace removed) of at least
-:data:`MIN_SECRET_CHARS` characters, e.g. the output of ``openssl rand -hex 32``.
+:data:`MIN_SECRET_CHARS` characters, e.g. the output of ``openssl rand -hex 32``; a token is
+printable ASCII, since it travels in an HTTP header. A warning (once per file) names a secret
+file that group or others may read, and a secret of less than :data:`MIN_SECRET_BYTES` bytes of
+entropy (hex text counts half a byte per character).
+
+A request for a round below the last one a node trained would reset its inner state; the node
+does that only with a reset proof (``X-Fedtrain-Reset``): ``HMAC-SHA256(key, message)`` where
+``message`` is the UTF-8 of
+``json.dumps({"v": 1, "reset": true, "round_id": ..., "nonce": ...}, sort_keys=True,
+separators=(",", ":"))``, so only the holder of the node's key (its coordinator) can restart it.
 """
 
 from __future__ import annotations
@@ -21,7 +30,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import os
 import secrets
+import stat
+import string
 from pathlib import Path
 
 from aumai_fedtrain.inputs import read_text_file
@@ -30,50 +43,133 @@ from aumai_fedtrain.verification import HashVerifier
 
 __all__ = [
     "MAX_NONCE_CHARS",
+    "MIN_SECRET_BYTES",
     "MIN_SECRET_CHARS",
     "NONCE_HEADER",
+    "RESET_HEADER",
     "SIGNATURE_HEADER",
     "SecretError",
     "check_nonce",
+    "check_token",
     "load_secret",
     "new_nonce",
+    "reset_proof",
     "secret_from_text",
     "sign_update",
     "tokens_equal",
+    "verify_reset_proof",
     "verify_update",
+    "warn_if_readable",
 ]
 
+logger = logging.getLogger("aumai_fedtrain.network")
+
 MIN_SECRET_CHARS = 32
+MIN_SECRET_BYTES = 32
+"""Below this estimated entropy a secret is accepted with a warning."""
 SIGNATURE_HEADER = "X-Fedtrain-Signature"
 NONCE_HEADER = "X-Fedtrain-Nonce"
+RESET_HEADER = "X-Fedtrain-Reset"
 MAX_NONCE_CHARS = 128
 _MESSAGE_VERSION = 1
+_HEX_DIGITS = frozenset(string.hexdigits)
+_TOKEN_CHARS = frozenset(string.printable) - frozenset("\t\n\r\x0b\x0c")
+_warned: set[tuple[str, str]] = set()
 
 
 class SecretError(ValueError):
-    """A key or token that cannot be used: unreadable, empty or too short."""
+    """A key or token that cannot be used: unreadable, empty, too short or not ASCII."""
 
 
-def secret_from_text(text: str, what: str) -> bytes:
-    """The secret held by ``text`` (stripped), or :class:`SecretError` naming ``what``."""
+def secret_from_text(
+    text: str, what: str, *, token: bool = False, source: str | None = None
+) -> bytes:
+    """The secret held by ``text`` (stripped), or :class:`SecretError` naming ``what``.
+
+    ``token=True`` also requires printable ASCII (a token travels in an HTTP header). A secret
+    of less than :data:`MIN_SECRET_BYTES` bytes of entropy is accepted with a warning naming
+    ``source`` (default: ``what``).
+    """
     cleaned = text.strip()
     if len(cleaned) < MIN_SECRET_CHARS:
         raise SecretError(
             f"{what} has {len(cleaned)} characters; use at least {MIN_SECRET_CHARS} "
             "(e.g. the output of: openssl rand -hex 32)"
         )
+    if token:
+        check_token(cleaned, what)
+    entropy = len(cleaned) // 2 if _HEX_DIGITS.issuperset(cleaned) else len(cleaned)
+    if entropy < MIN_SECRET_BYTES:
+        named = source or what
+        _warn_once(
+            named,
+            f"{named} holds about {entropy} bytes of entropy; use at least {MIN_SECRET_BYTES} "
+            "(e.g. the output of: openssl rand -hex 32)",
+        )
     return cleaned.encode("utf-8")
 
 
+def check_token(token: str, what: str = "token") -> str:
+    """Return ``token`` when it is printable ASCII, else raise :class:`SecretError`."""
+    if not _TOKEN_CHARS.issuperset(token):
+        raise SecretError(
+            f"{what} must be printable ASCII (it is sent in an HTTP header); use e.g. the "
+            "output of: openssl rand -hex 32"
+        )
+    return token
+
+
 def load_secret(path: str | Path, what: str = "key") -> bytes:
-    """Read a key or token file, or raise :class:`SecretError` with one line saying why."""
+    """Read a key or token file, or raise :class:`SecretError` with one line saying why.
+
+    Warns (once per file) when group or others may read the file.
+    """
     text = read_text_file(path, what, SecretError)
-    return secret_from_text(text, f"{what} file {str(path)!r}")
+    label = f"{what} file {str(path)!r}"
+    secret = secret_from_text(text, label, token=what == "token")
+    warn_if_readable(path, label)
+    return secret
+
+
+def warn_if_readable(path: str | Path, label: str) -> None:
+    """Warn (once per ``label``) when group or others may read the secret file ``path``."""
+    if os.name != "posix":
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        _warn_once(
+            label,
+            f"{label} may be read by group or others (mode {stat.filemode(mode)}); "
+            f"run: chmod 600 {str(path)!r}",
+        )
+
+
+def _warn_once(subject: str, message: str) -> None:
+    if (subject, message) not in _warned:
+        _warned.add((subject, message))
+        logger.warning("%s", message)
 
 
 def new_nonce() -> str:
     """A fresh one-time value for a request (32 hex characters)."""
     return secrets.token_hex(16)
+
+
+def reset_proof(key: bytes, round_id: int, nonce: str) -> str:
+    """The hex proof, by ``key``, that a request for ``round_id`` may reset the node."""
+    fields = {"v": _MESSAGE_VERSION, "reset": True, "round_id": round_id, "nonce": nonce}
+    message = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def verify_reset_proof(key: bytes, round_id: int, nonce: str, proof: str) -> bool:
+    """Whether ``proof`` is :func:`reset_proof` of ``round_id`` and a non-empty ``nonce``."""
+    expected = reset_proof(key, round_id, nonce).encode("ascii")
+    given = proof.strip().lower().encode("utf-8", "replace")
+    return bool(nonce) and hmac.compare_digest(expected, given)
 
 
 def check_nonce(nonce: str) -> str:

@@ -163,12 +163,13 @@ class LocalNode:
         self.stop()
         raise RuntimeError(f"node {self.node_id} {problem}: {output}")
 
-    def output(self) -> str:
-        """The end of what the node printed so far."""
+    def output(self, tail: int | None = _LOG_TAIL_CHARS) -> str:
+        """The last ``tail`` characters of what the node printed so far (None: all of it)."""
         if self._log is None:
             return ""
         self._log.seek(0)
-        return self._log.read().decode("utf-8", "replace")[-_LOG_TAIL_CHARS:].strip()
+        text = self._log.read().decode("utf-8", "replace")
+        return (text[-tail:] if tail is not None else text).strip()
 
     def kill(self) -> None:
         """Kill the process at once (SIGKILL), as a crash or a power cut would."""

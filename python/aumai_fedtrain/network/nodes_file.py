@@ -1,9 +1,10 @@
-"""The coordinator's list of real nodes: a JSON file of ids, addresses and keys.
+"""The coordinator's list of real nodes: a JSON file of ids, addresses, keys and tokens.
 
 ``nodes.json`` is a JSON list with one object per node::
 
     [
-      {"node_id": "node-a", "address": "10.0.0.1:8750", "key_file": "keys/node-a.key"},
+      {"node_id": "node-a", "address": "10.0.0.1:8750", "key_file": "keys/node-a.key",
+       "token_file": "tokens/node-a.token", "max_samples": 640},
       {"node_id": "node-b", "address": "https://node-b.example.org:8750",
        "key": "<the key itself>", "capabilities": {"gpu": false}}
     ]
@@ -11,11 +12,15 @@
 ``address`` is ``host:port`` (the scheme is chosen by the coordinator: https when it has a CA
 file, else http) or a base URL with scheme and optional path. Each node has exactly one of
 ``key`` (the shared secret itself) or ``key_file`` (a file holding it, relative to the nodes
-file's folder); ``capabilities`` is optional metadata.
+file's folder), and at most one of ``token`` or ``token_file``: the bearer token the
+coordinator sends to this node only (without one it sends its ``--token-file``), so that one
+leaked token does not open every node. ``max_samples`` is the most samples the node may claim
+in a round (default ``local_steps * batch_size``); ``capabilities`` is optional metadata.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,9 +32,10 @@ from aumai_fedtrain.network.auth import (
     SecretError,
     load_secret,
     secret_from_text,
+    warn_if_readable,
 )
 
-__all__ = ["NodeEntry", "NodesFileError", "load_nodes_file"]
+__all__ = ["NodeEntry", "NodesFile", "NodesFileError", "load_nodes_file", "read_nodes_file"]
 
 
 class NodesFileError(ValueError):
@@ -45,6 +51,9 @@ class NodeEntry(BaseModel):
     address: Annotated[str, Field(min_length=1)]
     key: str | None = None
     key_file: str | None = None
+    token: str | None = None
+    token_file: str | None = None
+    max_samples: Annotated[int, Field(ge=0)] | None = None
     capabilities: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -52,8 +61,18 @@ class _NodesFile(RootModel[list[NodeEntry]]):
     pass
 
 
-def load_nodes_file(path: str | Path) -> tuple[list[FederatedNode], dict[str, bytes]]:
-    """Read a nodes file: the nodes (in file order) and each node's signing key.
+@dataclass(frozen=True)
+class NodesFile:
+    """What a nodes file holds: the nodes (in file order), their keys and per-node tokens."""
+
+    nodes: list[FederatedNode]
+    keys: dict[str, bytes]
+    tokens: dict[str, bytes]
+    """Node id -> its own bearer token, for the nodes that have one."""
+
+
+def read_nodes_file(path: str | Path) -> NodesFile:
+    """Read a nodes file: its nodes, keys and per-node tokens.
 
     Raises :class:`NodesFileError` with one line naming the file, the entry and the problem.
     """
@@ -66,28 +85,49 @@ def load_nodes_file(path: str | Path) -> tuple[list[FederatedNode], dict[str, by
         raise NodesFileError(f"invalid {where}: {describe_validation_error(exc)}") from None
     if not entries:
         raise NodesFileError(f"invalid {where}: it lists no node")
+    if any(entry.key is not None or entry.token is not None for entry in entries):
+        warn_if_readable(path, f"{where} (it holds secrets)")
     nodes: list[FederatedNode] = []
     keys: dict[str, bytes] = {}
+    tokens: dict[str, bytes] = {}
     for index, entry in enumerate(entries):
         label = f"invalid {where}: entry {index} ({entry.node_id!r})"
         if entry.node_id in keys:
             raise NodesFileError(f"{label}: duplicate node id")
+        inline = f"{where}, entry {index} ({entry.node_id!r}),"
         try:
-            keys[entry.node_id] = _entry_key(entry, path.parent)
+            keys[entry.node_id] = _secret(entry.key, entry.key_file, path.parent, "key", inline)
+            if entry.token is not None or entry.token_file is not None:
+                tokens[entry.node_id] = _secret(
+                    entry.token, entry.token_file, path.parent, "token", inline
+                )
         except SecretError as exc:
             raise NodesFileError(f"{label}: {exc}") from None
         nodes.append(
             FederatedNode(
-                node_id=entry.node_id, address=entry.address, capabilities=entry.capabilities
+                node_id=entry.node_id,
+                address=entry.address,
+                capabilities=entry.capabilities,
+                max_samples=entry.max_samples,
             )
         )
-    return nodes, keys
+    return NodesFile(nodes=nodes, keys=keys, tokens=tokens)
 
 
-def _entry_key(entry: NodeEntry, folder: Path) -> bytes:
-    if (entry.key is None) == (entry.key_file is None):
-        raise SecretError("give exactly one of 'key' and 'key_file'")
-    if entry.key is not None:
-        return secret_from_text(entry.key, "key")
-    assert entry.key_file is not None
-    return load_secret(folder / entry.key_file, "key")
+def load_nodes_file(path: str | Path) -> tuple[list[FederatedNode], dict[str, bytes]]:
+    """Read a nodes file: the nodes (in file order) and each node's signing key.
+
+    :func:`read_nodes_file` also gives the per-node tokens. Raises :class:`NodesFileError`.
+    """
+    nodes_file = read_nodes_file(path)
+    return nodes_file.nodes, nodes_file.keys
+
+
+def _secret(inline: str | None, file: str | None, folder: Path, what: str, where: str) -> bytes:
+    """The entry's ``what`` (key or token): inline or from its file, exactly one of them."""
+    if (inline is None) == (file is None):
+        raise SecretError(f"give exactly one of '{what}' and '{what}_file'")
+    if inline is not None:
+        return secret_from_text(inline, what, token=what == "token", source=f"{where} {what}")
+    assert file is not None
+    return load_secret(folder / file, what)

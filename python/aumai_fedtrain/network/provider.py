@@ -1,13 +1,19 @@
 """``HttpUpdateProvider``: the coordinator's side of a run against real nodes over HTTP(S).
 
-Every round, all nodes are asked in parallel to train from the global parameters. Each answer
-is checked before it can count: it must come in time and within the size limit, be a valid
-update of the asked node for the asked round, carry a valid HMAC signature by that node's key
-over the request's one-time nonce, and match the model (same keys and shapes, finite values).
-Anything else is dropped with a log line on the ``aumai_fedtrain.network`` logger and earns no
-credit. The round goes on with the updates that passed when there are at least ``min_nodes`` of
-them; otherwise :class:`QuorumError` is raised before the coordinator changes anything, so the
-last checkpoint stays as it was.
+Every round, the nodes are asked in parallel to train from the global parameters, within ONE
+deadline for the whole round (connecting, TLS, retries and their back-off, transfer and
+decoding). Each answer is checked before it can count: it must come within the deadline and
+the size an update of the model can have, be a valid update of the asked node for the asked
+round, match the model's tensors (refused from a safetensors header before anything is
+decoded) and carry a valid HMAC signature by that node's key over the request's one-time
+nonce. Answers being read and decoded reserve their memory from a budget shared by the round.
+Anything else is dropped (an info line on the ``aumai_fedtrain.network`` logger; the
+coordinator warns once per round about the nodes dropped) and earns no credit. A node that
+fails ``bench_after`` rounds in a row is benched: it is not asked, except for a probe after 1,
+2, 4, ... rounds (at most :data:`MAX_PROBE_GAP_ROUNDS`), and is back as soon as it answers.
+The round goes on with the updates that passed when there are at least ``min_nodes`` of them;
+otherwise :class:`QuorumError` is raised before the coordinator changes anything, so the last
+checkpoint stays as it was.
 """
 
 from __future__ import annotations
@@ -19,45 +25,76 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import numpy as np
 
+from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.coordinator import QuorumError
 from aumai_fedtrain.models import FederatedNode, GlobalState, LocalUpdate, TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
     NONCE_HEADER,
+    RESET_HEADER,
     SIGNATURE_HEADER,
+    SecretError,
+    check_token,
     new_nonce,
+    reset_proof,
     verify_update,
 )
 from aumai_fedtrain.network.wire import (
     DEFAULT_MAX_BODY_BYTES,
     JSON,
     SAFETENSORS,
+    Expected,
+    ModelMismatchError,
     TrainRequest,
     WireError,
+    count_values,
     decode_update,
     encode_request,
+    expected_tensors,
+    max_update_bytes,
+    media_type,
 )
 from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.screening import model_mismatch
 from aumai_fedtrain.verification import HashVerifier
 
-__all__ = ["MAX_BACKOFF_SECONDS", "HttpUpdateProvider", "QuorumError"]
+__all__ = [
+    "MAX_BACKOFF_SECONDS",
+    "MAX_PROBE_GAP_ROUNDS",
+    "MIN_MEMORY_BUDGET",
+    "HttpUpdateProvider",
+    "QuorumError",
+]
 
 logger = logging.getLogger("aumai_fedtrain.network")
 
 MAX_BACKOFF_SECONDS = 30.0
 """Longest wait before a retry, however many retries came before."""
+MAX_PROBE_GAP_ROUNDS = 32
+"""Most rounds a benched node sits out between two probes."""
+MIN_MEMORY_BUDGET = 1024**3
+"""Smallest default memory budget of a round (see ``memory_budget``)."""
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _DETAIL_CHARS = 300
-# Every attempt opens its own connection (so that _Deadline can find it); concurrency is
+_PROBE_SECONDS = 5.0
+# Every attempt opens its own connection (so that the deadline can find it); concurrency is
 # bounded by max_workers.
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+# Memory, per byte of an answer's body or per value, that decoding and checking it may take
+# (measured: parsing JSON peaks at ~80 bytes per float64, the reference hash at ~10 bytes per
+# byte of values; safetensors decodes into one copy).
+_JSON_BYTES_PER_BODY_BYTE = 3
+_JSON_BYTES_PER_ITEM = 96
+_JSON_BYTES_PER_BODY_BYTE_UNKNOWN_MODEL = 64
+_PYTHON_HASH_BYTES_PER_VALUE_BYTE = 11
+_VALUE_BYTES = 8
 
 
 class _Dropped(Exception):
@@ -76,26 +113,38 @@ class HttpUpdateProvider(UpdateProvider):
     keys
         Each node's shared secret (node id -> key); every node of the run needs one.
     token
-        The coordinator's bearer token, sent to every node (None sends none).
+        The bearer token sent to the nodes without one of their own in ``tokens`` (None sends
+        none).
+    tokens
+        Per-node bearer tokens (node id -> token), so that one leaked token opens one node.
     ca_file
         PEM file of the certificate authority that signed the nodes' certificates; bare
         ``host:port`` addresses then use https. None uses the system's trusted authorities.
     min_nodes
         Quorum: fewer valid updates in a round raise :class:`QuorumError`.
     timeout
-        Seconds one attempt at one node may take, training included; the attempt is cut off
-        then, however slowly the node is still sending.
+        The round's deadline in seconds: connecting, TLS handshakes, training, retries and
+        their back-off, and the transfer of every answer must fit in it. A round takes at most
+        this plus the decoding and checking of the answers already in.
     retries
         How many times a node is asked again after a connection failure or a 429/502/503/504
-        answer, waiting ``backoff * 2**attempt`` seconds (at most
-        :data:`MAX_BACKOFF_SECONDS`) before each retry. A node that answers too late is a
-        straggler and is not asked again in the round.
+        answer, waiting ``backoff * 2**attempt`` seconds (at most :data:`MAX_BACKOFF_SECONDS`)
+        before each retry, as long as the wait ends before the deadline. A node that answers
+        too late is a straggler and is not asked again in the round.
     backoff
         First retry delay in seconds.
     wire
         ``"binary"`` (safetensors bodies) or ``"json"`` (the user guide's JSON).
     max_response_bytes
-        Largest answer accepted from a node (its body as sent: compressed answers are refused).
+        Largest answer accepted from a node (its body as sent: compressed answers are
+        refused); answers larger than an update of the model can be are refused too.
+    memory_budget
+        Bytes that the answers being read, decoded and checked at once may take; an answer
+        waits (within the deadline) for its share, and one that alone needs more is refused.
+        None: twice what the largest valid answer needs, at least :data:`MIN_MEMORY_BUDGET`.
+        Accepted updates are kept for aggregation outside the budget.
+    bench_after
+        After this many failed rounds in a row a node is benched (see the module doc).
     model_init
         ``config -> initial global parameters`` (for nodes running the built-in trainer:
         :func:`aumai_fedtrain.simulation.initial_model`); None runs without a global model:
@@ -112,6 +161,7 @@ class HttpUpdateProvider(UpdateProvider):
         keys: Mapping[str, bytes],
         *,
         token: bytes | None = None,
+        tokens: Mapping[str, bytes] | None = None,
         ca_file: str | Path | None = None,
         min_nodes: int = 1,
         timeout: float = 120.0,
@@ -119,6 +169,8 @@ class HttpUpdateProvider(UpdateProvider):
         backoff: float = 0.5,
         wire: Literal["binary", "json"] = "binary",
         max_response_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        memory_budget: int | None = None,
+        bench_after: int = 3,
         model_init: Callable[[TrainingConfig], TensorMap] | None = None,
         evaluator: Callable[[TensorMap], tuple[float, float]] | None = None,
         max_workers: int = 32,
@@ -129,36 +181,46 @@ class HttpUpdateProvider(UpdateProvider):
                 "need min_nodes >= 1, a finite timeout > 0, retries >= 0 and a finite "
                 f"backoff >= 0 (got {min_nodes}, {timeout}, {retries}, {backoff})"
             )
-        if max_workers < 1 or max_response_bytes < 1:
+        if max_workers < 1 or max_response_bytes < 1 or bench_after < 1:
             raise ValueError(
-                "need max_workers >= 1 and max_response_bytes >= 1 "
-                f"(got {max_workers}, {max_response_bytes})"
+                "need max_workers >= 1, max_response_bytes >= 1 and bench_after >= 1 "
+                f"(got {max_workers}, {max_response_bytes}, {bench_after})"
             )
+        if memory_budget is not None and memory_budget < 1:
+            raise ValueError(f"memory_budget must be at least 1 byte, got {memory_budget}")
         if wire not in ("binary", "json"):
             raise ValueError(f"wire must be 'binary' or 'json', got {wire!r}")
         self.keys = dict(keys)
-        self.token = token
+        self.tokens = {
+            node_id: _header_token(value, f"token of node {node_id!r}")
+            for node_id, value in (tokens or {}).items()
+        }
+        self.token = None if token is None else _header_token(token, "token")
         self.min_nodes = min_nodes
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.wire_format = SAFETENSORS if wire == "binary" else JSON
         self.max_response_bytes = max_response_bytes
+        self.memory_budget = memory_budget
         self.model_init = model_init
         self.evaluator = evaluator
         self.max_workers = max_workers
         self.failures: dict[int, dict[str, str]] = {}
         """Round -> node id -> why that node's update did not count."""
+        self._bench = _Bench(bench_after)
+        self._answered: set[str] = set()
+        """Nodes that sent a valid update since this provider was made (no reset proof)."""
         # Made once: building a TLS context (for every client of every round) costs ~30 ms.
         self._tls = httpx.create_ssl_context()
-        self._scheme = "http"
+        self._has_ca_file = ca_file is not None
         if ca_file is not None:
             try:
                 self._tls = ssl.create_default_context(cafile=str(ca_file))
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"cannot load the CA file {str(ca_file)!r}: {exc}") from None
-            self._scheme = "https"
         self._hasher = HashVerifier()
+        self._python_hash = get_backend() is get_backend("python")
 
     def initial_parameters(self, config: TrainingConfig) -> TensorMap | None:
         """The initial global model from ``model_init`` (None without one)."""
@@ -168,47 +230,55 @@ class HttpUpdateProvider(UpdateProvider):
         """Held-out loss and accuracy from ``evaluator``, or None without one."""
         return self.evaluator(parameters) if self.evaluator is not None else None
 
+    def round_failures(self, round_id: int) -> dict[str, str]:
+        """The nodes whose update for ``round_id`` did not count, with why (benched ones too)."""
+        return dict(self.failures.get(round_id, {}))
+
     def get_updates(
         self,
         round_id: int,
         state: GlobalState,
         nodes: list[FederatedNode],
     ) -> list[LocalUpdate]:
-        """Ask every node to train from ``state.parameters``; return the updates that count.
+        """Ask the nodes to train from ``state.parameters`` (benched ones only to probe them,
+        or when the quorum cannot be reached without them).
 
-        Raises :class:`QuorumError` when fewer than ``min_nodes`` valid updates arrive, and
-        ``ValueError`` for a node without a key or an address, or a quorum above the nodes.
+        Returns the updates that count. Raises :class:`QuorumError` when fewer than
+        ``min_nodes`` valid updates arrive, and ``ValueError`` for a node without a key or an
+        address, or a quorum above the nodes.
         """
         self._check_nodes(nodes)
+        deadline = _RoundDeadline(self.timeout)
         weights = state.parameters if state.parameters is not None else {}
         body = encode_request(
             TrainRequest(round_id=round_id, global_weights=weights), self.wire_format
         )
-        headers = {
-            "content-type": self.wire_format,
-            "accept": self.wire_format,
-            "accept-encoding": "identity",
-        }
-        if self.token is not None:
-            headers["authorization"] = f"Bearer {self.token.decode('utf-8')}"
-        timeout = httpx.Timeout(self.timeout)
+        expected = expected_tensors(weights) if weights else None
+        budget = _MemoryBudget(
+            self.memory_budget if self.memory_budget is not None else self.default_budget(weights)
+        )
+        asked, sitting_out = self._bench.split(round_id, nodes)
+        if len(asked) < self.min_nodes:  # the quorum needs the benched nodes: probe them all
+            asked, sitting_out = nodes, {}
+        round_ = _Round(round_id, body, expected, deadline, budget)
         with (
-            httpx.Client(verify=self._tls, timeout=timeout, limits=_LIMITS) as client,
-            ThreadPoolExecutor(min(self.max_workers, len(nodes))) as pool,
+            deadline,
+            httpx.Client(verify=self._tls, limits=_LIMITS) as client,
+            ThreadPoolExecutor(min(self.max_workers, max(1, len(asked)))) as pool,
         ):
-            outcomes = list(
-                pool.map(
-                    lambda node: self._ask(client, node, round_id, body, headers, weights),
-                    nodes,
-                )
-            )
+            outcomes = list(pool.map(lambda node: self._ask(client, node, round_), asked))
         updates = [outcome for outcome in outcomes if isinstance(outcome, LocalUpdate)]
+        self._answered.update(update.node_id for update in updates)
         failed = {
             node.node_id: outcome
-            for node, outcome in zip(nodes, outcomes, strict=True)
+            for node, outcome in zip(asked, outcomes, strict=True)
             if isinstance(outcome, str)
         }
-        self.failures[round_id] = failed
+        self._bench.record(round_id, [node.node_id for node in asked], failed)
+        failed.update(sitting_out)
+        self.failures[round_id] = {
+            node.node_id: failed[node.node_id] for node in nodes if node.node_id in failed
+        }
         if len(updates) < self.min_nodes:
             reasons = "; ".join(f"{node}: {reason}" for node, reason in failed.items())
             raise QuorumError(
@@ -216,6 +286,20 @@ class HttpUpdateProvider(UpdateProvider):
                 f"the quorum is {self.min_nodes} ({reasons})"
             )
         return updates
+
+    def default_budget(self, weights: TensorMap) -> int:
+        """The default ``memory_budget`` for a model: room for two of its largest answers."""
+        if not weights:
+            return MIN_MEMORY_BUDGET
+        largest = max_update_bytes(expected_tensors(weights), self.wire_format)
+        return max(MIN_MEMORY_BUDGET, 2 * self.answer_memory(self.wire_format, largest, weights))
+
+    def answer_memory(self, fmt: str, body_bytes: int, weights: TensorMap) -> int:
+        """Bytes of the memory budget that an answer of ``body_bytes`` in ``fmt`` reserves.
+
+        ``weights`` is the model (empty when unknown: then only the body's size counts).
+        """
+        return self._reservation(fmt, body_bytes, expected_tensors(weights) if weights else None)
 
     def _check_nodes(self, nodes: list[FederatedNode]) -> None:
         for node in nodes:
@@ -227,182 +311,464 @@ class HttpUpdateProvider(UpdateProvider):
             raise ValueError(f"min_nodes={self.min_nodes} but the run has {len(nodes)} nodes")
 
     def _url(self, address: str) -> str:
-        base = address if "://" in address else f"{self._scheme}://{address}"
+        scheme = "https" if self._has_ca_file else "http"
+        base = address if "://" in address else f"{scheme}://{address}"
         return f"{base.rstrip('/')}/train"
 
-    def _ask(
-        self,
-        client: httpx.Client,
-        node: FederatedNode,
-        round_id: int,
-        body: bytes,
-        headers: dict[str, str],
-        weights: TensorMap,
-    ) -> LocalUpdate | str:
-        """The node's valid update, or why it does not count (logged)."""
+    def _headers(self, node: FederatedNode, round_id: int, nonce: str) -> dict[str, str]:
+        headers = {
+            "content-type": self.wire_format,
+            "accept": self.wire_format,
+            "accept-encoding": "identity",
+            NONCE_HEADER: nonce,
+        }
+        token = self.tokens.get(node.node_id, self.token)
+        if token is not None:
+            headers["authorization"] = f"Bearer {token}"
+        if node.node_id not in self._answered:  # a coordinator that starts or resumes
+            headers[RESET_HEADER] = reset_proof(self.keys[node.node_id], round_id, nonce)
+        return headers
+
+    def _ask(self, client: httpx.Client, node: FederatedNode, round_: _Round) -> LocalUpdate | str:
+        """The node's valid update, or why it does not count (logged at info level; a probe
+        of a benched node is asked once)."""
         attempt = 0
+        retries = 0 if self._bench.benched(node.node_id) else self.retries
         while True:
             nonce = new_nonce()
             try:
-                update, signature = self._request(
-                    client, node, body, {**headers, NONCE_HEADER: nonce}
-                )
-                self._check(update, signature, node, round_id, nonce, weights)
-                return update
+                return self._attempt(client, node, round_, nonce)
             except _Dropped as dropped:
-                if not dropped.retry or attempt == self.retries:
-                    logger.warning(
-                        "round %d: no update from %s: %s", round_id, node.node_id, dropped
-                    )
-                    return str(dropped)
+                reason = str(dropped)
+                if not dropped.retry or attempt == retries:
+                    break
                 # (The exponent is capped so that the product stays a finite float.)
                 delay = min(self.backoff * 2 ** min(attempt, 32), MAX_BACKOFF_SECONDS)
+                if delay >= round_.deadline.remaining():
+                    reason += f" (no time left to retry within the {self.timeout:g} s deadline)"
+                    break
                 attempt += 1
                 logger.info(
                     "round %d: %s failed (%s), retry %d/%d in %.2f s",
-                    round_id,
+                    round_.round_id,
                     node.node_id,
                     dropped,
                     attempt,
-                    self.retries,
+                    retries,
                     delay,
                 )
             except Exception as exc:  # a bug met by one node's answer must not end the run
-                logger.exception("round %d: cannot handle the answer of %s", round_id, node.node_id)
+                logger.exception(
+                    "round %d: cannot handle the answer of %s", round_.round_id, node.node_id
+                )
                 return f"cannot handle the answer: {type(exc).__name__}: {exc}"
-            time.sleep(delay)
+            round_.deadline.sleep(delay)
+        # (At info level: the coordinator warns once per round about every node dropped.)
+        logger.info("round %d: no update from %s: %s", round_.round_id, node.node_id, reason)
+        return reason
 
-    def _request(
-        self, client: httpx.Client, node: FederatedNode, body: bytes, headers: dict[str, str]
-    ) -> tuple[LocalUpdate, str | None]:
-        """One attempt: the decoded update and its signature header."""
+    def _attempt(
+        self, client: httpx.Client, node: FederatedNode, round_: _Round, nonce: str
+    ) -> LocalUpdate:
+        """One request: the node's valid update, or :class:`_Dropped` saying why not."""
         url = self._url(node.address)
-        with _Deadline(self.timeout) as deadline:
+        deadline = round_.deadline
+        too_late = _Dropped(f"no answer within {self.timeout:g} s")
+        remaining = deadline.remaining()
+        if remaining <= 0:
+            raise too_late
+        with deadline.attempt() as attempt:
             try:
                 with client.stream(
-                    "POST", url, content=body, headers=headers, extensions={"trace": deadline.trace}
+                    "POST",
+                    url,
+                    content=round_.body,
+                    headers=self._headers(node, round_.round_id, nonce),
+                    timeout=remaining,
+                    extensions={"trace": attempt.trace},
                 ) as response:
-                    content = self._read_limited(response)
+                    return self._receive(response, node, round_, nonce)
             except httpx.TransportError as exc:
+                # (httpx's timeouts are the time left: a timeout is the deadline too.)
                 if deadline.expired or isinstance(exc, httpx.TimeoutException):
-                    # Not even connected in time: ask again; connected, then silent: a straggler.
-                    retry = isinstance(exc, httpx.ConnectTimeout) or not deadline.connected
-                    raise _Dropped(f"no answer within {self.timeout:g} s", retry=retry) from None
-                # A certificate that does not verify will not verify on a retry either.
-                raise _Dropped(f"cannot reach {url}: {exc}", retry=not _tls_failure(exc)) from None
+                    raise too_late from None
+                raise self._unreachable(url, exc, deadline) from None
+
+    def _receive(
+        self, response: httpx.Response, node: FederatedNode, round_: _Round, nonce: str
+    ) -> LocalUpdate:
+        """Read, decode and check an answer within its share of the memory budget."""
         if response.status_code != httpx.codes.OK:
-            detail = content[:_DETAIL_CHARS].decode("utf-8", "replace")
+            detail = _read_some(response, _DETAIL_CHARS).decode("utf-8", "replace")
             raise _Dropped(
                 f"HTTP {response.status_code}: {detail}",
                 retry=response.status_code in _RETRY_STATUSES,
             )
-        try:
-            update = decode_update(content, response.headers.get("content-type", ""))
-        except WireError as exc:
-            raise _Dropped(f"malformed answer: {exc}") from None
-        return update, response.headers.get(SIGNATURE_HEADER)
-
-    def _read_limited(self, response: httpx.Response) -> bytes:
-        """The answer's body as sent, refused as soon as it exceeds ``max_response_bytes``."""
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             # Decompressing would let a small answer grow past the limit in memory.
             raise _Dropped(f"answer has content-encoding {encoding!r}; only 'identity' is accepted")
+        fmt = media_type(response.headers.get("content-type"))
         limit = self.max_response_bytes
+        if round_.expected is not None and fmt in (JSON, SAFETENSORS):
+            limit = min(limit, max_update_bytes(round_.expected, fmt))
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise _Dropped(f"answer of {declared} bytes exceeds the limit of {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        for chunk in response.iter_raw():
-            size += len(chunk)
-            if size > limit:
-                raise _Dropped(f"answer exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        size = int(declared) if declared.isdigit() else limit
+        with round_.budget.reserve(self._reservation(fmt, size, round_.expected), round_.deadline):
+            content = _read_limited(response, limit)
+            try:
+                update = decode_update(content, fmt, round_.expected)
+            except ModelMismatchError as exc:
+                raise _Dropped(str(exc)) from None
+            except WireError as exc:
+                raise _Dropped(f"malformed answer: {exc}") from None
+            del content
+            self._check(update, response.headers.get(SIGNATURE_HEADER), node, round_, nonce)
+        return update
+
+    def _reservation(self, fmt: str, size: int, expected: Expected | None) -> int:
+        """Bytes that reading, decoding and checking an answer of ``size`` bytes may take."""
+        values, lists = count_values(expected) if expected is not None else (size, 0)
+        if fmt == JSON:
+            if expected is None:
+                need = size * _JSON_BYTES_PER_BODY_BYTE_UNKNOWN_MODEL
+            else:
+                need = size * _JSON_BYTES_PER_BODY_BYTE + (values + lists) * _JSON_BYTES_PER_ITEM
+        else:
+            need = size + values * _VALUE_BYTES if expected is not None else 2 * size
+        if self._python_hash:  # the reference hash renders the gradients as JSON text
+            need += values * _VALUE_BYTES * _PYTHON_HASH_BYTES_PER_VALUE_BYTE
+        return need
+
+    def _unreachable(
+        self, url: str, error: httpx.TransportError, deadline: _RoundDeadline
+    ) -> _Dropped:
+        """Why the node at ``url`` could not be asked, saying so when TLS is on one side only."""
+        address = httpx.URL(url)
+        tls_failure = _tls_failure(error)
+        plain_to_tls = address.scheme == "http" and isinstance(
+            error, httpx.RemoteProtocolError | httpx.ReadError
+        )
+        tls_to_plain = address.scheme == "https" and tls_failure and not _certificate_failure(error)
+        if plain_to_tls and _speaks_tls(address, deadline) is True:
+            return _Dropped(
+                "node speaks TLS: pass --ca-file (ca_file=), or write https:// in its address "
+                f"(asked over plain HTTP: {url})"
+            )
+        if tls_to_plain and _speaks_tls(address, deadline) is False:
+            return _Dropped(
+                "node speaks plain HTTP, not TLS: write http:// in its address, or serve it "
+                f"with --ssl-certfile/--ssl-keyfile (asked over TLS: {url})"
+            )
+        # A certificate that does not verify will not verify on a retry either.
+        return _Dropped(f"cannot reach {url}: {error}", retry=not tls_failure)
 
     def _check(
         self,
         update: LocalUpdate,
         signature: str | None,
         node: FederatedNode,
-        round_id: int,
+        round_: _Round,
         nonce: str,
-        weights: TensorMap,
     ) -> None:
-        """Raise :class:`_Dropped` unless ``update`` is ``node``'s authentic, usable update."""
+        """Raise :class:`_Dropped` unless ``update`` is ``node``'s authentic update."""
         if update.node_id != node.node_id:
             raise _Dropped(f"the answer is an update of node {update.node_id!r}")
-        if update.round_id != round_id:
+        if update.round_id != round_.round_id:
             raise _Dropped(
-                f"replayed or stale update for round {update.round_id}, expected round {round_id}"
+                f"replayed or stale update for round {update.round_id}, "
+                f"expected round {round_.round_id}"
             )
         if signature is None:
             raise _Dropped(f"unsigned update (no {SIGNATURE_HEADER} header)")
+        if round_.expected is not None:  # (before hashing: a JSON body has no header to check)
+            shapes = {key: value.shape for key, value in update.gradients.items()}
+            problem = model_mismatch(shapes, round_.expected)
+            if problem is not None:
+                raise _Dropped(problem)
         if not verify_update(self.keys[node.node_id], update, signature, nonce, self._hasher):
             raise _Dropped("bad signature: tampered with, or signed with another key")
-        if weights and update.gradients.keys() != weights.keys():
-            raise _Dropped(
-                f"keys {sorted(update.gradients)} do not match the model's {sorted(weights)}"
-            )
-        for key, value in update.gradients.items():
-            if weights and value.shape != weights[key].shape:
-                raise _Dropped(
-                    f"gradient {key!r} has shape {value.shape}, the model's is {weights[key].shape}"
-                )
-            if not np.isfinite(value).all():
-                raise _Dropped(f"gradient {key!r} has non-finite values")
 
 
-class _Deadline:
-    """Cuts one attempt off after ``seconds``, however slowly the node sends its bytes.
+@dataclass(frozen=True)
+class _Round:
+    """What every node's request in a round shares."""
 
-    httpx's timeouts bound every single read, not a whole answer: a node sending a byte now and
-    then would hold the round forever. The attempt's socket is learnt from httpcore's ``trace``
-    extension and shut down when the time is up, which ends a blocked read at once.
+    round_id: int
+    body: bytes
+    expected: Expected | None
+    deadline: _RoundDeadline
+    budget: _MemoryBudget
+
+
+class _RoundDeadline:
+    """One deadline for a whole round, which cuts off every connection still open then.
+
+    httpx's timeouts bound every single read, not a whole answer, and a retry would start them
+    afresh: a node sending a byte now and then, or never finishing its TLS handshake, would
+    hold the round. Each attempt's socket is learnt from httpcore's ``trace`` extension (a
+    duplicate of it, so that the TLS layer taking the original over changes nothing) and shut
+    down when the time is up, which ends a blocked connect, handshake or read at once.
     """
 
     def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._ends = time.monotonic() + seconds
         self.expired = False
-        self.connected = False
-        self._socket: socket.socket | None = None
+        self._over = threading.Event()
         self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
-    def __enter__(self) -> _Deadline:
+    def __enter__(self) -> _RoundDeadline:
         self._timer.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._timer.cancel()
 
-    def trace(self, event: str, info: Mapping[str, Any]) -> None:
-        """httpcore's trace hook: note the socket once connected (and after TLS, its wrapper)."""
-        if event.endswith((".connect_tcp.complete", ".start_tls.complete")):
-            with self._lock:
-                self.connected = True
-                self._socket = info["return_value"].get_extra_info("socket")
-                if self.expired:
-                    self._shut_down()
+    def remaining(self) -> float:
+        """Seconds left (0 once over)."""
+        return 0.0 if self.expired else max(0.0, self._ends - time.monotonic())
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when the deadline comes first."""
+        self._over.wait(seconds)
+
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[_Attempt]:
+        """Watch the sockets of one attempt (see :meth:`_Attempt.watch`) until it ends."""
+        attempt = _Attempt(self)
+        try:
+            yield attempt
+        finally:
+            attempt.close()
+
+    def watch(self, sock: socket.socket) -> socket.socket | None:
+        """Shut ``sock``'s connection down at the deadline; returns the duplicate to release."""
+        try:
+            watched = sock.dup()
+        except OSError:  # out of file descriptors: the socket's own timeouts still apply
+            return None
+        with self._lock:
+            self._sockets.add(watched)
+            if self.expired:
+                _shut_down(watched)
+        return watched
+
+    def release(self, watched: socket.socket) -> None:
+        """Stop watching (and close) a duplicate that :meth:`watch` returned."""
+        with self._lock:
+            self._sockets.discard(watched)
+        watched.close()
 
     def _expire(self) -> None:
         with self._lock:
             self.expired = True
-            self._shut_down()
+            self._over.set()
+            for watched in self._sockets:
+                _shut_down(watched)
 
-    def _shut_down(self) -> None:
-        if self._socket is not None:
-            with contextlib.suppress(OSError):  # already closed
-                # socket.socket's own method: SSLSocket.shutdown would also drop its TLS state.
-                socket.socket.shutdown(self._socket, socket.SHUT_RDWR)
+
+class _Attempt:
+    """The sockets of one request, shut down at the round's deadline."""
+
+    def __init__(self, deadline: _RoundDeadline) -> None:
+        self.deadline = deadline
+        self._watched: list[socket.socket] = []
+
+    def trace(self, event: str, info: Mapping[str, Any]) -> None:
+        """httpcore's trace hook: watch the socket as soon as it is connected."""
+        if event.endswith(".connect_tcp.complete"):
+            self.watch(info["return_value"].get_extra_info("socket"))
+
+    def watch(self, sock: socket.socket) -> None:
+        """Shut ``sock`` down at the deadline, however it is blocked."""
+        watched = self.deadline.watch(sock)
+        if watched is not None:
+            self._watched.append(watched)
+
+    def close(self) -> None:
+        for watched in self._watched:
+            self.deadline.release(watched)
+        self._watched.clear()
+
+
+def _shut_down(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _MemoryBudget:
+    """Bytes shared by the answers of a round that are being read, decoded and checked."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free = total
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, deadline: _RoundDeadline) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget, waiting for them until the deadline."""
+        if nbytes > self.total:
+            raise _Dropped(
+                f"decoding this answer could take {nbytes} bytes, more than the memory budget "
+                f"of {self.total} bytes"
+            )
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._free >= nbytes, deadline.remaining()):
+                raise _Dropped(
+                    f"no memory budget free for this answer within the {deadline.seconds:g} s "
+                    "deadline"
+                )
+            self._free -= nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._free += nbytes
+                self._changed.notify_all()
+
+
+@dataclass
+class _Health:
+    """A node's recent record: failed rounds in a row, and when it is benched, its probes."""
+
+    failures: int = 0
+    last_reason: str = ""
+    gap: int = 0
+    """Rounds sat out before the next probe; 0 while not benched."""
+    probe_round: int = 0
+
+
+class _Bench:
+    """Which nodes are benched after ``after`` failed rounds in a row, and when to probe them."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self._health: dict[str, _Health] = {}
+
+    def benched(self, node_id: str) -> bool:
+        """Whether the node is benched (it is asked only on its probe rounds)."""
+        health = self._health.get(node_id)
+        return health is not None and health.gap > 0
+
+    def split(
+        self, round_id: int, nodes: list[FederatedNode]
+    ) -> tuple[list[FederatedNode], dict[str, str]]:
+        """The nodes to ask in ``round_id``, and the benched ones that sit it out, with why."""
+        asked: list[FederatedNode] = []
+        sitting_out: dict[str, str] = {}
+        for node in nodes:
+            health = self._health.get(node.node_id)
+            if health is None or health.gap == 0 or round_id >= health.probe_round:
+                asked.append(node)
+            else:
+                sitting_out[node.node_id] = (
+                    f"benched after {health.failures} failed rounds: {health.last_reason}"
+                )
+        return asked, sitting_out
+
+    def record(self, round_id: int, asked: list[str], failed: Mapping[str, str]) -> None:
+        """Note the round's outcome for the asked nodes; log who is benched or back."""
+        benched: list[str] = []
+        back: list[str] = []
+        for node_id in asked:
+            health = self._health.setdefault(node_id, _Health())
+            if node_id not in failed:
+                if health.gap:
+                    back.append(node_id)
+                self._health[node_id] = _Health()
+                continue
+            health.failures += 1
+            health.last_reason = failed[node_id]
+            if health.failures < self.after:
+                continue
+            if health.gap == 0:
+                benched.append(node_id)
+            health.gap = min(2 * health.gap, MAX_PROBE_GAP_ROUNDS) if health.gap else 1
+            health.probe_round = round_id + health.gap + 1
+        if benched:
+            logger.warning(
+                "round %d: benched after %d failed rounds in a row (asked again after 1, 2, 4, "
+                "... rounds): %s",
+                round_id,
+                self.after,
+                ", ".join(benched),
+            )
+        if back:
+            logger.warning("round %d: back from the bench: %s", round_id, ", ".join(back))
+
+
+def _header_token(token: bytes, what: str) -> str:
+    try:
+        return check_token(token.decode("utf-8"), what)
+    except (UnicodeDecodeError, SecretError) as exc:
+        raise ValueError(f"{what} must be printable ASCII (it is sent in an HTTP header)") from exc
+
+
+def _read_some(response: httpx.Response, limit: int) -> bytes:
+    """At most about ``limit`` bytes of the answer's body (an error's detail)."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(chunks)[:limit]
+
+
+def _read_limited(response: httpx.Response, limit: int) -> bytes:
+    """The answer's body as sent, refused as soon as it exceeds ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_raw():
+        size += len(chunk)
+        if size > limit:
+            raise _Dropped(f"answer exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _speaks_tls(address: httpx.URL, deadline: _RoundDeadline) -> bool | None:
+    """Whether the server at ``address`` completes a TLS handshake (None: cannot tell)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    port = address.port or (443 if address.scheme == "https" else 80)
+    timeout = min(deadline.remaining(), _PROBE_SECONDS)
+    if timeout <= 0:
+        return None
+    with deadline.attempt() as attempt:
+        try:
+            with socket.create_connection((address.host, port), timeout=timeout) as raw:
+                attempt.watch(raw)
+                with context.wrap_socket(raw, server_hostname=address.host):
+                    return True
+        except ssl.SSLError:
+            return False
+        except OSError:
+            return None
 
 
 def _tls_failure(error: BaseException) -> bool:
     """Whether ``error`` was caused by a TLS failure (e.g. an untrusted certificate)."""
+    return _cause(error, ssl.SSLError)
+
+
+def _certificate_failure(error: BaseException) -> bool:
+    """Whether ``error`` was caused by a certificate that does not verify."""
+    return _cause(error, ssl.SSLCertVerificationError)
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> bool:
     cause: BaseException | None = error
     while cause is not None:
-        if isinstance(cause, ssl.SSLError):
+        if isinstance(cause, kind):
             return True
         cause = cause.__cause__ or cause.__context__
     return False

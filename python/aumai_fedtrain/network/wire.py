@@ -6,31 +6,46 @@ a :class:`LocalUpdate`. Both travel either as JSON (``application/json``: the re
 safetensors file (``application/x-safetensors``: float64 tensors, with the scalar fields as
 strings in the file's ``__metadata__``). Binary bodies cost a memory copy per tensor instead of
 JSON's printing and parsing of every float; both round-trip float64 values exactly.
+
+Decoding is bounded before anything is decoded: a safetensors header may hold at most
+:data:`MAX_TENSORS` tensors in :data:`MAX_HEADER_BYTES` bytes, and when the receiver knows the
+model (``expected``), the header must list exactly its tensors, with its shapes, as float64;
+:func:`max_update_bytes` is the largest body an update of a model can need.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, TypeVar
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aumai_fedtrain.inputs import describe_validation_error
 from aumai_fedtrain.models import LocalUpdate, TensorMap
+from aumai_fedtrain.screening import model_mismatch
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "JSON",
+    "MAX_HEADER_BYTES",
+    "MAX_TENSORS",
     "MEDIA_TYPES",
     "SAFETENSORS",
+    "Expected",
+    "ModelMismatchError",
     "TrainRequest",
     "WireError",
     "body_media_type",
+    "count_values",
     "decode_request",
     "decode_update",
     "encode_request",
     "encode_update",
+    "expected_tensors",
+    "max_update_bytes",
     "media_type",
     "response_media_type",
 ]
@@ -40,12 +55,31 @@ SAFETENSORS = "application/x-safetensors"
 MEDIA_TYPES = (JSON, SAFETENSORS)
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 """Largest request (node side) or response (coordinator side) body accepted by default."""
+MAX_TENSORS = 65_536
+"""Most tensors a safetensors body may hold when the receiver does not know the model."""
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+"""Largest safetensors header accepted when the receiver does not know the model."""
+
+Expected = Mapping[str, tuple[int, ...]]
+"""The model an update must match: tensor name -> shape (values travel as float64)."""
 
 _FORMAT_KEY = "aumai-fedtrain"
 _REQUEST_KIND = "train-request/1"
 _UPDATE_KIND = "local-update/1"
 _RESERVED_NAME = "__metadata__"
 _HEADER_LENGTH_BYTES = 8
+_WIRE_DTYPE = "<f8"
+_WIRE_DTYPE_NAME = "F64"
+_ITEM_BYTES = 8
+# Bounds of an honest body beyond its values: metadata, and per tensor its header entry (name
+# escaped as \uXXXX at worst, dtype, offsets, one number per dimension) or its JSON brackets.
+_METADATA_SLACK_BYTES = 64 * 1024
+_ENTRY_BYTES = 96
+_DIMENSION_BYTES = 24
+_JSON_FLOAT_BYTES = 26  # "-1.7976931348623157e+308, "
+_JSON_NESTING_BYTES = 4  # "[", "]" and ", " around an element, per dimension
+_ESCAPED_CHAR_BYTES = 6
+_JSON_FIELD_SLACK = 64  # commas and brackets of an update's other fields (and in its strings)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -55,6 +89,10 @@ class WireError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ModelMismatchError(WireError):
+    """An update whose tensors are not the model's (names, shapes or dtype)."""
 
 
 class TrainRequest(BaseModel):
@@ -120,11 +158,20 @@ def encode_update(update: LocalUpdate, fmt: str) -> bytes:
     return _pack(update.gradients, metadata)
 
 
-def decode_update(body: bytes, content_type: str) -> LocalUpdate:
-    """Parse a local update; :class:`WireError` names what is wrong."""
+def decode_update(body: bytes, content_type: str, expected: Expected | None = None) -> LocalUpdate:
+    """Parse a local update; :class:`WireError` names what is wrong.
+
+    With ``expected``, a safetensors body whose header does not list exactly the model's
+    tensors, shapes and float64 is refused before any tensor is decoded, and a JSON body with
+    more numbers or lists than an update of the model (counted in one pass over its bytes)
+    before it is parsed; a JSON body has no header, so the caller compares its keys and shapes
+    after decoding.
+    """
     if body_media_type(content_type) == JSON:
+        if expected is not None:
+            _check_json_counts(body, expected)
         return _validate(LocalUpdate, body, "update")
-    tensors, metadata = _unpack(body, _UPDATE_KIND)
+    tensors, metadata = _unpack(body, _UPDATE_KIND, expected)
     fields = {name: _field(metadata, name) for name in ("node_id", "round_id", "samples_used")}
     return _validate(
         LocalUpdate, {**fields, "loss": _field(metadata, "loss"), "gradients": tensors}, "update"
@@ -140,39 +187,125 @@ def _check_format(fmt: str, status: int = 400) -> str:
     return fmt
 
 
+def expected_tensors(weights: TensorMap) -> Expected:
+    """The model ``weights`` as :data:`Expected`: name -> shape."""
+    return {name: tuple(value.shape) for name, value in weights.items()}
+
+
+def max_update_bytes(expected: Expected, fmt: str) -> int:
+    """The largest body an honest update of the ``expected`` model needs in format ``fmt``.
+
+    For safetensors the values' bytes plus a bound on the header; for JSON the longest text of
+    every float (``-1.7976931348623157e+308``) with its brackets and separators.
+    """
+    total = _METADATA_SLACK_BYTES
+    for name, shape in expected.items():
+        count = math.prod(shape)
+        total += _ESCAPED_CHAR_BYTES * len(name) + _ENTRY_BYTES + _DIMENSION_BYTES * len(shape)
+        if _check_format(fmt) == JSON:
+            total += count * (_JSON_FLOAT_BYTES + _JSON_NESTING_BYTES * len(shape))
+        else:
+            total += count * _ITEM_BYTES
+    return total
+
+
+def count_values(expected: Expected) -> tuple[int, int]:
+    """How many numbers and how many JSON lists an update of the ``expected`` model holds."""
+    values = lists = 0
+    for shape in expected.values():
+        values += math.prod(shape)
+        lists += sum(math.prod(shape[:depth]) for depth in range(len(shape)))
+    return values, lists
+
+
+def _check_json_counts(body: bytes, expected: Expected) -> None:
+    """Refuse a JSON update with more lists or numbers than the model's, before parsing it."""
+    values, lists = count_values(expected)
+    names = sum(len(name) for name in expected) + _JSON_FIELD_SLACK
+    found_lists, found_commas = body.count(b"["), body.count(b",")
+    if found_lists > lists + names or found_commas > values + lists + 2 * names:
+        raise WireError(
+            f"JSON update has {found_lists} lists and {found_commas} commas; an update of the "
+            f"model has {lists} lists of {values} numbers"
+        )
+
+
 def _pack(tensors: TensorMap, metadata: dict[str, str]) -> bytes:
     from safetensors.numpy import save
 
     if _RESERVED_NAME in tensors:
         raise WireError(f"tensor name {_RESERVED_NAME!r} is reserved by safetensors")
-    arrays = {name: np.asarray(value, dtype="<f8", order="C") for name, value in tensors.items()}
+    arrays = {
+        name: np.asarray(value, dtype=_WIRE_DTYPE, order="C") for name, value in tensors.items()
+    }
     return save(arrays, metadata=metadata)
 
 
-def _unpack(body: bytes, kind: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _unpack(
+    body: bytes, kind: str, expected: Expected | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
+    metadata = _check_header(_read_header(body, expected), expected)
+    if metadata.get(_FORMAT_KEY) != kind:
+        raise WireError(
+            f"safetensors body is not a {kind} (metadata {_FORMAT_KEY!r} is "
+            f"{metadata.get(_FORMAT_KEY)!r})"
+        )
     try:
         tensors = load(body)
     except (SafetensorError, ValueError) as exc:  # ValueError: a shape NumPy cannot build
         raise WireError(f"malformed safetensors body ({exc})") from None
     except KeyError as exc:  # a dtype numpy has no counterpart for (e.g. BF16)
         raise WireError(f"unsupported safetensors dtype {exc}") from None
-    metadata = _safetensors_metadata(body)
-    if metadata.get(_FORMAT_KEY) != kind:
-        raise WireError(
-            f"safetensors body is not a {kind} (metadata {_FORMAT_KEY!r} is "
-            f"{metadata.get(_FORMAT_KEY)!r})"
-        )
     return tensors, metadata
 
 
-def _safetensors_metadata(body: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file that :func:`load` has already accepted."""
+def _read_header(body: bytes, expected: Expected | None) -> dict[str, Any]:
+    """The JSON header of a safetensors body, refused when longer than the receiver allows."""
+    limit = MAX_HEADER_BYTES
+    if expected is not None:
+        limit = min(limit, max_update_bytes(expected, SAFETENSORS) - _values_bytes(expected))
     length = int.from_bytes(body[:_HEADER_LENGTH_BYTES], "little")
-    header = json.loads(body[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
-    metadata = header.get(_RESERVED_NAME)
+    if len(body) < _HEADER_LENGTH_BYTES or length > len(body) - _HEADER_LENGTH_BYTES:
+        raise WireError("malformed safetensors body (its header length exceeds the body)")
+    if length > limit:
+        raise WireError(f"safetensors header of {length} bytes exceeds the limit of {limit} bytes")
+    try:
+        header = json.loads(body[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError
+        raise WireError(f"malformed safetensors body (header: {exc})") from None
+    if not isinstance(header, dict):
+        raise WireError("malformed safetensors body (the header is not a JSON object)")
+    return header
+
+
+def _values_bytes(expected: Expected) -> int:
+    return sum(math.prod(shape) for shape in expected.values()) * _ITEM_BYTES
+
+
+def _check_header(header: dict[str, Any], expected: Expected | None) -> dict[str, str]:
+    """The header's ``__metadata__``, once its tensors are allowed (see :func:`decode_update`)."""
+    metadata = header.pop(_RESERVED_NAME, None)
+    limit = MAX_TENSORS if expected is None else len(expected)
+    if len(header) > limit:
+        raise WireError(f"safetensors body holds {len(header)} tensors, more than {limit}")
+    if expected is not None:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, entry in header.items():
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+                raise WireError(f"malformed safetensors body (tensor {name!r}: no valid shape)")
+            if entry.get("dtype") != _WIRE_DTYPE_NAME:
+                raise ModelMismatchError(
+                    f"tensor {name!r} has dtype {entry.get('dtype')!r}; updates carry "
+                    f"{_WIRE_DTYPE_NAME} values"
+                )
+            shapes[name] = tuple(shape)
+        problem = model_mismatch(shapes, expected)
+        if problem is not None:
+            raise ModelMismatchError(problem)
     return metadata if isinstance(metadata, dict) else {}
 
 
