@@ -26,7 +26,8 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -180,7 +181,11 @@ def _acquire(path: Path, directory: Path) -> int:
 
 
 def _digest(tensors: dict[str, np.ndarray], run: str | None) -> str:
-    """SHA-256 over the format, version and ``run`` metadata (None: version 1, tensors only)."""
+    """SHA-256 over the format, version and ``run`` metadata (None: version 1, tensors only).
+
+    The tensors are hashed in place (views of their bytes, no copies); ``hashlib`` releases the
+    GIL while it hashes them, so this runs beside the write in :func:`save_checkpoint`.
+    """
     digest = hashlib.sha256()
     if run is not None:
         digest.update(json.dumps([FORMAT_NAME, FORMAT_VERSION, run]).encode("utf-8"))
@@ -220,35 +225,53 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
     }
     run["state"]["has"] = [g for g in _TENSOR_GROUPS if getattr(checkpoint.state, g) is not None]
     run_text = json.dumps(run)
+    # The digest is written into the header once computed, while the tensors are written.
     metadata = {
+        "sha256": _PENDING_DIGEST,
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "run": run_text,
-        "sha256": _digest(tensors, run_text),
     }
     target = directory / CHECKPOINT_FILE
     try:
         for stale in directory.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # left by a killed write
             stale.unlink(missing_ok=True)
-        _write_atomically(target, tensors, metadata)
+        _write_atomically(target, tensors, metadata, lambda: _digest(tensors, run_text))
     except OSError as exc:
         reason = _os_reason(exc)
         raise CheckpointError(f"cannot write checkpoint {str(target)!r}: {reason}") from None
     return target
 
 
+_PENDING_DIGEST = "0" * 64
+"""What the header holds in place of the digest until the digest is known (same length)."""
+
+_HEADER_START = b'{"__metadata__":{"sha256":"'
+"""How the safetensors header starts: the digest is at a fixed offset of the file."""
+
+
 def _write_atomically(
-    target: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]
+    target: Path,
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str],
+    digest: Callable[[], str],
 ) -> None:
-    """Write a safetensors file to a temporary name, fsync it, rename it over ``target``."""
+    """Write a safetensors file to a temporary name, fsync it, rename it over ``target``.
+
+    ``digest()`` runs on a second thread while the file is written (both mostly outside the
+    GIL: hashing and writing large buffers release it), and its result replaces the
+    placeholder of ``metadata["sha256"]`` in the header before the file is synced.
+    """
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     # os.open honours the umask: a checkpoint is as readable as any other file the user writes.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        with open(fd, "wb") as out:
+        with ThreadPoolExecutor(1) as pool, open(fd, "wb") as out:
+            computed = pool.submit(digest)
             _write_safetensors(out, tensors, metadata)
             out.flush()
-            os.fsync(out.fileno())
+            os.pwrite(fd, computed.result().encode("ascii"), 8 + len(_HEADER_START))
+            os.fsync(fd)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -266,11 +289,11 @@ def _write_safetensors(
     """Stream C-ordered little-endian float64 ``tensors`` to ``out`` in the safetensors layout.
 
     The layout (https://huggingface.co/docs/safetensors): an unsigned 64-bit little-endian
-    header size, a JSON header (tensor name -> dtype, shape, byte range; ``__metadata__``),
-    space-padded to a multiple of 8 bytes, then the tensors' bytes. Written here rather than by
-    ``safetensors.numpy.save_file``, which writes through its own hidden temporary file (left
-    behind when the run is killed) with mode 0600, and would need the whole file in memory to
-    write to a descriptor.
+    header size, a JSON header (``__metadata__`` first, with ``sha256`` its first entry; then
+    tensor name -> dtype, shape, byte range), space-padded to a multiple of 8 bytes, then the
+    tensors' bytes. Written here rather than by ``safetensors.numpy.save_file``, which writes
+    through its own hidden temporary file (left behind when the run is killed) with mode 0600,
+    and would need the whole file in memory to write to a descriptor.
     """
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -283,6 +306,8 @@ def _write_safetensors(
         }
         offset = end
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    if not text.startswith(_HEADER_START):  # the digest's offset depends on it
+        raise AssertionError("the checkpoint header must start with its digest")
     text += b" " * (-len(text) % 8)
     out.write(len(text).to_bytes(8, "little"))
     out.write(text)

@@ -21,20 +21,26 @@ pub(super) fn gradient_entries<'py>(
     label: Option<&str>,
 ) -> PyResult<impl Iterator<Item = PyResult<(Bound<'py, PyString>, Bound<'py, PyAny>)>> + 'py> {
     let prefix = label.map(|label| format!("{label}: ")).unwrap_or_default();
-    // Exactly a dict: its items directly (a subclass may override `items`).
-    let items = if let Ok(dict) = gradients.cast_exact::<PyDict>() {
-        dict.items()
-    } else if let Ok(mapping) = gradients.cast::<PyMapping>() {
-        mapping.items()?
-    } else {
-        return Err(PyTypeError::new_err(format!(
-            "{prefix}gradients must be a mapping of str to numbers, got {}",
-            type_name(gradients)
-        )));
-    };
-    Ok(items.into_iter().map(move |item| {
-        let (key, value) = item.extract::<(Bound<'py, PyAny>, Bound<'py, PyAny>)>()?;
-        match key.cast_into::<PyString>() {
+    // Exactly a dict: its entries directly, without a list of tuples (a subclass may override
+    // `items`, so it is asked for them).
+    let items: Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)> =
+        if let Ok(dict) = gradients.cast_exact::<PyDict>() {
+            dict.iter().collect()
+        } else if let Ok(mapping) = gradients.cast::<PyMapping>() {
+            mapping
+                .items()?
+                .iter()
+                .map(|item| item.extract())
+                .collect::<PyResult<_>>()?
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "{prefix}gradients must be a mapping of str to numbers, got {}",
+                type_name(gradients)
+            )));
+        };
+    Ok(items
+        .into_iter()
+        .map(move |(key, value)| match key.cast_into::<PyString>() {
             Ok(key) => Ok((key, value)),
             Err(error) => {
                 let key = error.into_inner();
@@ -44,8 +50,7 @@ pub(super) fn gradient_entries<'py>(
                     repr(&key)
                 )))
             }
-        }
-    }))
+        }))
 }
 
 /// The key's code points as a core [`Key`], borrowed when the string is valid UTF-8.

@@ -6,8 +6,7 @@ use std::fmt;
 use std::mem;
 
 use numpy::{
-    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyFloat, PyInt, PyString};
@@ -17,16 +16,20 @@ use super::lists::{int_value, plain_sequence, Rectangle};
 use crate::array::{Array, ArrayData};
 use crate::hash::Value;
 
-/// A NumPy array as one of the core's element types, borrowed for as long as the view lives:
+/// A NumPy array as one of the core's element types, referenced for as long as the view lives:
 /// read in place when it is float64, float32, int64 or uint64 (native byte order, aligned),
 /// else a copy converted by NumPy (smaller ints widen exactly; other byte orders and unaligned
 /// data keep their type: float32 stays float32; float16 becomes float64 exactly, long double is
 /// rounded to float64). The wire digest covers the type, so the fallback reads arrays alike.
+///
+/// The arrays are read without rust-numpy's borrow tracking (a global registry whose updates
+/// cost about half of reading an argument): this module never borrows an argument mutably, and
+/// the tracking never stopped Python code in another thread from writing to an array anyway.
 pub(super) enum ArrayView<'py> {
-    F64(PyReadonlyArrayDyn<'py, f64>),
-    F32(PyReadonlyArrayDyn<'py, f32>),
-    I64(PyReadonlyArrayDyn<'py, i64>),
-    U64(PyReadonlyArrayDyn<'py, u64>),
+    F64(Bound<'py, PyArrayDyn<f64>>),
+    F32(Bound<'py, PyArrayDyn<f32>>),
+    I64(Bound<'py, PyArrayDyn<i64>>),
+    U64(Bound<'py, PyArrayDyn<u64>>),
 }
 
 impl<'py> ArrayView<'py> {
@@ -67,22 +70,25 @@ fn viewable_as<T: Element>(array: &Bound<'_, PyUntypedArray>) -> bool {
 /// The array as `T`: itself when [`viewable_as`], else a copy converted by NumPy.
 fn array_as<'py, T: Element>(
     array: &Bound<'py, PyUntypedArray>,
-) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-    let typed = if viewable_as::<T>(array) {
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    Ok(if viewable_as::<T>(array) {
         array.cast::<PyArrayDyn<T>>()?.clone()
     } else {
         array
             .call_method1("astype", (numpy::dtype::<T>(array.py()),))?
             .cast_into::<PyArrayDyn<T>>()?
-    };
-    Ok(typed.try_readonly()?)
+    })
 }
 
 /// The array's values in row-major order: borrowed in place when C-contiguous, else copied.
-fn row_major<'a, T: Element + Copy>(array: &'a PyReadonlyArrayDyn<'_, T>) -> Cow<'a, [T]> {
-    match array.as_slice() {
-        Ok(slice) if array.is_c_contiguous() => Cow::Borrowed(slice),
-        _ => Cow::Owned(array.as_array().iter().copied().collect()),
+fn row_major<'a, T: Element + Copy>(array: &'a Bound<'_, PyArrayDyn<T>>) -> Cow<'a, [T]> {
+    // SAFETY: the array is alive for `'a` (the view holds a reference to it) and this module
+    // never creates a mutable borrow of it; see [`ArrayView`] for writes from Python.
+    unsafe {
+        match array.as_slice() {
+            Ok(slice) if array.is_c_contiguous() => Cow::Borrowed(slice),
+            _ => Cow::Owned(array.as_array().iter().copied().collect()),
+        }
     }
 }
 
