@@ -3,14 +3,21 @@
 Every node shares a secret key with the coordinator. It signs each update with
 ``HMAC-SHA256(key, message)`` where ``message`` is the UTF-8 of::
 
-    json.dumps({"v": 1, "node_id": ..., "round_id": ..., "samples_used": ..., "loss": ...,
-                "gradients_sha256": ..., "nonce": ...}, sort_keys=True, separators=(",", ":"))
+    json.dumps({"v": 2, "node_id": ..., "round_id": ..., "samples_used": ..., "loss": ...,
+                "gradients_wire_sha256": ..., "nonce": ...}, sort_keys=True, separators=(",", ":"))
 
-``gradients_sha256`` is the canonical digest of :class:`~aumai_fedtrain.HashVerifier` and
-``nonce`` the coordinator's one-time value of the request (``""`` when it sent none), so a
-signature covers every number the coordinator uses and cannot be replayed into another request.
-The coordinator recomputes the digest from the gradients it received and compares signatures in
-constant time. Nodes accept training requests only with the coordinator's bearer token.
+``gradients_wire_sha256`` is the wire digest of the gradients (:mod:`aumai_fedtrain.digest`:
+one SHA-256 pass over their names, dtypes, shapes and little-endian bytes) and ``nonce`` the
+coordinator's one-time value of the request (``""`` when it sent none), so a signature covers
+every number the coordinator uses and cannot be replayed into another request. The signature
+travels as ``v2=<hex HMAC>``: its version, then the MAC. The coordinator recomputes the digest
+from the gradients it received and compares signatures in constant time.
+
+Signature version 1 (aumai-fedtrain 0.2: a bare hex MAC over ``"v": 1`` and the canonical JSON
+digest, ``gradients_sha256``) cost two JSON renderings of every update, more than moving its
+bytes; a signature of another version than :data:`SIGNATURE_VERSION` is refused with a
+:class:`SignatureVersionError` naming both versions. Nodes accept training requests only with
+the coordinator's bearer token.
 
 Keys and tokens are text (surrounding whitespace removed) of at least
 :data:`MIN_SECRET_CHARS` characters, e.g. the output of ``openssl rand -hex 32``; a token is
@@ -48,7 +55,9 @@ __all__ = [
     "NONCE_HEADER",
     "RESET_HEADER",
     "SIGNATURE_HEADER",
+    "SIGNATURE_VERSION",
     "SecretError",
+    "SignatureVersionError",
     "check_nonce",
     "check_token",
     "load_secret",
@@ -56,6 +65,7 @@ __all__ = [
     "reset_proof",
     "secret_from_text",
     "sign_update",
+    "signature_version",
     "tokens_equal",
     "verify_reset_proof",
     "verify_update",
@@ -71,7 +81,10 @@ SIGNATURE_HEADER = "X-Fedtrain-Signature"
 NONCE_HEADER = "X-Fedtrain-Nonce"
 RESET_HEADER = "X-Fedtrain-Reset"
 MAX_NONCE_CHARS = 128
-_MESSAGE_VERSION = 1
+SIGNATURE_VERSION = 2
+"""The version of the update signatures this side makes and accepts."""
+_SIGNED_DIGESTS = {1: "the canonical JSON digest", 2: "the binary wire digest"}
+_RESET_VERSION = 1
 _HEX_DIGITS = frozenset(string.hexdigits)
 _TOKEN_CHARS = frozenset(string.printable) - frozenset("\t\n\r\x0b\x0c")
 _warned: set[tuple[str, str]] = set()
@@ -79,6 +92,11 @@ _warned: set[tuple[str, str]] = set()
 
 class SecretError(ValueError):
     """A key or token that cannot be used: unreadable, empty, too short or not ASCII."""
+
+
+class SignatureVersionError(ValueError):
+    """A signature of another version than :data:`SIGNATURE_VERSION` (a peer of another
+    aumai-fedtrain version); the message names both versions."""
 
 
 def secret_from_text(
@@ -160,7 +178,7 @@ def new_nonce() -> str:
 
 def reset_proof(key: bytes, round_id: int, nonce: str) -> str:
     """The hex proof, by ``key``, that a request for ``round_id`` may reset the node."""
-    fields = {"v": _MESSAGE_VERSION, "reset": True, "round_id": round_id, "nonce": nonce}
+    fields = {"v": _RESET_VERSION, "reset": True, "round_id": round_id, "nonce": nonce}
     message = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
@@ -181,14 +199,14 @@ def check_nonce(nonce: str) -> str:
     return nonce
 
 
-def _message(update: LocalUpdate, gradients_sha256: str, nonce: str) -> bytes:
+def _message(update: LocalUpdate, wire_digest: str, nonce: str) -> bytes:
     fields = {
-        "v": _MESSAGE_VERSION,
+        "v": SIGNATURE_VERSION,
         "node_id": update.node_id,
         "round_id": update.round_id,
         "samples_used": update.samples_used,
         "loss": update.loss,
-        "gradients_sha256": gradients_sha256,
+        "gradients_wire_sha256": wire_digest,
         "nonce": nonce,
     }
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
@@ -197,9 +215,25 @@ def _message(update: LocalUpdate, gradients_sha256: str, nonce: str) -> bytes:
 def sign_update(
     key: bytes, update: LocalUpdate, nonce: str = "", verifier: HashVerifier | None = None
 ) -> str:
-    """The hex HMAC-SHA256 signature of ``update`` for the request with ``nonce``."""
-    digest = (verifier or HashVerifier()).compute_hash(update.gradients)
-    return hmac.new(key, _message(update, digest, nonce), hashlib.sha256).hexdigest()
+    """The signature of ``update`` for the request with ``nonce``: ``v2=<hex HMAC-SHA256>``.
+
+    ``verifier`` picks the backend that computes the wire digest (the default one when None).
+    """
+    digest = (verifier or HashVerifier()).wire_digest(update.gradients)
+    mac = hmac.new(key, _message(update, digest, nonce), hashlib.sha256).hexdigest()
+    return f"v{SIGNATURE_VERSION}={mac}"
+
+
+def signature_version(signature: str) -> int | None:
+    """The version of a signature: ``N`` for ``vN=<hex>``, 1 for a bare 64-digit hex MAC (as
+    aumai-fedtrain 0.2 sends), None when it is neither."""
+    text = signature.strip().lower()
+    if len(text) == 64 and _HEX_DIGITS.issuperset(text):
+        return 1
+    version, sep, mac = text.partition("=")
+    if sep and version[:1] == "v" and version[1:].isdigit() and version[1:].isascii():
+        return int(version[1:]) if mac else None
+    return None
 
 
 def verify_update(
@@ -209,7 +243,19 @@ def verify_update(
     nonce: str = "",
     verifier: HashVerifier | None = None,
 ) -> bool:
-    """Whether ``signature`` is ``update``'s signature by ``key`` (constant-time comparison)."""
+    """Whether ``signature`` is ``update``'s signature by ``key`` (constant-time comparison).
+
+    Raises :class:`SignatureVersionError` for a signature of another version (one line that
+    names both versions); a malformed signature is simply not valid.
+    """
+    version = signature_version(signature)
+    if version is not None and version != SIGNATURE_VERSION:
+        signed = _SIGNED_DIGESTS.get(version, "an unknown digest")
+        raise SignatureVersionError(
+            f"signature version {version} (over {signed}) is not accepted: this side speaks "
+            f"signature version {SIGNATURE_VERSION} (over {_SIGNED_DIGESTS[SIGNATURE_VERSION]}); "
+            "run the same aumai-fedtrain version on the coordinator and the nodes"
+        )
     expected = sign_update(key, update, nonce, verifier).encode("ascii")
     return hmac.compare_digest(expected, signature.strip().lower().encode("utf-8", "replace"))
 
