@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -22,6 +23,7 @@ from aumai_fedtrain.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     check_writable,
+    checkpoint_lock,
     load_checkpoint,
     save_checkpoint,
 )
@@ -175,6 +177,33 @@ def test_a_temporary_file_left_by_a_killed_write_is_cleaned_up(tmp_path: Path) -
 
     train(CONFIG.model_copy(update={"global_rounds": 1}), tmp_path)
 
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+
+
+def test_the_digest_written_beside_the_tensors_is_the_one_load_checks(tmp_path: Path) -> None:
+    # Prepare: a checkpoint saved twice (the second replaces the first, whose blocks are freed
+    # in the background).
+    train(CONFIG.model_copy(update={"global_rounds": 1}), tmp_path)
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint is not None
+    with checkpoint_lock(tmp_path):
+        save_checkpoint(tmp_path, checkpoint)
+        save_checkpoint(tmp_path, checkpoint)
+
+    # Execute
+    with safe_open(str(tmp_path / CHECKPOINT_FILE), framework="np") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+
+    # Assert: the header holds the documented digest of what was written.
+    digest = hashlib.sha256(
+        json.dumps(["aumai-fedtrain/checkpoint", "2", metadata["run"]]).encode("utf-8")
+    )
+    for name in sorted(tensors):
+        digest.update(json.dumps([name, list(tensors[name].shape)]).encode("utf-8"))
+        digest.update(tensors[name].astype("<f8").tobytes())
+    assert metadata["sha256"] == digest.hexdigest()
+    assert load_checkpoint(tmp_path) == checkpoint
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
 
 
