@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -268,15 +268,22 @@ def _write_atomically(
     # os.open honours the umask: a checkpoint is as readable as any other file the user writes.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        with ThreadPoolExecutor(1) as pool, open(fd, "wb") as out:
+        with ThreadPoolExecutor(1) as pool:
             computed = pool.submit(digest)
-            _write_safetensors(out, tensors, metadata)
-            out.flush()
+            _write_safetensors(fd, tensors, metadata)
             os.pwrite(fd, computed.result().encode("ascii"), 8 + len(_HEADER_START))
             os.fsync(fd)
-        previous = _hold(target)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    previous = _hold(target)
+    try:
         os.replace(tmp, target)
     except BaseException:
+        if previous is not None:
+            os.close(previous)
         tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(target.parent, os.O_RDONLY)
@@ -317,10 +324,8 @@ def _finish_releases() -> None:
         _releases.pop().join()
 
 
-def _write_safetensors(
-    out: BinaryIO, tensors: dict[str, np.ndarray], metadata: dict[str, str]
-) -> None:
-    """Stream C-ordered little-endian float64 ``tensors`` to ``out`` in the safetensors layout.
+def _write_safetensors(fd: int, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """Write C-ordered little-endian float64 ``tensors`` to ``fd`` in the safetensors layout.
 
     The layout (https://huggingface.co/docs/safetensors): an unsigned 64-bit little-endian
     header size, a JSON header (``__metadata__`` first, with ``sha256`` its first entry; then
@@ -343,10 +348,30 @@ def _write_safetensors(
     if not text.startswith(_HEADER_START):  # the digest's offset depends on it
         raise AssertionError("the checkpoint header must start with its digest")
     text += b" " * (-len(text) % 8)
-    out.write(len(text).to_bytes(8, "little"))
-    out.write(text)
-    for name in sorted(tensors):
-        out.write(tensors[name].reshape(-1).data)  # a view: no copy of the tensor
+    # Views of the tensors, no copies.
+    views = [tensors[name].reshape(-1).data.cast("B") for name in sorted(tensors)]
+    _write_all(fd, [memoryview(len(text).to_bytes(8, "little")), memoryview(text), *views])
+
+
+_IOV_MAX = 1024
+"""Buffers per ``writev`` (POSIX guarantees at least 16; Linux takes 1,024)."""
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    """Write ``buffers`` in order with a few ``writev`` calls, each outside the GIL (the digest
+    computed beside it then rarely waits for the GIL), resuming after a short write."""
+    index = 0
+    while index < len(buffers):
+        batch = buffers[index : index + _IOV_MAX]
+        written = os.writev(fd, batch)
+        if written == 0 and any(len(buffer) for buffer in batch):
+            raise OSError(errno.EIO, "the file system accepted no bytes")
+        for buffer in batch:
+            if written < len(buffer):
+                buffers[index] = buffer[written:]
+                break
+            written -= len(buffer)
+            index += 1
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
