@@ -1,4 +1,4 @@
-//! Criterion benchmarks of the two hot paths on the pure Rust core (no Python needed).
+//! Criterion benchmarks of the hot paths on the pure Rust core (no Python needed).
 
 use std::hint::black_box;
 
@@ -6,6 +6,8 @@ use aumai_fedtrain::array::Array;
 use aumai_fedtrain::average::{weighted_average, NodeUpdate};
 use aumai_fedtrain::hash::{canonical_hash, Value};
 use aumai_fedtrain::key::Key;
+use aumai_fedtrain::magnitude::max_abs;
+use aumai_fedtrain::wire::wire_digest;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 /// Deterministic gradient-like values: a xorshift stream scaled to about [-0.05, 0.05].
@@ -62,5 +64,31 @@ fn bench_average(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_hash, bench_average);
+fn bench_wire_digest_and_scan(c: &mut Criterion) {
+    let len = 1_000_000;
+    let values = gradient_values(len, 11);
+    let mut group = c.benchmark_group("bytes");
+    group.throughput(Throughput::Bytes((len * 8) as u64));
+    group.sample_size(20);
+    group.bench_function("wire_digest 1e6 float64", |b| {
+        b.iter(|| {
+            black_box(wire_digest(vec![(
+                Key::from("w"),
+                Array::floats(&values[..]),
+            )]))
+        })
+    });
+    let array = Array::floats(&values[..]);
+    group.bench_function("max_abs 1e6 float64", |b| {
+        b.iter(|| black_box(max_abs(&[&array])))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_hash,
+    bench_average,
+    bench_wire_digest_and_scan
+);
 criterion_main!(benches);

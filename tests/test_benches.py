@@ -21,12 +21,19 @@ def run_bench(*args: str) -> str:
 def test_hot_path_benchmark_prints_its_table() -> None:
     output = run_bench(str(BENCHES / "bench_hot_paths.py"), "--quick")
 
-    assert "| canonical_hash, 10^4 float64 as array |" in output
+    assert "| canonical_hash, 10^4 float64 as array | SHA-256 floor" in output
     assert "| weighted_average, N=2 x P=10^3 float64 |" in output
+    assert "| wire_digest, 10^4 float64" in output
+    assert "| screening scan, 20 updates of 11,018 float64 |" in output
+    assert "- read bandwidth: a native scan of" in output
+    assert "reading the 15 array arguments" in output
+    # The checkpoint's contender is an older revision of the repository, when git has it.
+    assert "| save_checkpoint, 20 nodes" in output or "no checkpoint baseline" in output
 
 
 def test_wire_benchmark_prints_both_formats() -> None:
     output = run_bench(str(BENCHES / "bench_wire.py"), "--floats", "1000", "--repeats", "1")
 
     assert "/train round trip (ms)" in output
+    assert "its 2 wire digests (ms)" in output
     assert "JSON" in output and "binary" in output
