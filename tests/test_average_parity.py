@@ -29,7 +29,7 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 EMPTY_UPDATES_MESSAGE = "Cannot average an empty list of updates."
-# rust/average.rs PARALLEL_MIN_WORK: from this many multiply-adds on, the native core threads.
+# rust/parallel.rs PARALLEL_MIN_WORK: from this many multiply-adds on, the native core threads.
 NATIVE_PARALLEL_MIN_WORK = 1 << 20
 
 
@@ -210,6 +210,32 @@ def test_large_inputs_split_across_threads(backend: Backend) -> None:
     weights = [3.0, 0.1, 0.5, 2.0, 1e-3]
     work = sum(value.size for update in updates for value in update.values())
     assert work > NATIVE_PARALLEL_MIN_WORK
+
+    # Execute
+    result = backend.weighted_average(updates, weights)
+
+    # Assert
+    assert_same_average(result, reference_average(updates, weights))
+
+
+def test_a_model_of_many_small_tensors_is_shared_across_threads(backend: Backend) -> None:
+    # Prepare: more work than the threading threshold spread over 150 keys of a few hundred to
+    # a few thousand elements (whole keys go to threads), float64 and float32 alternating by
+    # node, and node counts around the kernel's fused groups of four.
+    rng = np.random.default_rng(13)
+    sizes = rng.integers(1, 4000, 150)
+    updates = [
+        {
+            f"block.{k}": rng.standard_normal(int(size)).astype(
+                np.float32 if n % 3 == 1 else np.float64
+            )
+            * 10.0 ** int(rng.integers(-6, 6))
+            for k, size in enumerate(sizes)
+        }
+        for n in range(11)
+    ]
+    weights = rng.uniform(0.5, 50.0, len(updates)).tolist()
+    assert sum(v.size for u in updates for v in u.values()) > NATIVE_PARALLEL_MIN_WORK
 
     # Execute
     result = backend.weighted_average(updates, weights)

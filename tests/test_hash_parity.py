@@ -243,7 +243,7 @@ def test_non_contiguous_and_unusual_layouts(backend: Backend) -> None:
 
 @pytest.mark.parametrize("as_list", [False, True], ids=["array", "list"])
 def test_large_inputs_stream_in_chunks(backend: Backend, as_list: bool) -> None:
-    # Prepare: enough values for the native writer to pipeline many chunks.
+    # Prepare: enough values for the native writer to write many blocks on every thread.
     values = np.random.default_rng(7).standard_normal(100_000) * 1e-3
     gradients = {"w": values.tolist() if as_list else values, "b": np.float32(-0.5)}
 
