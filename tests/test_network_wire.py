@@ -320,8 +320,11 @@ def test_nodes_files_give_nodes_and_keys(tmp_path: Path) -> None:
     [
         ({"node_id": "a"}, "Input should be a valid array"),
         ([], "it lists no node"),
-        ([{"node_id": "a", "key": "a" * 32}], "0.address: Field required"),
-        ([{"node_id": "a", "address": "h:1", "key": "a" * 32, "port": 1}], "unknown key '0.port'"),
+        ([{"node_id": "a", "key": "a" * 32}], "entry 0: address: Field required"),
+        (
+            [{"node_id": "a", "address": "h:1", "key": "a" * 32, "port": 1}],
+            "entry 0: unknown key 'port'",
+        ),
         ([{"node_id": "a", "address": "h:1"}], "entry 0 ('a'): give exactly one of"),
         (
             [{"node_id": "a", "address": "h:1", "key": "a" * 32, "key_file": "k"}],
