@@ -278,17 +278,17 @@ class _Node:
                 "GET /nonce",
                 401,
             )
+        if not self._nonces.use(node_nonce):
+            raise WireError(
+                f"unknown, expired or used {NODE_NONCE_HEADER}: get a fresh nonce from GET "
+                f"/nonce for every request (it is valid for {NONCE_LIFETIME_SECONDS:g} s, once)",
+                401,
+            )
         round_text = headers.get(ROUND_HEADER, "")
         if _ROUND_DIGITS.fullmatch(round_text) is None:
             raise WireError(
                 f"{ROUND_HEADER} must be the request's round id (decimal digits), got "
                 f"{round_text[:40]!r}",
-                401,
-            )
-        if not self._nonces.use(node_nonce):
-            raise WireError(
-                f"unknown, expired or used {NODE_NONCE_HEADER}: get a fresh nonce from GET "
-                f"/nonce for every request (it is valid for {NONCE_LIFETIME_SECONDS:g} s, once)",
                 401,
             )
         return _Signature(int(round_text), node_nonce, signature)
