@@ -260,9 +260,9 @@ def _write_atomically(
 ) -> None:
     """Write a safetensors file to a temporary name, fsync it, rename it over ``target``.
 
-    ``digest()`` runs on a second thread while the file is written (both mostly outside the
-    GIL: hashing and writing large buffers release it), and its result replaces the
-    placeholder of ``metadata["sha256"]`` in the header before the file is synced.
+    ``digest()`` runs on a second thread while the file is written and synced (both mostly
+    outside the GIL: hashing, writing large buffers and syncing release it), and its result
+    then replaces the placeholder of ``metadata["sha256"]`` in the header, synced in turn.
     """
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     # os.open honours the umask: a checkpoint is as readable as any other file the user writes.
@@ -271,8 +271,9 @@ def _write_atomically(
         with ThreadPoolExecutor(1) as pool:
             computed = pool.submit(digest)
             _write_safetensors(fd, tensors, metadata)
+            os.fsync(fd)  # the tensors go to the disk while the digest is still computed
             os.pwrite(fd, computed.result().encode("ascii"), 8 + len(_HEADER_START))
-            os.fsync(fd)
+            os.fsync(fd)  # then the one block that holds the digest
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
