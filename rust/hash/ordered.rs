@@ -28,6 +28,8 @@ struct Shared {
     hasher: Option<Sha256>,
     /// Buffers of hashed blocks, to write further blocks into.
     spare: Vec<Text>,
+    /// Threads waiting for the hasher to catch up (woken only when there are some).
+    waiting: usize,
 }
 
 /// SHA-256 of the concatenated texts of `blocks` blocks, block `i` written by `write(i, text)`
@@ -53,6 +55,7 @@ pub fn ordered_digest(
         ready: VecDeque::new(),
         hasher: Some(Sha256::new()),
         spare: Vec::new(),
+        waiting: 0,
     });
     let hashed = Condvar::new();
     let work = || loop {
@@ -63,7 +66,9 @@ pub fn ordered_digest(
         let mut text = {
             let mut state = shared.lock().expect("no thread panics");
             while index >= state.next + WINDOW {
+                state.waiting += 1;
                 state = hashed.wait(state).expect("no thread panics");
+                state.waiting -= 1;
             }
             state.spare.pop().unwrap_or_default()
         };
@@ -85,7 +90,9 @@ pub fn ordered_digest(
                 hasher.update(text.as_bytes());
                 state = shared.lock().expect("no thread panics");
                 state.spare.push(text);
-                hashed.notify_all();
+                if state.waiting > 0 {
+                    hashed.notify_all();
+                }
             }
             state.hasher = Some(hasher);
         }
