@@ -18,6 +18,7 @@ import click
 from aumai_fedtrain import __version__
 from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.cli.errors import InputError, fail, one_line
+from aumai_fedtrain.cli.export import export_command
 from aumai_fedtrain.cli.network import (
     StderrHandler,
     config_file_option,
@@ -216,6 +217,7 @@ def hash_command(update_path: Path) -> None:
 
 
 cli.add_command(node_command)
+cli.add_command(export_command)
 
 
 @cli.command()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from aumai_fedtrain.inputs import load_model_file
 from aumai_fedtrain.models import FederatedNode, TrainingConfig
 from aumai_fedtrain.network import http_module
 from aumai_fedtrain.network.auth import SecretError, load_secret
+from aumai_fedtrain.network.node_state import NodeStateError
 from aumai_fedtrain.network.nodes_file import NodesFileError, read_nodes_file
 from aumai_fedtrain.providers.base import UpdateProvider
 from aumai_fedtrain.trainer import Evaluator, ModelInit, TrainerFactory
@@ -99,6 +101,12 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     "trainer_spec",
     help="Your trainer factory as module:factory (default: the built-in simulation).",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the trainer's state (inner optimizer, data position) here: written after every "
+    "round, taken up when the node starts again.",
+)
 @click.option("--ssl-certfile", type=click.Path(path_type=Path), help="TLS certificate (PEM).")
 @click.option("--ssl-keyfile", type=click.Path(path_type=Path), help="TLS private key (PEM).")
 @click.option(
@@ -124,6 +132,7 @@ def node_command(
     config_path: Path | None,
     shard: int | None,
     trainer_spec: str | None,
+    state_dir: Path | None,
     ssl_certfile: Path | None,
     ssl_keyfile: Path | None,
     max_body_mb: int,
@@ -155,6 +164,8 @@ def node_command(
 
         trainer_name = f"built-in simulation, shard {chosen}"
     _check_tls(ssl_certfile, ssl_keyfile)
+    if state_dir is not None:
+        _check_state_dir(state_dir)
     try:
         sock = server.listen(host, port)
     except OSError as exc:
@@ -172,8 +183,12 @@ def node_command(
         token=token,
         max_body_bytes=max_body_mb * _MIB,
         trainer_name=trainer_name,
+        state_dir=state_dir,
     )
-    app = server.create_app(settings)  # makes the trainer: a failing factory stops us here
+    try:  # makes the trainer and takes up its saved state: a failure stops us here
+        app = server.create_app(settings)
+    except NodeStateError as exc:
+        raise InputError(f"--state-dir: {exc}") from None
     scheme = "https" if ssl_certfile is not None else "http"
     shown_host = f"[{host}]" if ":" in host else host
     click.echo(
@@ -188,6 +203,15 @@ def node_command(
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile is not None else None,
         log_level=log_level,
     )
+
+
+def _check_state_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create --state-dir {str(directory)!r}: {exc.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"--state-dir {str(directory)!r} is not writable")
 
 
 _RUN_OPTIONS: list[tuple[str, click.ParamType[Any], str]] = [

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ from aumai_fedtrain.network.auth import (
     tokens_equal,
     verify_reset_proof,
 )
+from aumai_fedtrain.network.node_state import NodeState, load_node_state, save_node_state
 from aumai_fedtrain.network.wire import (
     DEFAULT_MAX_BODY_BYTES,
     TrainRequest,
@@ -105,6 +107,9 @@ class NodeSettings:
         Largest request body accepted (413 above).
     trainer_name
         How ``GET /health`` and the logs name the trainer.
+    state_dir
+        Keep the trainer's state in this directory (see :mod:`~aumai_fedtrain.network.node_state`):
+        loaded when the node starts, written after every round it trains.
     """
 
     node_id: str
@@ -114,6 +119,7 @@ class NodeSettings:
     token: bytes | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     trainer_name: str = "custom"
+    state_dir: Path | None = None
 
 
 class _Node:
@@ -135,6 +141,35 @@ class _Node:
         self._last_round: int | None = None
         self._state_before_last_round: TensorMap = {}
         self._used_reset_nonces: set[str] = set()
+        if settings.state_dir is not None:
+            self._restore(settings.state_dir)
+
+    def _restore(self, directory: Path) -> None:
+        """Take up the state saved in ``directory`` by an earlier run of this node."""
+        saved = load_node_state(directory, self.settings.node_id)
+        if saved is None:
+            return
+        try:
+            self._trainer.load_state_dict(saved.after)
+        except Exception as exc:
+            raise RuntimeError(
+                f"the trainer cannot take up the state in {str(directory)!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._last_round = saved.last_round
+        self._state_before_last_round = saved.before
+        logger.info("took up the trainer state after round %d from %s", saved.last_round, directory)
+
+    def _save(self, round_id: int) -> None:
+        """Write the trainer's state after ``round_id`` to the state directory, if any."""
+        if self.settings.state_dir is None:
+            return
+        state = NodeState(round_id, self._state_before_last_round, self._trainer.state_dict())
+        try:
+            save_node_state(self.settings.state_dir, self.settings.node_id, state)
+        except OSError as exc:
+            logger.error("round %d: cannot save the node state: %s", round_id, exc)
+            raise WireError(f"the node cannot save its state: {exc.strerror or exc}", 500) from None
 
     def _new_trainer(self) -> NodeTrainer:
         try:
@@ -240,6 +275,7 @@ class _Node:
             except TrainerResultError as exc:
                 logger.error("round %d: %s", round_id, exc)
                 raise WireError(str(exc), 500) from None
+            self._save(round_id)
             self.rounds_trained += 1
         signature = sign_update(self.settings.key, update, nonce, self._verifier)
         logger.info(
