@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aumai_fedtrain.atomic import replace_atomically
+from aumai_fedtrain.atomic import write_atomically
 from aumai_fedtrain.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from aumai_fedtrain.models import TensorMap
 
@@ -68,15 +68,15 @@ def export_global_model(
     :func:`global_model`), ``ValueError`` for another ``dtype`` and ``OSError`` when ``out``
     cannot be written.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     parameters, checkpoint = global_model(checkpoint_dir)
     tensors = {
-        name: np.ascontiguousarray(value, dtype=dtype or value.dtype)
+        name: np.asarray(value, dtype=dtype or value.dtype, order="C")
         for name, value in parameters.items()
     }
     metadata = export_metadata(checkpoint)
-    replace_atomically(out, lambda path: save_file(tensors, str(path), metadata=metadata))
+    write_atomically(out, save(tensors, metadata=metadata))
     return checkpoint

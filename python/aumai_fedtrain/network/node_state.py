@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aumai_fedtrain.atomic import replace_atomically
+from aumai_fedtrain.atomic import write_atomically
 from aumai_fedtrain.models import TensorMap
 
 __all__ = ["STATE_FILE", "NodeState", "NodeStateError", "load_node_state", "save_node_state"]
@@ -44,14 +44,15 @@ class NodeState:
 
 
 def save_node_state(directory: str | Path, node_id: str, state: NodeState) -> Path:
-    """Write ``state`` of ``node_id`` to ``directory`` atomically; the file's path.
+    """Write ``state`` of ``node_id`` to ``directory`` (created if need be) atomically.
 
-    Raises ``OSError`` when it cannot be written (the previous file is then kept).
+    Returns the file's path. Raises ``OSError`` when it cannot be written (the previous file
+    is then kept).
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tensors = {
-        f"{group}/{name}": np.ascontiguousarray(value)
+        f"{group}/{name}": np.asarray(value, order="C")
         for group in _GROUPS
         for name, value in getattr(state, group).items()
     }
@@ -61,8 +62,8 @@ def save_node_state(directory: str | Path, node_id: str, state: NodeState) -> Pa
         "node_id": node_id,
         "last_round": str(state.last_round),
     }
-    target = Path(directory) / STATE_FILE
-    return replace_atomically(target, lambda path: save_file(tensors, str(path), metadata))
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return write_atomically(Path(directory) / STATE_FILE, save(tensors, metadata))
 
 
 def load_node_state(directory: str | Path, node_id: str) -> NodeState | None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from aumai_fedtrain.atomic import replace_atomically
+from aumai_fedtrain.atomic import write_atomically
 from aumai_fedtrain.export import export_metadata, global_model
 from aumai_fedtrain.torch.convert import load_tensormap, tensormap_to_state_dict
 from aumai_fedtrain.torch.trainer import ModelFactory, build_model
@@ -50,5 +50,5 @@ def export_model(
         for name, tensor in tensormap_to_state_dict(parameters, like).items()
     }
     metadata = export_metadata(checkpoint)
-    replace_atomically(out, lambda path: save_file(state, str(path), metadata=metadata))
+    write_atomically(out, save(state, metadata=metadata))
     return state
