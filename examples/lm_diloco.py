@@ -49,6 +49,7 @@ from torch.nn import functional
 from aumai_fedtrain import DiLoCoCoordinator, FederatedNode, TrainingConfig
 from aumai_fedtrain.providers import InProcessProvider
 from aumai_fedtrain.torch import build_model, load_tensormap, model_init, trainer_factory
+from diloco_vs_sync import pyplot  # beside this file
 
 LEFT_OUT = frozenset({"site-packages", "dist-packages", "test", "tests", "__pycache__"})
 BYTES_PER_VALUE = 4  # a float32 model's values on the wire
@@ -355,13 +356,9 @@ def print_table(summaries: list[Summary]) -> None:
 
 
 def plot(summaries: list[Summary], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no plot written")
+    """Held-out bits per byte against inner steps, and the final value against bytes sent."""
+    plt = pyplot()
+    if plt is None:
         return
     figure, (curves, costs) = plt.subplots(1, 2, figsize=(12, 4.5))
     for s in summaries:

@@ -18,6 +18,10 @@ from torch.nn import functional
 from aumai_fedtrain.models import TensorMap, TrainingConfig
 from aumai_fedtrain.torch import load_tensormap, model_init, trainer_factory
 
+# One thread: faster for this small model on a machine shared with other processes, and the
+# same arithmetic in the test process and in the node processes.
+torch.set_num_threads(1)
+
 FEATURES = 8
 CLASSES = 3
 SAMPLES_PER_NODE = 96

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aumai_fedtrain.atomic import write_atomically
 from aumai_fedtrain.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from aumai_fedtrain.files import write_atomically
 from aumai_fedtrain.models import TensorMap
 
 __all__ = [

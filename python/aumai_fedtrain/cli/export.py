@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -13,6 +11,7 @@ from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.cli.errors import InputError
 from aumai_fedtrain.cli.plugins import load_function
 from aumai_fedtrain.export import EXPORT_DTYPES, export_global_model
+from aumai_fedtrain.files import safetensors_header
 
 __all__ = ["export_command"]
 
@@ -56,7 +55,7 @@ def export_command(
         raise InputError(str(exc)) from None
     except OSError as exc:
         raise InputError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
-    header = _header(out)
+    header = safetensors_header(out)
     metadata = header.pop("__metadata__", {})
     values = sum(math.prod(entry["shape"]) for entry in header.values())
     dtypes = ", ".join(sorted({entry["dtype"] for entry in header.values()}))
@@ -78,11 +77,3 @@ def _export_torch(checkpoint_dir: Path, out: Path, model_spec: str) -> None:
         raise
     except Exception as exc:  # the user's factory or a model of other names or shapes
         raise InputError(f"--model {model_spec}: {type(exc).__name__}: {exc}") from None
-
-
-def _header(path: Path) -> dict[str, dict[str, Any]]:
-    """The JSON header of the safetensors file just written (names, dtypes, shapes)."""
-    with path.open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header: dict[str, dict[str, Any]] = json.loads(handle.read(size))
-    return header

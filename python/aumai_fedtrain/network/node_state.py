@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aumai_fedtrain.atomic import write_atomically
+from aumai_fedtrain.files import safetensors_header, write_atomically
 from aumai_fedtrain.models import TensorMap
 
 __all__ = ["STATE_FILE", "NodeState", "NodeStateError", "load_node_state", "save_node_state"]
@@ -72,16 +72,20 @@ def load_node_state(directory: str | Path, node_id: str) -> NodeState | None:
     Raises :class:`NodeStateError` (one line) for a file that cannot be read, of another
     format, or of another node.
     """
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
 
     path = Path(directory) / STATE_FILE
-    if not path.exists():
-        return None
     try:
-        with safe_open(str(path), framework="np") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as exc:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NodeStateError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        metadata = safetensors_header(data).get("__metadata__") or {}
+        tensors = load(data)
+    except (SafetensorError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         raise NodeStateError(f"{path} is not a readable node state ({reason})") from None
     if metadata.get("format") != _FORMAT or metadata.get("version") != _VERSION:

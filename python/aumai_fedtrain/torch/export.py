@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from aumai_fedtrain.atomic import write_atomically
 from aumai_fedtrain.export import export_metadata, global_model
+from aumai_fedtrain.files import write_atomically
 from aumai_fedtrain.torch.convert import load_tensormap, tensormap_to_state_dict
 from aumai_fedtrain.torch.trainer import ModelFactory, build_model
 
