@@ -142,6 +142,9 @@ def test_a_restored_trainer_continues_exactly(buffers: str) -> None:
         assert got[0][name].tobytes() == value.tobytes(), name
     assert not_restored[1] != expected[1]
     assert sorted(first.state_dict()) == sorted(restored.state_dict())
+    if buffers == "average":
+        with pytest.raises(ValueError, match=r"lacks the node's buffer 'norm\.num_batches"):
+            trainer(buffers="local").load_state_dict(first.state_dict())
 
 
 def test_buffers_are_averaged_or_kept_local() -> None:
@@ -210,16 +213,49 @@ def test_a_loss_can_count_its_samples_and_bad_inputs_are_clear_errors() -> None:
     )  # fmt: skip
     with pytest.raises(ValueError, match="not an iterator"):
         exhausted.train(1, {})
+    batches = torch_models.node_data("n", config)
     unsized = TorchTrainer(
-        "n", config, model=torch_models.make_model,
-        loss=lambda model, batch: torch_models.loss(model, batch[1]), data=[("x", b) for b in once],
+        "n", config, model=torch_models.make_model, data=[{"index": i} for i in range(3)],
+        loss=lambda model, batch: torch_models.loss(model, batches[batch["index"]]),
     )  # fmt: skip
-    with pytest.raises(ValueError, match="gave no batches"):
+    with pytest.raises(TypeError, match="cannot tell how many samples a batch holds"):
         unsized.train(1, {})
+    empty = TorchTrainer(
+        "n", config, model=torch_models.make_model, loss=torch_models.loss, data=[]
+    )
+    with pytest.raises(ValueError, match="gave no batches"):
+        empty.train(1, {})
     with pytest.raises(ValueError, match=r"unexpected trainer state tensor 'optimizer/nope/step'"):
         counted.load_state_dict({"optimizer/nope/step": np.zeros(())})
     with pytest.raises(TypeError, match=r"not an nn\.Module"):
         TorchTrainer("n", config, model=lambda c: None, loss=torch_models.loss, data=[])  # type: ignore[arg-type,return-value]
+
+
+def test_an_empty_state_is_a_fresh_trainer() -> None:
+    used, fresh = trainer(), trainer()
+    used.train(1, {})
+    used.train(2, {})
+
+    used.load_state_dict({})
+
+    again, expected = used.train(1, {}), fresh.train(1, {})
+    assert again[1:] == expected[1:]
+    assert all(again[0][k].tobytes() == expected[0][k].tobytes() for k in expected[0])
+    assert used.state_dict()["buffers/norm.num_batches_tracked"].item() == CONFIG.local_steps
+
+
+def test_an_optimizer_without_state_keeps_none() -> None:
+    plain_sgd = trainer(optimizer=lambda model, config: torch.optim.SGD(model.parameters(), 0.1))
+
+    plain_sgd.train(1, {})
+    state = plain_sgd.state_dict()
+    plain_sgd.load_state_dict(as_checkpointed(state))
+
+    assert sorted(state) == [
+        "buffers/norm.num_batches_tracked", "buffers/norm.running_mean",
+        "buffers/norm.running_var", "data/batches",
+    ]  # fmt: skip
+    assert plain_sgd.batches_used == CONFIG.local_steps
 
 
 def test_the_coordinators_initial_model_is_every_state_dict_entry() -> None:

@@ -341,6 +341,12 @@ class TorchTrainer:
             if not state:
                 initial = self._initial_parameters()
                 buffers = {name: initial[name] for name in self._buffer_names}
+            missing = sorted(self._buffer_names - set(buffers))
+            if missing:
+                raise ValueError(
+                    f"the trainer state lacks the node's buffer {missing[0]!r} (a state of a "
+                    "trainer with buffers='average'?)"
+                )
             load_tensormap(self.model, {**self.model.state_dict(), **buffers})
         template = self.optimizer.state_dict()
         self.optimizer.load_state_dict(
