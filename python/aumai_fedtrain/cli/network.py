@@ -123,6 +123,12 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     show_default=True,
     help="How much the node logs.",
 )
+@click.option(
+    "--allow-unsigned-requests",
+    is_flag=True,
+    help="Also train on requests not signed with the key (the user guide's Pattern 3): "
+    "whoever may send requests can then make the node train and reset its state.",
+)
 def node_command(
     port: int,
     node_id: str,
@@ -137,6 +143,7 @@ def node_command(
     ssl_keyfile: Path | None,
     max_body_mb: int,
     log_level: str,
+    allow_unsigned_requests: bool,
 ) -> None:
     """Serve a training node: POST /train trains one round, GET /health."""
     server = _require_http("server")
@@ -175,6 +182,12 @@ def node_command(
     )
     if token is None:
         logger.warning("no --token-file: anyone who reaches this node may ask it to train")
+    if allow_unsigned_requests:
+        logger.warning(
+            "--allow-unsigned-requests: requests need no signature by the key, so %s can make "
+            "this node train and reset its state",
+            "anyone who reaches it" if token is None else "any holder of the token",
+        )
     settings = server.NodeSettings(
         node_id=node_id,
         key=key,
@@ -184,6 +197,7 @@ def node_command(
         max_body_bytes=max_body_mb * _MIB,
         trainer_name=trainer_name,
         state_dir=state_dir,
+        allow_unsigned_requests=allow_unsigned_requests,
     )
     try:  # makes the trainer and takes up its saved state: a failure stops us here
         app = server.create_app(settings)
@@ -229,7 +243,8 @@ _RUN_OPTIONS: list[tuple[str, click.ParamType[Any], str]] = [
     (
         "--timeout",
         click.FloatRange(min=0, min_open=True),
-        "Deadline of a round in seconds, retries and transfers included (default 120).",
+        "Deadline of a round in seconds, retries and transfers included (default 120, at most "
+        "86400).",
     ),
     (
         "--memory-budget-mb",
