@@ -24,6 +24,7 @@ from aumai_fedtrain.network import http_module
 from aumai_fedtrain.network.auth import SecretError, load_secret
 from aumai_fedtrain.network.nodes_file import NodesFileError, read_nodes_file
 from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.providers.in_process import NodeProgress
 from aumai_fedtrain.trainer import Evaluator, ModelInit, TrainerFactory
 
 __all__ = [
@@ -115,6 +116,18 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     show_default=True,
     help="How much the node logs.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(("text", "json")),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per log line.",
+)
+@click.option(
+    "--metrics-token-file",
+    type=click.Path(path_type=Path),
+    help="Bearer token that GET /metrics needs (default: the --token-file token).",
+)
 def node_command(
     port: int,
     node_id: str,
@@ -128,13 +141,20 @@ def node_command(
     ssl_keyfile: Path | None,
     max_body_mb: int,
     log_level: str,
+    log_format: str,
+    metrics_token_file: Path | None,
 ) -> None:
-    """Serve a training node: POST /train trains one round, GET /health."""
+    """Serve a training node: POST /train trains one round, GET /health, GET /metrics."""
+    from aumai_fedtrain.cli.observe import node_logging
+
     server = _require_http("server")
     if not node_id.strip():
         raise InputError("--node-id must not be empty")
     key = _secret(key_file, "key")
     token = _secret(token_file, "token") if token_file is not None else None
+    metrics_token = (
+        _secret(metrics_token_file, "metrics token") if metrics_token_file is not None else None
+    )
     config = (
         load_model_file(config_path, TrainingConfig, "config", InputError)
         if config_path is not None
@@ -159,9 +179,7 @@ def node_command(
         sock = server.listen(host, port)
     except OSError as exc:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    node_logging(log_format, log_level)
     if token is None:
         logger.warning("no --token-file: anyone who reaches this node may ask it to train")
     settings = server.NodeSettings(
@@ -172,6 +190,7 @@ def node_command(
         token=token,
         max_body_bytes=max_body_mb * _MIB,
         trainer_name=trainer_name,
+        metrics_token=metrics_token,
     )
     app = server.create_app(settings)  # makes the trainer: a failing factory stops us here
     scheme = "https" if ssl_certfile is not None else "http"
@@ -187,6 +206,7 @@ def node_command(
         ssl_certfile=str(ssl_certfile) if ssl_certfile is not None else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile is not None else None,
         log_level=log_level,
+        own_logging=log_format == "text",
     )
 
 
@@ -234,6 +254,7 @@ def prepare_http_run(
     memory_budget_mb: int | None,
     model_init: ModelInit | None,
     evaluator: Evaluator | None,
+    on_node_done: NodeProgress | None = None,
 ) -> tuple[TrainingConfig, list[FederatedNode], UpdateProvider] | None:
     """For ``run --nodes-file``: the config, the nodes and an ``HttpUpdateProvider``.
 
@@ -276,6 +297,7 @@ def prepare_http_run(
             memory_budget=memory_budget_mb * _MIB if memory_budget_mb is not None else None,
             model_init=model_init,
             evaluator=evaluator,
+            on_node_done=on_node_done,
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None

@@ -4,6 +4,9 @@
 safetensors, by ``Content-Type``), runs the node's trainer from the global weights, and answers
 the :class:`LocalUpdate` (JSON, or safetensors when ``Accept`` names it) with its HMAC
 signature in the ``X-Fedtrain-Signature`` header. ``GET /health`` tells that the node is up.
+``GET /metrics`` answers the node's counters in the Prometheus text format (requests by
+outcome, training time, bytes in and out: :class:`~aumai_fedtrain.observability.prometheus.
+NodeMetrics`), behind the metrics token when the node has one, else behind its token.
 
 Answers: 401 without a bearer token and 403 with a wrong one (when the node has a token), 413
 for a body over the size limit, 415 for another content type, 400 for a malformed body, 422 for
@@ -26,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +61,7 @@ from aumai_fedtrain.network.wire import (
     encode_update,
     response_media_type,
 )
+from aumai_fedtrain.observability.prometheus import NodeMetrics
 from aumai_fedtrain.trainer import NodeTrainer, TrainerFactory, TrainerResultError, as_update
 from aumai_fedtrain.verification import HashVerifier
 
@@ -105,6 +110,8 @@ class NodeSettings:
         Largest request body accepted (413 above).
     trainer_name
         How ``GET /health`` and the logs name the trainer.
+    metrics_token
+        The bearer token ``GET /metrics`` needs; None: the same as ``token``.
     """
 
     node_id: str
@@ -114,6 +121,7 @@ class NodeSettings:
     token: bytes | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     trainer_name: str = "custom"
+    metrics_token: bytes | None = field(default=None, repr=False)
 
 
 class _Node:
@@ -126,8 +134,9 @@ class _Node:
     :func:`~aumai_fedtrain.network.auth.reset_proof`), used once: otherwise it gets a 409.
     """
 
-    def __init__(self, settings: NodeSettings) -> None:
+    def __init__(self, settings: NodeSettings, metrics: NodeMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.rounds_trained = 0
         self._lock = threading.Lock()
         self._verifier = HashVerifier()
@@ -183,8 +192,21 @@ class _Node:
             }
         )
 
+    async def metrics_endpoint(self, request: Request) -> Response:
+        expected = self.settings.metrics_token or self.settings.token
+        denied = _authorize(request.headers.get("authorization"), expected)
+        if denied is not None:
+            return denied
+        content, content_type = self.metrics.render()
+        return Response(content, headers={"content-type": content_type})
+
     async def train(self, request: Request) -> Response:
-        denied = self._authorize(request.headers.get("authorization"))
+        response = await self._answer(request)
+        self.metrics.request(_OUTCOMES.get(response.status_code, "failed"))
+        return response
+
+    async def _answer(self, request: Request) -> Response:
+        denied = _authorize(request.headers.get("authorization"), self.settings.token)
         if denied is not None:
             return denied
         try:
@@ -193,7 +215,7 @@ class _Node:
                 nonce = check_nonce(request.headers.get(NONCE_HEADER, ""))
             except ValueError as exc:
                 raise WireError(str(exc)) from None
-            body = await _read_body(request, self.settings.max_body_bytes)
+            body = await _read_body(request, self.settings.max_body_bytes, self.metrics)
             train_request = await run_in_threadpool(decode_request, body, content_type)
             fmt = response_media_type(request.headers.get("accept"))
             proof = request.headers.get(RESET_HEADER)
@@ -202,20 +224,8 @@ class _Node:
             )
         except WireError as exc:
             return _problem(str(exc), exc.status)
+        self.metrics.sent_bytes.inc(len(content))
         return Response(content, media_type=fmt, headers={SIGNATURE_HEADER: signature})
-
-    def _authorize(self, header: str | None) -> Response | None:
-        expected = self.settings.token
-        if expected is None:
-            return None
-        scheme, _, token = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            response = _problem("a bearer token is required", 401)
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-        if not tokens_equal(token.strip(), expected):
-            return _problem("wrong token", 403)
-        return None
 
     def _train(
         self, request: TrainRequest, nonce: str, fmt: str, proof: str | None
@@ -229,7 +239,8 @@ class _Node:
                 self._check_reset(round_id, nonce, proof)
             self._prepare_round(round_id)
             try:
-                result = self._trainer.train(round_id, request.global_weights)
+                with self.metrics.training_seconds.time():
+                    result = self._trainer.train(round_id, request.global_weights)
             except ValueError as exc:
                 raise WireError(f"the trainer cannot use this request: {exc}", 422) from None
             except Exception as exc:
@@ -252,11 +263,39 @@ class _Node:
         return encode_update(update, fmt), signature
 
 
+_OUTCOMES = {
+    200: "trained",
+    401: "unauthorized",
+    403: "unauthorized",
+    400: "bad_request",
+    413: "bad_request",
+    415: "bad_request",
+    422: "bad_request",
+    409: "conflict",
+}
+"""HTTP status of a ``POST /train`` answer -> the outcome counted (others: ``failed``)."""
+
+
+def _authorize(header: str | None, expected: bytes | None) -> Response | None:
+    """None when ``header`` carries the bearer token ``expected`` (or none is needed), else
+    the 401 or 403 answer."""
+    if expected is None:
+        return None
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        response = _problem("a bearer token is required", 401)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    if not tokens_equal(token.strip(), expected):
+        return _problem("wrong token", 403)
+    return None
+
+
 def _problem(detail: str, status: int) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, metrics: NodeMetrics) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -265,6 +304,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
+        metrics.received_bytes.inc(len(chunk))
         if size > limit:
             raise WireError(f"body exceeds the limit of {limit} bytes", 413)
         chunks.append(chunk)
@@ -278,14 +318,22 @@ def _check_finite(weights: TensorMap) -> None:
 
 
 def create_app(settings: NodeSettings) -> Starlette:
-    """The node's ASGI application (``POST /train``, ``GET /health``)."""
-    node = _Node(settings)
-    return Starlette(
+    """The node's ASGI application (``POST /train``, ``GET /health``, ``GET /metrics``).
+
+    Its counters are ``app.state.metrics`` (a
+    :class:`~aumai_fedtrain.observability.prometheus.NodeMetrics`).
+    """
+    metrics = NodeMetrics()
+    node = _Node(settings, metrics)
+    app = Starlette(
         routes=[
             Route("/train", node.train, methods=["POST"]),
             Route("/health", node.health, methods=["GET"]),
+            Route("/metrics", node.metrics_endpoint, methods=["GET"]),
         ]
     )
+    app.state.metrics = metrics
+    return app
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -303,23 +351,31 @@ def serve(
     log_level: str = "info",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    own_logging: bool = True,
 ) -> None:
     """Serve the node ``app`` (:func:`create_app`) on the listening socket ``sock`` until
     interrupted (SIGINT/SIGTERM).
 
-    ``header_timeout`` and ``max_connections`` bound idle connections (see the module doc).
+    ``header_timeout`` and ``max_connections`` bound idle connections (see the module doc); a
+    connection refused for want of room is counted as a ``busy`` request in the app's metrics.
+    With ``own_logging=False`` uvicorn's loggers go to the root logger's handlers (as set up
+    by the caller, e.g. for JSON lines) instead of uvicorn's own.
     """
     open_files = raise_open_files_limit()
+    metrics = getattr(app.state, "metrics", None)
     protocol = functools.partial(
         _GuardedProtocol,
         header_timeout=header_timeout,
         max_connections=max(1, min(max_connections, open_files - _SPARE_FILES)),
+        on_refused=metrics.busy if isinstance(metrics, NodeMetrics) else None,
     )
+    extra: dict[str, Any] = {} if own_logging else {"log_config": None}
     config = uvicorn.Config(
         app,
         http=protocol,  # type: ignore[arg-type]  # a protocol factory, as uvicorn calls it
         loop="asyncio",
         log_level=log_level,
+        **extra,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         timeout_keep_alive=max(1, round(header_timeout)),
@@ -374,10 +430,18 @@ class _NodeServer(uvicorn.Server):
 class _GuardedProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing connections that send no request head in time."""
 
-    def __init__(self, *args: Any, header_timeout: float, max_connections: int, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout: float,
+        max_connections: int,
+        on_refused: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
         self._max_connections = max_connections
+        self._on_refused = on_refused
         self._head_timer: asyncio.TimerHandle | None = None
         self._waiting_since = 0.0
 
@@ -390,6 +454,8 @@ class _GuardedProtocol(H11Protocol):
             ]
             if not waiting:  # every connection is busy with a request: no room
                 transport.abort()
+                if self._on_refused is not None:
+                    self._on_refused()
                 return
             min(waiting, key=lambda connection: connection._waiting_since).close_idle()
         super().connection_made(transport)
