@@ -128,6 +128,13 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     type=click.Path(path_type=Path),
     help="Bearer token that GET /metrics needs (default: the --token-file token).",
 )
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Most connections served at once (beyond: counted as busy in /metrics).",
+)
 def node_command(
     port: int,
     node_id: str,
@@ -143,6 +150,7 @@ def node_command(
     log_level: str,
     log_format: str,
     metrics_token_file: Path | None,
+    max_connections: int,
 ) -> None:
     """Serve a training node: POST /train trains one round, GET /health, GET /metrics."""
     from aumai_fedtrain.cli.observe import node_logging
@@ -195,17 +203,25 @@ def node_command(
     app = server.create_app(settings)  # makes the trainer: a failing factory stops us here
     scheme = "https" if ssl_certfile is not None else "http"
     shown_host = f"[{host}]" if ":" in host else host
-    click.echo(
-        f"Node {node_id} serving on {scheme}://{shown_host}:{sock.getsockname()[1]}  "
-        f"(trainer: {trainer_name})"
-    )
-    sys.stdout.flush()
+    url = f"{scheme}://{shown_host}:{sock.getsockname()[1]}"
+    if log_format == "json":
+        logger.info(
+            "node %s serving on %s (trainer: %s)",
+            node_id,
+            url,
+            trainer_name,
+            extra={"event": "serving", "node_id": node_id, "url": url},
+        )
+    else:
+        click.echo(f"Node {node_id} serving on {url}  (trainer: {trainer_name})")
+        sys.stdout.flush()
     server.serve(
         app,
         sock,
         ssl_certfile=str(ssl_certfile) if ssl_certfile is not None else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile is not None else None,
         log_level=log_level,
+        max_connections=max_connections,
         own_logging=log_format == "text",
     )
 
