@@ -332,6 +332,13 @@ def _print_status(status: Any) -> None:
         )
     planned = f"/{config.global_rounds}" if config is not None else ""
     echo(f"  Last completed round: {status.completed_round}{planned}")
+    if status.elapsed_seconds is not None:
+        echo(f"  Training time: {_duration(status.elapsed_seconds)}")
+    if status.bytes_to_nodes is not None:
+        echo(
+            f"  Bytes so far: {_bytes(status.bytes_to_nodes)} to the nodes, "
+            f"{_bytes(status.bytes_from_nodes)} from them"
+        )
     last: RoundRecord | None = status.last
     if last is None:
         echo("  No round completed yet.")
@@ -343,7 +350,7 @@ def _print_status(status: Any) -> None:
         [
             ("train loss", _figure(last.avg_loss, "%.6f")),
             ("eval loss", _figure(last.eval_loss, "%.6f")),
-            ("eval accuracy", _figure(last.eval_accuracy, "%.4f")),
+            ("eval accuracy", _figure(last.eval_accuracy and 100 * last.eval_accuracy, "%.2f%%")),
             ("participants", f"{last.num_participants}{nodes}"),
             ("samples", str(last.total_samples)),
             ("bytes to nodes", _bytes(last.bytes_to_nodes)),
@@ -357,10 +364,13 @@ def _print_status(status: Any) -> None:
     if last.dropped:
         echo(f"Dropped or benched in round {last.round_id}:")
         rows = [
-            ("benched" if node in last.benched else "dropped", node, drop_kind(reason), reason)
+            (*_state_and_kind(node, reason, last), node, reason)
             for node, reason in list(last.dropped.items())[:MAX_TABLE_ROWS]
         ]
-        _table(rows, ("state", "node", "kind", "reason"))
+        _table(
+            [(state, node, kind, reason) for state, kind, node, reason in rows],
+            ("state", "node", "kind", "reason"),
+        )
         if len(last.dropped) > MAX_TABLE_ROWS:
             echo(f"  ... and {len(last.dropped) - MAX_TABLE_ROWS} more (--json lists all)")
     else:
@@ -375,6 +385,13 @@ def _print_status(status: Any) -> None:
         )
         if len(credits) > MAX_TABLE_ROWS:
             echo(f"  ... and {len(credits) - MAX_TABLE_ROWS} more nodes (--json lists all)")
+
+
+def _state_and_kind(node: str, reason: str, record: RoundRecord) -> tuple[str, str]:
+    """``dropped`` or ``benched``, and the kind of the (last) failure."""
+    if node in record.benched:  # "benched after N failed rounds: <the last failure>"
+        return "benched", drop_kind(reason.partition(": ")[2])
+    return "dropped", drop_kind(reason)
 
 
 def is_terminal() -> bool:

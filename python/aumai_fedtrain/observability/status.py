@@ -58,7 +58,8 @@ def read_run(path: str | Path) -> RunFiles:
 
 @dataclass
 class RunStatus:
-    """Where a run stands: its config, last completed round, credits and last round."""
+    """Where a run stands: its config, last completed round, credits (every node of the run,
+    0 for one that never contributed) and last round."""
 
     source: Path
     config: TrainingConfig | None
@@ -104,7 +105,9 @@ def read_status(path: str | Path) -> RunStatus:
         source=run.source,
         config=checkpoint.config if checkpoint else None,
         completed_round=last.round_id if last else 0,
-        credits=dict(checkpoint.credits) if checkpoint else {},
+        credits=(
+            {node: 0 for node in checkpoint.node_ids} | checkpoint.credits if checkpoint else {}
+        ),
         last=last,
         bytes_to_nodes=bytes_to,
         bytes_from_nodes=bytes_from,
