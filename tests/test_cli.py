@@ -287,3 +287,7 @@ def test_a_resumed_run_may_lose_a_node_and_keeps_its_credits(tmp_path: Path) -> 
         "node-000": 3 * per_round, "node-001": 3 * per_round, "node-002": 2 * per_round
     }  # fmt: skip
     assert [record["num_participants"] for record in summary["history"]] == [3, 3, 2]
+
+
+def test_an_empty_checkpoint_dir_is_refused() -> None:
+    assert_one_line_error(cli("run", "--checkpoint-dir", ""), "--checkpoint-dir is empty")

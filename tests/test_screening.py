@@ -35,7 +35,11 @@ def scaled(factor: float) -> Any:
 
 
 HOSTILE = {
-    "huge loss": (lambda u: {"loss": 1e308}, "loss 1e+308 is beyond max_loss=1e+09"),
+    "huge loss": (
+        lambda u: {"loss": 1e308},
+        "loss 1e+308 is beyond max_loss=1e+09 (if the node's local training diverged, a lower "
+        "inner learning_rate may help)",
+    ),
     "non-finite loss": (lambda u: {"loss": float("nan")}, "loss nan is beyond max_loss"),
     "samples beyond any integer": (
         lambda u: {"samples_used": 10**400},
@@ -63,6 +67,7 @@ HOSTILE = {
         "unknown keys ['extra']",
     ),
     "another round": (lambda u: {"round_id": u.round_id + 7}, "expected round"),
+    "no samples": (lambda u: {"samples_used": 0}, "processed no samples"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -256,7 +257,11 @@ def test_run_trains_your_trainer_model_and_evaluator_from_the_command_line(tmp_p
         (["--trainer", "no_such_module:f"], "--trainer: cannot import 'no_such_module'"),
         (["--trainer", "json:no_such_function"], "--trainer: 'json' has no function"),
         (["--trainer", "t:f", "--model-init", "json"], "--model-init must look like module:"),
-        (["--trainer", "json:loads", "--evaluator", "json:nope"], "--evaluator: 'json' has no"),
+        (
+            ["--trainer", "json:loads", "--model-init", "json:loads", "--evaluator", "json:nope"],
+            "--evaluator: 'json' has no",
+        ),
+        (["--trainer", "json:loads", "--evaluator", "json:loads"], "--evaluator needs a global"),
         (["--model-init", "json:loads"], "--model-init needs --trainer or --nodes-file"),
         (["--evaluator", "json:loads"], "--evaluator needs --trainer or --nodes-file"),
     ],
@@ -267,3 +272,119 @@ def test_bad_plugins_are_one_line_errors(args: list[str], needle: str) -> None:
     lines = completed.stderr.strip().splitlines()
     assert completed.returncode == 2 and len(lines) == 1 and needle in lines[0], completed.stderr
     assert completed.stdout == ""
+
+
+class StateOf(PullTrainer):
+    """A trainer whose state_dict returns ``state``."""
+
+    state: object = None
+
+    def state_dict(self) -> TensorMap:
+        return self.state  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("state", "needle"),
+    [
+        (None, "state_dict() returned NoneType, expected a mapping name -> array"),
+        ({"steps": "three"}, "state_dict()['steps'] holds a string, not numbers"),
+        ({"": np.zeros(1)}, "state_dict() has a name that is not a non-empty string"),
+    ],
+)
+def test_a_trainer_state_that_cannot_be_checkpointed_is_named(state: object, needle: str) -> None:
+    class Bad(StateOf):
+        pass
+
+    Bad.state = state
+    provider = InProcessProvider(Bad, model_init=zeros)
+    DiLoCoCoordinator().run_training(
+        CONFIG.model_copy(update={"num_nodes": 1}), pull_nodes("x"), provider
+    )
+
+    with pytest.raises(TypeError, match=rf"the trainer of node 'x': {re.escape(needle)}"):
+        provider.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("model", "needle"),
+    [
+        ({"theta": np.array([np.inf, 0.0])}, "parameter 'theta' has non-finite values"),
+        ({"theta": "abc"}, "parameter 'theta' holds a string, not numbers"),
+        ([1.0], "must be a mapping name -> array, got list"),
+    ],
+)
+def test_a_bad_initial_model_is_named(model: object, needle: str) -> None:
+    provider = InProcessProvider(PullTrainer, model_init=lambda config: model)  # type: ignore[arg-type,return-value]
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        DiLoCoCoordinator().run_training(
+            CONFIG.model_copy(update={"num_nodes": 1}), pull_nodes("x"), provider
+        )
+
+
+@pytest.mark.parametrize(
+    ("evaluate", "needle"),
+    [
+        (lambda p: 1.0 / 0.0, "round 1: the evaluator failed: ZeroDivisionError"),
+        (lambda p: (1.0,), "round 1: the evaluator returned (1.0,), expected (loss, accuracy)"),
+        (lambda p: (float("nan"), 0.5), "eval loss is nan"),
+    ],
+)
+def test_a_failing_evaluator_is_named(evaluate: object, needle: str) -> None:
+    provider = InProcessProvider(PullTrainer, model_init=zeros, evaluator=evaluate)  # type: ignore[arg-type]
+
+    with pytest.raises(RuntimeError, match=re.escape(needle)):
+        DiLoCoCoordinator().run_training(
+            CONFIG.model_copy(update={"num_nodes": 1}), pull_nodes("x"), provider
+        )
+
+
+def test_a_failing_trainer_factory_is_named() -> None:
+    def factory(node_id: str, config: TrainingConfig) -> PullTrainer:
+        raise OSError("no data for this node")
+
+    with pytest.raises(RuntimeError, match="the trainer factory failed for node 'x': OSError"):
+        DiLoCoCoordinator().run_training(
+            CONFIG.model_copy(update={"num_nodes": 1}), pull_nodes("x"),
+            InProcessProvider(factory, model_init=zeros),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("nan parameters", "its parameters hold non-finite values"),
+        ("other shapes", "its momentum do not have the keys and shapes of this run's model"),
+        ("short history", "its history does not list rounds 1 to 2"),
+        ("twice a node", "it lists a node twice"),
+    ],
+)
+def test_a_checkpoint_with_a_valid_digest_but_unusable_contents_is_refused(
+    tmp_path: Path, damage: str, needle: str
+) -> None:
+    # Prepare: someone who can write the directory saves a checkpoint (its digest is valid)
+    from aumai_fedtrain.checkpoint import CheckpointError, save_checkpoint
+
+    two_rounds = CONFIG.model_copy(update={"global_rounds": 2, "num_nodes": 2})
+    DiLoCoCoordinator().run_training(
+        two_rounds, pull_nodes("x", "y"), InProcessProvider(PullTrainer, model_init=zeros),
+        checkpoint_dir=tmp_path,
+    )  # fmt: skip
+    saved = load_checkpoint(tmp_path)
+    assert saved is not None and saved.state.parameters is not None
+    if damage == "nan parameters":
+        saved.state.parameters["theta"][0] = np.nan
+    elif damage == "other shapes":
+        saved.state.momentum = {"theta": np.zeros(5)}
+    elif damage == "short history":
+        saved.history = saved.history[:1]
+    else:
+        saved.node_ids = ["x", "x"]
+    save_checkpoint(tmp_path, saved)
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        DiLoCoCoordinator().run_training(
+            CONFIG.model_copy(update={"num_nodes": 2}), pull_nodes("x", "y"),
+            InProcessProvider(PullTrainer, model_init=zeros), checkpoint_dir=tmp_path, resume=True,
+        )  # fmt: skip

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +133,7 @@ class DiLoCoCoordinator:
         self._averager = GradientAverager(config.aggregation_weights, self._backend)
         if parameters is None:
             return GlobalState(round_id=0)
-        params = {key: to_tensor(value).copy() for key, value in parameters.items()}
+        params = _initial_parameters(parameters)
         return GlobalState(round_id=0, parameters=params, momentum=zero_momentum(params))
 
     def collect_updates(self, updates: Sequence[LocalUpdate]) -> TensorMap:
@@ -263,7 +263,7 @@ class DiLoCoCoordinator:
         history: list[RoundRecord] = []
         elapsed_before = 0.0
         if directory is not None:
-            restored = self._restore(directory, config, resume)
+            restored = self._restore(directory, config, resume, state)
             if restored is not None:
                 state, history, elapsed_before = restored.state, restored.history, restored.elapsed
                 try:
@@ -357,7 +357,7 @@ class DiLoCoCoordinator:
             )
         state = self._apply(state, accepted, phases)
         with phases.timed("evaluate"):
-            evaluation = self._evaluate(state, provider)
+            evaluation = self._evaluate_global(state, provider)
         record = _round_record(
             state,
             len(node_list),
@@ -374,7 +374,10 @@ class DiLoCoCoordinator:
             raise RuntimeError("call initialize(config, nodes) before run_round")
         return self._config
 
-    def _restore(self, directory: Path, config: TrainingConfig, resume: bool) -> Checkpoint | None:
+    def _restore(
+        self, directory: Path, config: TrainingConfig, resume: bool, start: GlobalState
+    ) -> Checkpoint | None:
+        """The checkpoint in ``directory`` to resume from (checked against ``start``), or None."""
         checkpoint = load_checkpoint(directory)
         if checkpoint is None:
             return None
@@ -384,22 +387,26 @@ class DiLoCoCoordinator:
                 "resume it or choose another checkpoint directory"
             )
         checkpoint.check_compatible(config)
+        problem = _inconsistency(checkpoint, start)
+        if problem is not None:
+            raise CheckpointError(f"the checkpoint in {directory} cannot be resumed: {problem}")
         self.credit_tracker.reset()
         for node_id, samples in checkpoint.credits.items():
             self.credit_tracker.record(node_id, samples)
         return checkpoint
 
-    def _evaluate(self, state: GlobalState, provider: UpdateProvider) -> tuple[float, float] | None:
+    def _evaluate_global(
+        self, state: GlobalState, provider: UpdateProvider
+    ) -> tuple[float, float] | None:
         """The provider's evaluation of the new global model; :class:`DivergenceError` when
         its loss is not finite."""
         if state.parameters is None:
             return None
-        with np.errstate(all="ignore"):
-            evaluation = provider.evaluate(state.parameters)
+        evaluation = _evaluate(provider, state.parameters, state.round_id)
         if evaluation is not None and not math.isfinite(evaluation[0]):
             raise DivergenceError(
                 f"round {state.round_id}: the global model's eval loss is {evaluation[0]}: "
-                f"{_outer_advice(self._require_config())}"
+                f"{_outer_advice(self._require_config())} (or the evaluator is wrong)"
             )
         return evaluation
 
@@ -448,6 +455,68 @@ def _node_times(stats: RoundStats, listed: bool) -> NodeTimes | None:
         max=float(seconds.max()),
         per_node=dict(stats.node_seconds) if listed else {},
     )
+
+
+def _inconsistency(checkpoint: Checkpoint, start: GlobalState) -> str | None:
+    """What makes ``checkpoint`` unfit to continue a run that would start at ``start``."""
+    state = checkpoint.state
+    if [record.round_id for record in checkpoint.history] != list(range(1, state.round_id + 1)):
+        return f"its history does not list rounds 1 to {state.round_id}"
+    if len(set(checkpoint.node_ids)) != len(checkpoint.node_ids):
+        return "it lists a node twice"
+    if (state.parameters is None) != (start.parameters is None):
+        return "it was written by a run with a global model and this one has none, or vice versa"
+    for name, saved in (("parameters", state.parameters), ("momentum", state.momentum)):
+        if saved is None or start.parameters is None:
+            continue
+        shapes = {key: value.shape for key, value in saved.items()}
+        if shapes != {key: value.shape for key, value in start.parameters.items()}:
+            return f"its {name} do not have the keys and shapes of this run's model"
+        if not all(np.isfinite(value).all() for value in saved.values()):
+            return f"its {name} hold non-finite values"
+    return None
+
+
+def _initial_parameters(parameters: TensorMap) -> TensorMap:
+    """Own, checked float64 copies of the initial model; ``ValueError`` naming a bad one."""
+    if not isinstance(parameters, Mapping):
+        raise ValueError(
+            f"the initial model must be a mapping name -> array, got {type(parameters).__name__}"
+        )
+    checked: TensorMap = {}
+    for key, value in parameters.items():
+        if not isinstance(key, str):
+            raise ValueError(f"the initial model has a parameter name that is not a str: {key!r}")
+        try:
+            tensor = to_tensor(value).copy()
+        except ValueError as exc:
+            raise ValueError(f"the initial model's parameter {key!r} {exc}") from None
+        if not np.isfinite(tensor).all():
+            raise ValueError(f"the initial model's parameter {key!r} has non-finite values")
+        checked[key] = tensor
+    return checked
+
+
+def _evaluate(
+    provider: UpdateProvider, parameters: TensorMap, round_id: int
+) -> tuple[float, float] | None:
+    """The provider's ``(loss, accuracy)`` of the global model, checked, or None."""
+    try:
+        with np.errstate(all="ignore"):
+            result = provider.evaluate(parameters)
+    except Exception as exc:
+        raise RuntimeError(
+            f"round {round_id}: the evaluator failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if result is None:
+        return None
+    try:
+        loss, accuracy = (float(value) for value in result)
+    except (TypeError, ValueError):
+        raise RuntimeError(
+            f"round {round_id}: the evaluator returned {result!r}, expected (loss, accuracy)"
+        ) from None
+    return loss, accuracy
 
 
 def _outer_advice(config: TrainingConfig) -> str:

@@ -1,10 +1,11 @@
 """Screening: the one check every update passes before any aggregation sees it.
 
 An update counts only when it comes from a known node, once, for the expected round, with a
-finite loss of at most ``config.max_loss`` in magnitude, at most the samples its node can
-process in a round (:attr:`FederatedNode.max_samples`, by default ``local_steps *
-batch_size``), exactly the model's keys and shapes, and finite pseudo-gradient values of at most
-``config.max_abs_update`` in magnitude. These bounds keep a node that holds a valid key from
+finite loss of at most ``config.max_loss`` in magnitude, at least one sample when the mean is
+weighted by samples, at most the samples its node can process in a round
+(:attr:`FederatedNode.max_samples`, by default ``local_steps * batch_size``), exactly the
+model's keys and shapes, and finite pseudo-gradient values of at most ``config.max_abs_update``
+in magnitude. These bounds keep a node that holds a valid key from
 overflowing the weights, the average or the outer step; they do not make a plausible but wrong
 update harmless (that is what robust aggregation is for).
 """
@@ -80,7 +81,12 @@ def screen_update(
     if update.round_id != expected_round:
         return f"update is for round {update.round_id}, expected round {expected_round}"
     if not math.isfinite(update.loss) or abs(update.loss) > config.max_loss:
-        return f"loss {update.loss:g} is beyond max_loss={config.max_loss:g}"
+        return (
+            f"loss {update.loss:g} is beyond max_loss={config.max_loss:g} (if the node's local "
+            "training diverged, a lower inner learning_rate may help)"
+        )
+    if update.samples_used == 0 and config.aggregation_weights == "samples":
+        return "processed no samples: it has no weight in a mean weighted by samples"
     limit = max_samples_of(node, config)
     if update.samples_used > limit:
         return (

@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import ValidationError
 
 from aumai_fedtrain.inputs import describe_validation_error
-from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig
+from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig, to_tensor
 
 __all__ = [
     "Evaluator",
@@ -39,6 +39,7 @@ __all__ = [
     "TrainerFactory",
     "TrainerResultError",
     "as_update",
+    "checked_state",
 ]
 
 TrainResult = tuple[Mapping[str, Any], float, int]
@@ -104,3 +105,25 @@ def as_update(result: Any, node_id: str, round_id: int) -> LocalUpdate:
             f"the trainer returned an invalid result (expected (pseudo_gradient, loss, "
             f"samples_used)): {reason}"
         ) from None
+
+
+def checked_state(node_id: str, state: Any) -> TensorMap:
+    """A trainer's ``state_dict()`` as named arrays, or a ``TypeError`` naming what is wrong.
+
+    Names must be non-empty strings and values numbers or arrays of numbers, since the state
+    goes into checkpoints.
+    """
+    where = f"the trainer of node {node_id!r}: state_dict()"
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"{where} returned {type(state).__name__}, expected a mapping name -> array"
+        )
+    checked: TensorMap = {}
+    for name, value in state.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{where} has a name that is not a non-empty string: {name!r}")
+        try:
+            checked[name] = to_tensor(value)
+        except ValueError as exc:
+            raise TypeError(f"{where}[{name!r}] {exc}") from None
+    return checked

@@ -78,7 +78,7 @@ def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Trainin
 @click.option("--seed", type=int, help="Seed of the data, model and node sampling.")
 @click.option(
     "--checkpoint-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
     help="Write the run state here after every round.",
 )
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --checkpoint-dir.")
@@ -111,7 +111,7 @@ def run(
     nodes: int | None,
     rounds: int | None,
     seed: int | None,
-    checkpoint_dir: Path | None,
+    checkpoint_dir: str | None,
     resume: bool,
     as_json: bool,
     trainer_spec: str | None,
@@ -133,6 +133,8 @@ def run(
     show_logs(observe["log_format"])
     if resume and checkpoint_dir is None:
         raise InputError("--resume needs --checkpoint-dir")
+    if checkpoint_dir is not None and not checkpoint_dir.strip():
+        raise InputError("--checkpoint-dir is empty: name a folder (e.g. --checkpoint-dir ./ckpt)")
     config = _load_config(config_path, {"num_nodes": nodes, "global_rounds": rounds, "seed": seed})
     progress = RoundProgress(config.global_rounds, enabled=not as_json and is_terminal())
     if trainer_spec is None and network.get("nodes_file") is None:
@@ -142,6 +144,8 @@ def run(
                     f"{option} needs --trainer or --nodes-file (the built-in nodes train the "
                     "built-in model)"
                 )
+    if evaluator_spec is not None and trainer_spec is not None and model_init_spec is None:
+        raise InputError("--evaluator needs a global model to evaluate: give --model-init too")
     if min_nodes is not None and network.get("nodes_file") is None and min_nodes > config.num_nodes:
         raise InputError(f"--min-nodes {min_nodes} exceeds the {config.num_nodes} nodes of the run")
     custom_model = model_init_spec is not None or trainer_spec is not None

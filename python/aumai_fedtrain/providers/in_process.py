@@ -35,6 +35,7 @@ from aumai_fedtrain.trainer import (
     TrainerFactory,
     TrainerResultError,
     as_update,
+    checked_state,
 )
 
 __all__ = ["InProcessProvider", "NodeProgress"]
@@ -101,7 +102,12 @@ class InProcessProvider(UpdateProvider):
         """The trainer of ``node_id``, made by the factory on first use."""
         trainer = self._trainers.get(node_id)
         if trainer is None:
-            trainer = self.factory(node_id, self._require_config())
+            try:
+                trainer = self.factory(node_id, self._require_config())
+            except Exception as exc:
+                raise RuntimeError(
+                    f"the trainer factory failed for node {node_id!r}: {type(exc).__name__}: {exc}"
+                ) from exc
             if self.keep_state:
                 self._trainers[node_id] = trainer
         return trainer
@@ -151,7 +157,7 @@ class InProcessProvider(UpdateProvider):
         return {
             f"{_STATE_PREFIX}{node_id}/{key}": value
             for node_id, trainer in self._trainers.items()
-            for key, value in trainer.state_dict().items()
+            for key, value in checked_state(node_id, trainer.state_dict()).items()
         }
 
     def load_state_dict(self, state: TensorMap) -> None:
