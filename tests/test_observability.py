@@ -29,6 +29,7 @@ from aumai_fedtrain.cli.observe import RoundProgress
 from aumai_fedtrain.models import PHASES, GlobalState, RoundRecord
 from aumai_fedtrain.network.local import free_port
 from aumai_fedtrain.network.wire import expected_tensors, request_body_bytes
+from aumai_fedtrain.observability import read_metrics
 from aumai_fedtrain.observability.report import PLOTS
 from aumai_fedtrain.simulation import initial_model
 from tests.helpers import CLI_TIMEOUT
@@ -351,3 +352,21 @@ def test_progress_stays_off_when_not_a_terminal_or_with_json(tmp_path: Path) -> 
     assert plain.returncode == 0 and as_json.returncode == 0
     assert "\r" not in plain.stderr and "\r" not in as_json.stderr
     assert "Bytes to nodes:" in plain.stdout
+
+
+def test_past_64_nodes_a_record_keeps_counts_and_percentiles(
+    tmp_path: Path,
+) -> None:
+    done = cli("run", "--nodes", "70", "--rounds", "2", "--metrics-file", "m.jsonl", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = read_metrics(tmp_path / "m.jsonl")
+    report = cli("report", "m.jsonl", cwd=tmp_path)
+
+    for line in lines:
+        assert line.num_nodes == 70 and line.num_participants == 70
+        assert line.participants == []
+        assert line.node_times is not None and line.node_times.per_node == {}
+        assert 0 < line.node_times.p50 <= line.node_times.p90 <= line.node_times.max
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert list(embedded_images(page)) == [name for name, _, _ in PLOTS]

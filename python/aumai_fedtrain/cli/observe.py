@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -153,6 +154,7 @@ class RoundProgress:
         self._started: float | None = None
         self._start_round = 0
         self._last = ""
+        self._lock = threading.Lock()  # nodes of a network round settle in several threads
 
     def start(self, state: GlobalState) -> None:
         """The run starts after ``state``'s round (0, or the checkpoint's on resume)."""
@@ -191,8 +193,9 @@ class RoundProgress:
     def _show(self, line: str) -> None:
         if not self.enabled:
             return
-        click.echo(f"\r\x1b[2K  {line}", nl=False, err=True)
-        self._shown = True
+        with self._lock:
+            click.echo(f"\r\x1b[2K  {line}", nl=False, err=True)
+            self._shown = True
 
     def close(self) -> None:
         if self._shown:

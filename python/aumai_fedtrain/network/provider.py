@@ -705,7 +705,9 @@ class _MemoryBudget:
                 f"of {self.total} bytes"
             )
         with self._changed:
-            if not self._changed.wait_for(lambda: self._free >= nbytes, deadline.remaining()):
+            freed = self._changed.wait_for(lambda: self._free >= nbytes, deadline.remaining())
+            # (A share freed by the deadline itself, which cut off another answer, is too late.)
+            if not freed or deadline.expired:
                 raise _Dropped(
                     f"no memory budget free for this answer within the {deadline.seconds:g} s "
                     "deadline"
