@@ -6,7 +6,9 @@ first round of a run with the guide's provider, and stops the node.
 
 The guide's provider is the minimal form of the protocol: it asks the nodes one after the other,
 sends ``state.global_weights`` (empty in the first round, so the node starts from the initial
-model) as JSON, and trusts what comes back. From the second round on, ``state.global_weights``
+model) as JSON, and trusts what comes back. Its requests carry no signature by the node's key,
+so the node runs with ``--allow-unsigned-requests`` (it warns that anyone who can reach it may
+then make it train); a node started without that option answers 401. From the second round on, ``state.global_weights``
 holds NumPy arrays, which ``httpx.post(json=...)`` cannot serialise (``TypeError: Object of type
 ndarray is not JSON serializable``), and it is the averaged update rather than the model a node
 should start from; so the driver runs the first round only. The library's own
@@ -56,7 +58,7 @@ def main() -> None:
         key_file = Path(folder) / "node-0.key"
         key_file.write_text(secrets.token_hex(32))
         key_file.chmod(0o600)  # a secret: readable by its owner only
-        with LocalNode("node-0", key_file, ["--shard", "0"]) as node:
+        with LocalNode("node-0", key_file, ["--shard", "0", "--allow-unsigned-requests"]) as node:
             print(f"Node node-0 serving on {node.url}")
             nodes = [FederatedNode(node_id="node-0", address=node.address)]
             coordinator = DiLoCoCoordinator()

@@ -27,11 +27,12 @@ from aumai_fedtrain.network import (
     sign_update,
     verify_update,
 )
-from aumai_fedtrain.network.auth import check_nonce, tokens_equal
+from aumai_fedtrain.network.auth import check_nonce, sign_request, tokens_equal, verify_request
 from aumai_fedtrain.network.wire import (
     MAX_HEADER_BYTES,
     MAX_TENSORS,
     ModelMismatchError,
+    decode_nonce,
     decode_request,
     decode_update,
     encode_request,
@@ -258,6 +259,56 @@ def test_the_signature_binds_the_key_and_the_nonce() -> None:
     assert not verify_update(KEY, update, "é" * 64, "00ff")
 
 
+def test_the_request_signature_is_the_documented_hmac() -> None:
+    body = b'{"round_id": 4}'
+    digest = hashlib.sha256(body).hexdigest()
+    message = (
+        f'{{"body_sha256":"{digest}","kind":"train-request","node_id":"node-a",'
+        '"node_nonce":"nn","nonce":"","round_id":4,"v":1}'
+    ).encode()
+    expected = hmac.new(KEY, message, hashlib.sha256).hexdigest()
+    request = (KEY, "node-a", 4, "nn", "", digest)
+    other_body = hashlib.sha256(body + b" ").hexdigest()
+    changed = [
+        (b"x" * 40, "node-a", 4, "nn", "", digest),
+        (KEY, "node-b", 4, "nn", "", digest),
+        (KEY, "node-a", 5, "nn", "", digest),
+        (KEY, "node-a", 4, "nm", "", digest),
+        (KEY, "node-a", 4, "nn", "00", digest),
+        (KEY, "node-a", 4, "nn", "", other_body),
+    ]
+
+    assert sign_request(*request) == expected
+    assert verify_request(*request, f" {expected.upper()}\n")
+    assert not any(verify_request(*fields, expected) for fields in changed)
+    assert not verify_request(*request, "é" * 64)
+
+
+@pytest.mark.parametrize("fmt", [JSON, SAFETENSORS])
+def test_any_parser_failure_on_a_body_is_a_wire_error(fmt: str) -> None:
+    nested = b'{"a":' + b"[" * 20000 + b"]" * 20000 + b"}"
+    bodies = {
+        JSON: b'{"round_id": 1, "global_weights": {"w": ' + b"[" * 20000 + b"]" * 20000 + b"}}",
+        SAFETENSORS: len(nested).to_bytes(8, "little") + nested,
+    }
+
+    with pytest.raises(WireError) as request:
+        decode_request(bodies[fmt], fmt)
+    with pytest.raises(WireError) as update:
+        decode_update(bodies[fmt], fmt)
+
+    assert request.value.status == update.value.status == 400
+    needle = "recursion limit exceeded" if fmt == JSON else "(header: RecursionError: maximum"
+    assert needle in str(request.value) and needle in str(update.value)
+
+
+def test_nonce_answers_are_checked() -> None:
+    assert decode_nonce(b'{"nonce": "%s"}' % (b"0f" * 16)) == "0f" * 16
+    for bad in (b'{"nonce": "XYZ"}', b'{"nonce": 1}', b"[", b'{"nonce": "' + b"0" * 130 + b'"}'):
+        with pytest.raises(WireError, match="invalid nonce answer"):
+            decode_nonce(bad)
+
+
 def test_nonces_are_short_lowercase_hex() -> None:
     assert check_nonce("") == ""
     assert check_nonce("0a" * 64) == "0a" * 64
@@ -320,8 +371,11 @@ def test_nodes_files_give_nodes_and_keys(tmp_path: Path) -> None:
     [
         ({"node_id": "a"}, "Input should be a valid array"),
         ([], "it lists no node"),
-        ([{"node_id": "a", "key": "a" * 32}], "0.address: Field required"),
-        ([{"node_id": "a", "address": "h:1", "key": "a" * 32, "port": 1}], "unknown key '0.port'"),
+        ([{"node_id": "a", "key": "a" * 32}], "entry 0: address: Field required"),
+        (
+            [{"node_id": "a", "address": "h:1", "key": "a" * 32, "port": 1}],
+            "entry 0: unknown key 'port'",
+        ),
         ([{"node_id": "a", "address": "h:1"}], "entry 0 ('a'): give exactly one of"),
         (
             [{"node_id": "a", "address": "h:1", "key": "a" * 32, "key_file": "k"}],

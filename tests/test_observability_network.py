@@ -94,10 +94,11 @@ def test_metrics_file_names_the_failing_node_and_measures_the_wire(network_run: 
         asked = ["node-0", "node-1"] + ([] if round_id == BENCHED_ROUND else ["node-2"])
         if round_id == BENCHED_ROUND:
             assert line["benched"] == ["node-2"]
-            assert reason.startswith("benched after 3 failed rounds: bad signature")
+            assert reason.startswith("benched after 3 failed rounds: bad request signature")
         else:
             assert line["benched"] == []
-            assert reason == "bad signature: tampered with, or signed with another key"
+            # A node with another key refuses the coordinator's signed request.
+            assert reason.startswith("bad request signature: node-2 does not hold the key")
         assert line["node_times"]["kind"] == "answer"
         assert sorted(line["node_times"]["per_node"]) == asked
         assert line["bytes_to_nodes"] == len(asked) * request_body_bytes(round_id, shapes)
@@ -121,7 +122,9 @@ def test_node_metrics_agree_with_the_coordinators_bytes_and_count_requests(
     assert received == sum(line["bytes_to_nodes"] for line in network_run.lines)
     assert sent == sum(line["bytes_from_nodes"] for line in network_run.lines)
     trained = [c[("fedtrain_node_requests_total", (("outcome", "trained"),))] for c in counts]
-    assert trained == [ROUNDS, ROUNDS, ROUNDS - 1]  # node-2 sat one round out
+    assert trained == [ROUNDS, ROUNDS, 0]  # node-2 refuses the requests signed with our key
+    refused = counts[2][("fedtrain_node_requests_total", (("outcome", "unauthorized"),))]
+    assert refused == ROUNDS - 1  # and sat one round out, benched
     assert counts[0][("fedtrain_node_training_seconds_count", ())] == ROUNDS
 
     # what this test does: one request with a wrong token, one with a bad body
@@ -167,22 +170,31 @@ def test_report_of_the_network_run(network_run: NetworkRun) -> None:
 
 
 def test_a_node_without_a_free_connection_counts_a_busy_request(tmp_path: Path) -> None:
+    # Prepare: a node with room for one connection, kept busy by a long training request
     deployment = Deployment(tmp_path, count=1)
-    with running([deployment.local_node(0, "--max-connections", "1")]) as (node,):
+    long_rounds = tmp_path / "long.json"
+    long_rounds.write_text(TrainingConfig(local_steps=20_000).model_dump_json())
+    options = ("--max-connections", "1", "--allow-unsigned-requests", "--config", str(long_rounds))
+    body = json.dumps({"round_id": 1, "global_weights": {}}).encode()
+    with running([deployment.local_node(0, *options)]) as (node,):
         host, port = node.address.split(":")
         busy = socket.create_connection((host, int(port)), timeout=REQUEST_TIMEOUT)
-        try:  # a request head whose body never comes: the one connection is serving it
+        try:  # a complete request: the one connection trains for seconds
             busy.sendall(
                 b"POST /train HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                b"authorization: Bearer " + deployment.token + b"\r\ncontent-length: 100\r\n\r\n"
+                b"authorization: Bearer " + deployment.token + b"\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
             )
-            time.sleep(0.5)  # (the head is read: no deadline, nothing timed)
+            time.sleep(0.5)
+
+            # Execute: one more connection while it trains
             refused = socket.create_connection((host, int(port)), timeout=REQUEST_TIMEOUT)
             with refused:
                 try:
                     closed = refused.recv(1) == b""
                 except ConnectionResetError:
                     closed = True
+            busy.recv(1)  # the training answer: the connection is free again
         finally:
             busy.close()
         attempts = 0
@@ -196,5 +208,6 @@ def test_a_node_without_a_free_connection_counts_a_busy_request(tmp_path: Path) 
                 time.sleep(0.1)
         values = metric_values(answer.text)
 
+    # Assert
     assert closed
     assert values[("fedtrain_node_requests_total", (("outcome", "busy"),))] == attempts

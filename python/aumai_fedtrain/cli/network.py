@@ -117,6 +117,12 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     help="How much the node logs.",
 )
 @click.option(
+    "--allow-unsigned-requests",
+    is_flag=True,
+    help="Also train on requests not signed with the key (the user guide's Pattern 3): "
+    "whoever may send requests can then make the node train and reset its state.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(("text", "json")),
     default="text",
@@ -148,6 +154,7 @@ def node_command(
     ssl_keyfile: Path | None,
     max_body_mb: int,
     log_level: str,
+    allow_unsigned_requests: bool,
     log_format: str,
     metrics_token_file: Path | None,
     max_connections: int,
@@ -190,6 +197,12 @@ def node_command(
     node_logging(log_format, log_level)
     if token is None:
         logger.warning("no --token-file: anyone who reaches this node may ask it to train")
+    if allow_unsigned_requests:
+        logger.warning(
+            "--allow-unsigned-requests: requests need no signature by the key, so %s can make "
+            "this node train and reset its state",
+            "anyone who reaches it" if token is None else "any holder of the token",
+        )
     settings = server.NodeSettings(
         node_id=node_id,
         key=key,
@@ -199,6 +212,7 @@ def node_command(
         max_body_bytes=max_body_mb * _MIB,
         trainer_name=trainer_name,
         metrics_token=metrics_token,
+        allow_unsigned_requests=allow_unsigned_requests,
     )
     app = server.create_app(settings)  # makes the trainer: a failing factory stops us here
     scheme = "https" if ssl_certfile is not None else "http"
@@ -241,7 +255,8 @@ _RUN_OPTIONS: list[tuple[str, click.ParamType[Any], str]] = [
     (
         "--timeout",
         click.FloatRange(min=0, min_open=True),
-        "Deadline of a round in seconds, retries and transfers included (default 120).",
+        "Deadline of a round in seconds, retries and transfers included (default 120, at most "
+        "86400).",
     ),
     (
         "--memory-budget-mb",

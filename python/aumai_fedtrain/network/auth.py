@@ -18,11 +18,19 @@ printable ASCII, since it travels in an HTTP header. A warning (once per file) n
 file that group or others may read, and a secret of less than :data:`MIN_SECRET_BYTES` bytes of
 entropy (hex text counts half a byte per character).
 
-A request for a round below the last one a node trained would reset its inner state; the node
-does that only with a reset proof (``X-Fedtrain-Reset``): ``HMAC-SHA256(key, message)`` where
-``message`` is the UTF-8 of
-``json.dumps({"v": 1, "reset": true, "round_id": ..., "nonce": ...}, sort_keys=True,
-separators=(",", ":"))``, so only the holder of the node's key (its coordinator) can restart it.
+A node trains only on a request signed with its key (unless it runs with
+``--allow-unsigned-requests``): before each ``POST /train`` the coordinator fetches a one-time
+nonce from the node (``GET /nonce``) and sends ``HMAC-SHA256(key, message)`` in
+``X-Fedtrain-Request-Signature``, where ``message`` is the UTF-8 of::
+
+    json.dumps({"v": 1, "kind": "train-request", "node_id": ..., "round_id": ...,
+                "node_nonce": ..., "nonce": ..., "body_sha256": ...}, sort_keys=True,
+               separators=(",", ":"))
+
+``node_nonce`` is the node's nonce (``X-Fedtrain-Node-Nonce``, used once), ``nonce`` the
+coordinator's (``X-Fedtrain-Nonce``), ``round_id`` the request's round (``X-Fedtrain-Round``)
+and ``body_sha256`` the hex SHA-256 of the request body as sent. So neither a holder of the
+token alone nor a replay of a captured request can make a node train or change its state.
 """
 
 from __future__ import annotations
@@ -45,19 +53,21 @@ __all__ = [
     "MAX_NONCE_CHARS",
     "MIN_SECRET_BYTES",
     "MIN_SECRET_CHARS",
+    "NODE_NONCE_HEADER",
     "NONCE_HEADER",
-    "RESET_HEADER",
+    "REQUEST_SIGNATURE_HEADER",
+    "ROUND_HEADER",
     "SIGNATURE_HEADER",
     "SecretError",
     "check_nonce",
     "check_token",
     "load_secret",
     "new_nonce",
-    "reset_proof",
     "secret_from_text",
+    "sign_request",
     "sign_update",
     "tokens_equal",
-    "verify_reset_proof",
+    "verify_request",
     "verify_update",
     "warn_if_readable",
 ]
@@ -69,7 +79,9 @@ MIN_SECRET_BYTES = 32
 """Below this estimated entropy a secret is accepted with a warning."""
 SIGNATURE_HEADER = "X-Fedtrain-Signature"
 NONCE_HEADER = "X-Fedtrain-Nonce"
-RESET_HEADER = "X-Fedtrain-Reset"
+NODE_NONCE_HEADER = "X-Fedtrain-Node-Nonce"
+ROUND_HEADER = "X-Fedtrain-Round"
+REQUEST_SIGNATURE_HEADER = "X-Fedtrain-Request-Signature"
 MAX_NONCE_CHARS = 128
 _MESSAGE_VERSION = 1
 _HEX_DIGITS = frozenset(string.hexdigits)
@@ -158,20 +170,6 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-def reset_proof(key: bytes, round_id: int, nonce: str) -> str:
-    """The hex proof, by ``key``, that a request for ``round_id`` may reset the node."""
-    fields = {"v": _MESSAGE_VERSION, "reset": True, "round_id": round_id, "nonce": nonce}
-    message = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
-
-
-def verify_reset_proof(key: bytes, round_id: int, nonce: str, proof: str) -> bool:
-    """Whether ``proof`` is :func:`reset_proof` of ``round_id`` and a non-empty ``nonce``."""
-    expected = reset_proof(key, round_id, nonce).encode("ascii")
-    given = proof.strip().lower().encode("utf-8", "replace")
-    return bool(nonce) and hmac.compare_digest(expected, given)
-
-
 def check_nonce(nonce: str) -> str:
     """Return ``nonce`` when it is at most :data:`MAX_NONCE_CHARS` hex digits, else raise."""
     if len(nonce) > MAX_NONCE_CHARS or any(c not in "0123456789abcdef" for c in nonce):
@@ -217,3 +215,45 @@ def verify_update(
 def tokens_equal(given: str, expected: bytes) -> bool:
     """Constant-time comparison of a presented token with the expected one."""
     return hmac.compare_digest(given.encode("utf-8"), expected)
+
+
+def _request_message(
+    node_id: str, round_id: int, node_nonce: str, nonce: str, body_sha256: str
+) -> bytes:
+    fields = {
+        "v": _MESSAGE_VERSION,
+        "kind": "train-request",
+        "node_id": node_id,
+        "round_id": round_id,
+        "node_nonce": node_nonce,
+        "nonce": nonce,
+        "body_sha256": body_sha256,
+    }
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def sign_request(
+    key: bytes, node_id: str, round_id: int, node_nonce: str, nonce: str, body_sha256: str
+) -> str:
+    """The hex HMAC-SHA256, by ``key``, of a ``POST /train`` request to ``node_id``.
+
+    ``node_nonce`` is the node's one-time nonce (from ``GET /nonce``), ``nonce`` the
+    coordinator's and ``body_sha256`` the hex SHA-256 of the body as sent (see the module doc).
+    """
+    message = _request_message(node_id, round_id, node_nonce, nonce, body_sha256)
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def verify_request(
+    key: bytes,
+    node_id: str,
+    round_id: int,
+    node_nonce: str,
+    nonce: str,
+    body_sha256: str,
+    signature: str,
+) -> bool:
+    """Whether ``signature`` is :func:`sign_request` of the request (constant-time)."""
+    expected = sign_request(key, node_id, round_id, node_nonce, nonce, body_sha256)
+    given = signature.strip().lower().encode("utf-8", "replace")
+    return hmac.compare_digest(expected.encode("ascii"), given)

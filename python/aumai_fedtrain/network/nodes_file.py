@@ -10,12 +10,16 @@
     ]
 
 ``address`` is ``host:port`` (the scheme is chosen by the coordinator: https when it has a CA
-file, else http) or a base URL with scheme and optional path. Each node has exactly one of
+file, else http) or a base URL with the scheme ``http`` or ``https`` and an optional path; a
+port is from 1 to 65535. Each node has exactly one of
 ``key`` (the shared secret itself) or ``key_file`` (a file holding it, relative to the nodes
 file's folder), and at most one of ``token`` or ``token_file``: the bearer token the
 coordinator sends to this node only (without one it sends its ``--token-file``), so that one
 leaked token does not open every node. ``max_samples`` is the most samples the node may claim
 in a round (default ``local_steps * batch_size``); ``capabilities`` is optional metadata.
+
+The file is strict, like config files: ``"max_samples": "320"`` is an error, not a coercion,
+and so is an unknown key or an address that no node can have.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
 from aumai_fedtrain.inputs import describe_validation_error, read_text_file
 from aumai_fedtrain.models import FederatedNode
@@ -35,17 +40,45 @@ from aumai_fedtrain.network.auth import (
     warn_if_readable,
 )
 
-__all__ = ["NodeEntry", "NodesFile", "NodesFileError", "load_nodes_file", "read_nodes_file"]
+__all__ = [
+    "NodeEntry",
+    "NodesFile",
+    "NodesFileError",
+    "check_address",
+    "load_nodes_file",
+    "read_nodes_file",
+]
+
+_SCHEMES = ("http", "https")
 
 
 class NodesFileError(ValueError):
     """A nodes file that cannot be used; the message names the file and the entry."""
 
 
-class NodeEntry(BaseModel):
-    """One node of a nodes file."""
+def check_address(address: str) -> str:
+    """Return a node's ``address`` (``host:port`` or an http/https base URL), else raise
+    ``ValueError`` saying what is wrong with it."""
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    if "://" in address and parts.scheme.lower() not in _SCHEMES:
+        raise ValueError(
+            f"{address!r} has the scheme {parts.scheme!r}; use http://, https:// or host:port"
+        )
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or beyond 65535
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"{address!r} has no valid port (1 to 65535)")
+    if not parts.hostname:
+        raise ValueError(f"{address!r} names no host")
+    return address
 
-    model_config = ConfigDict(extra="forbid")
+
+class NodeEntry(BaseModel):
+    """One node of a nodes file (strict: no coercion of strings to numbers)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     node_id: Annotated[str, Field(min_length=1)]
     address: Annotated[str, Field(min_length=1)]
@@ -56,8 +89,13 @@ class NodeEntry(BaseModel):
     max_samples: Annotated[int, Field(ge=0)] | None = None
     capabilities: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("address")
+    @classmethod
+    def _valid_address(cls, address: str) -> str:
+        return check_address(address)
 
-class _NodesFile(RootModel[list[NodeEntry]]):
+
+class _NodesFile(RootModel[list[dict[str, Any]]]):
     pass
 
 
@@ -80,9 +118,16 @@ def read_nodes_file(path: str | Path) -> NodesFile:
     where = f"nodes file {str(path)!r}"
     text = read_text_file(path, "nodes", NodesFileError)
     try:
-        entries = _NodesFile.model_validate_json(text).root
+        raw = _NodesFile.model_validate_json(text).root
     except ValidationError as exc:
         raise NodesFileError(f"invalid {where}: {describe_validation_error(exc)}") from None
+    entries: list[NodeEntry] = []
+    for index, item in enumerate(raw):
+        try:
+            entries.append(NodeEntry.model_validate(item))
+        except ValidationError as exc:
+            detail = describe_validation_error(exc)
+            raise NodesFileError(f"invalid {where}: entry {index}: {detail}") from None
     if not entries:
         raise NodesFileError(f"invalid {where}: it lists no node")
     if any(entry.key is not None or entry.token is not None for entry in entries):

@@ -2,7 +2,9 @@
 
 Every round, the nodes are asked in parallel to train from the global parameters, within ONE
 deadline for the whole round (connecting, TLS, retries and their back-off, transfer and
-decoding). Each answer is checked before it can count: it must come within the deadline and
+decoding). Each request is signed with the node's key over a one-time nonce that the node
+handed out just before (``GET /nonce``), so that only this coordinator can make it train.
+Each answer is checked before it can count: it must come within the deadline and
 the size an update of the model can have, be a valid update of the asked node for the asked
 round, match the model's tensors (refused from a safetensors header before anything is
 decoded) and carry a valid HMAC signature by that node's key over the request's one-time
@@ -23,6 +25,7 @@ each asked node's answer time, from its first request to its last answer, retrie
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import socket
@@ -41,15 +44,18 @@ from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.coordinator import QuorumError
 from aumai_fedtrain.models import FederatedNode, GlobalState, LocalUpdate, TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
+    NODE_NONCE_HEADER,
     NONCE_HEADER,
-    RESET_HEADER,
+    REQUEST_SIGNATURE_HEADER,
+    ROUND_HEADER,
     SIGNATURE_HEADER,
     SecretError,
     check_token,
     new_nonce,
-    reset_proof,
+    sign_request,
     verify_update,
 )
+from aumai_fedtrain.network.nodes_file import check_address
 from aumai_fedtrain.network.wire import (
     DEFAULT_MAX_BODY_BYTES,
     JSON,
@@ -59,6 +65,7 @@ from aumai_fedtrain.network.wire import (
     TrainRequest,
     WireError,
     count_values,
+    decode_nonce,
     decode_update,
     encode_request,
     expected_tensors,
@@ -73,6 +80,7 @@ from aumai_fedtrain.verification import HashVerifier
 __all__ = [
     "MAX_BACKOFF_SECONDS",
     "MAX_PROBE_GAP_ROUNDS",
+    "MAX_TIMEOUT_SECONDS",
     "MIN_MEMORY_BUDGET",
     "HttpUpdateProvider",
     "QuorumError",
@@ -84,10 +92,14 @@ MAX_BACKOFF_SECONDS = 30.0
 """Longest wait before a retry, however many retries came before."""
 MAX_PROBE_GAP_ROUNDS = 32
 """Most rounds a benched node sits out between two probes."""
+MAX_TIMEOUT_SECONDS = 86_400.0
+"""Longest deadline of a round (one day)."""
 MIN_MEMORY_BUDGET = 1024**3
 """Smallest default memory budget of a round (see ``memory_budget``)."""
 _RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _DETAIL_CHARS = 300
+_NONCE_ANSWER_BYTES = 1024
+_HEADERS_TOO_LARGE = "Receive buffer too long"  # (h11's words for an overlong answer head)
 _PROBE_SECONDS = 5.0
 # Every attempt opens its own connection (so that the deadline can find it); concurrency is
 # bounded by max_workers.
@@ -128,16 +140,17 @@ class HttpUpdateProvider(UpdateProvider):
     min_nodes
         Quorum: fewer valid updates in a round raise :class:`QuorumError`.
     timeout
-        The round's deadline in seconds: connecting, TLS handshakes, training, retries and
-        their back-off, and the transfer of every answer must fit in it. A round takes at most
-        this plus the decoding and checking of the answers already in.
+        The round's deadline in seconds (at most :data:`MAX_TIMEOUT_SECONDS`): connecting, TLS
+        handshakes, training, retries and their back-off, and the transfer of every answer
+        must fit in it. A round takes at most this plus the decoding and checking of the
+        answers already in.
     retries
         How many times a node is asked again after a connection failure or a 429/502/503/504
         answer, waiting ``backoff * 2**attempt`` seconds (at most :data:`MAX_BACKOFF_SECONDS`)
         before each retry, as long as the wait ends before the deadline. A node that answers
         too late is a straggler and is not asked again in the round.
     backoff
-        First retry delay in seconds.
+        First retry delay in seconds (at most :data:`MAX_BACKOFF_SECONDS`).
     wire
         ``"binary"`` (safetensors bodies) or ``"json"`` (the user guide's JSON).
     max_response_bytes
@@ -184,12 +197,17 @@ class HttpUpdateProvider(UpdateProvider):
         max_workers: int = 32,
         on_node_done: NodeProgress | None = None,
     ) -> None:
-        finite = math.isfinite(timeout) and math.isfinite(backoff)
-        if not finite or min_nodes < 1 or timeout <= 0 or retries < 0 or backoff < 0:
+        if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_SECONDS):
             raise ValueError(
-                "need min_nodes >= 1, a finite timeout > 0, retries >= 0 and a finite "
-                f"backoff >= 0 (got {min_nodes}, {timeout}, {retries}, {backoff})"
+                f"need a finite timeout > 0 of at most {MAX_TIMEOUT_SECONDS:g} s (one day), "
+                f"got {timeout:g}"
             )
+        if not (math.isfinite(backoff) and 0 <= backoff <= MAX_BACKOFF_SECONDS):
+            raise ValueError(
+                f"need a finite backoff >= 0 of at most {MAX_BACKOFF_SECONDS:g} s, got {backoff:g}"
+            )
+        if min_nodes < 1 or retries < 0:
+            raise ValueError(f"need min_nodes >= 1 and retries >= 0 (got {min_nodes}, {retries})")
         if max_workers < 1 or max_response_bytes < 1 or bench_after < 1:
             raise ValueError(
                 "need max_workers >= 1, max_response_bytes >= 1 and bench_after >= 1 "
@@ -220,8 +238,6 @@ class HttpUpdateProvider(UpdateProvider):
         """Round -> node id -> why that node's update did not count."""
         self._bench = _Bench(bench_after)
         self._stats: dict[int, RoundStats] = {}
-        self._answered: set[str] = set()
-        """Nodes that sent a valid update since this provider was made (no reset proof)."""
         # Made once: building a TLS context (for every client of every round) costs ~30 ms.
         self._tls = httpx.create_ssl_context()
         self._has_ca_file = ca_file is not None
@@ -276,7 +292,8 @@ class HttpUpdateProvider(UpdateProvider):
         asked, sitting_out = self._bench.split(round_id, nodes)
         if len(asked) < self.min_nodes:  # the quorum needs the benched nodes: probe them all
             asked, sitting_out = nodes, {}
-        round_ = _Round(round_id, body, expected, deadline, budget, _Progress(len(asked)))
+        digest = hashlib.sha256(body).hexdigest()
+        round_ = _Round(round_id, body, digest, expected, deadline, budget, _Progress(len(asked)))
         with (
             deadline,
             httpx.Client(verify=self._tls, limits=_LIMITS) as client,
@@ -297,7 +314,6 @@ class HttpUpdateProvider(UpdateProvider):
             )
         }
         updates = [outcome for outcome in outcomes if isinstance(outcome, LocalUpdate)]
-        self._answered.update(update.node_id for update in updates)
         failed = {
             node.node_id: outcome
             for node, outcome in zip(asked, outcomes, strict=True)
@@ -336,27 +352,43 @@ class HttpUpdateProvider(UpdateProvider):
                 raise ValueError(f"no key for node {node.node_id!r}")
             if not node.address:
                 raise ValueError(f"node {node.node_id!r} has no address")
+            try:
+                check_address(node.address)
+            except ValueError as exc:
+                raise ValueError(f"node {node.node_id!r} has an invalid address: {exc}") from None
         if self.min_nodes > len(nodes):
             raise ValueError(f"min_nodes={self.min_nodes} but the run has {len(nodes)} nodes")
 
-    def _url(self, address: str) -> str:
+    def _base_url(self, address: str) -> str:
         scheme = "https" if self._has_ca_file else "http"
         base = address if "://" in address else f"{scheme}://{address}"
-        return f"{base.rstrip('/')}/train"
+        return base.rstrip("/")
 
-    def _headers(self, node: FederatedNode, round_id: int, nonce: str) -> dict[str, str]:
-        headers = {
+    def _authorization(self, node: FederatedNode) -> dict[str, str]:
+        token = self.tokens.get(node.node_id, self.token)
+        return {"authorization": f"Bearer {token}"} if token is not None else {}
+
+    def _headers(
+        self, node: FederatedNode, round_: _Round, nonce: str, node_nonce: str
+    ) -> dict[str, str]:
+        signature = sign_request(
+            self.keys[node.node_id],
+            node.node_id,
+            round_.round_id,
+            node_nonce,
+            nonce,
+            round_.body_sha256,
+        )
+        return {
             "content-type": self.wire_format,
             "accept": self.wire_format,
             "accept-encoding": "identity",
             NONCE_HEADER: nonce,
+            NODE_NONCE_HEADER: node_nonce,
+            ROUND_HEADER: str(round_.round_id),
+            REQUEST_SIGNATURE_HEADER: signature,
+            **self._authorization(node),
         }
-        token = self.tokens.get(node.node_id, self.token)
-        if token is not None:
-            headers["authorization"] = f"Bearer {token}"
-        if node.node_id not in self._answered:  # a coordinator that starts or resumes
-            headers[RESET_HEADER] = reset_proof(self.keys[node.node_id], round_id, nonce)
-        return headers
 
     def _ask(
         self, client: httpx.Client, node: FederatedNode, round_: _Round
@@ -418,20 +450,32 @@ class HttpUpdateProvider(UpdateProvider):
         nonce: str,
         traffic: _Traffic,
     ) -> LocalUpdate:
-        """One request: the node's valid update, or :class:`_Dropped` saying why not."""
-        url = self._url(node.address)
+        """One request (a nonce from the node, then the signed ``POST /train``): the node's
+        valid update, or :class:`_Dropped` saying why not."""
+        base = self._base_url(node.address)
+        url = f"{base}/train"
         deadline = round_.deadline
         too_late = _Dropped(f"no answer within {self.timeout:g} s")
-        remaining = deadline.remaining()
-        if remaining <= 0:
+        if deadline.remaining() <= 0:
             raise too_late
         with deadline.attempt() as attempt:
             try:
                 with client.stream(
+                    "GET",
+                    f"{base}/nonce",
+                    headers=self._authorization(node),
+                    timeout=deadline.remaining(),
+                    extensions={"trace": attempt.trace},
+                ) as response:
+                    node_nonce = self._node_nonce(response, node)
+                remaining = deadline.remaining()
+                if remaining <= 0:
+                    raise too_late
+                with client.stream(
                     "POST",
                     url,
                     content=round_.body,
-                    headers=self._headers(node, round_.round_id, nonce),
+                    headers=self._headers(node, round_, nonce, node_nonce),
                     timeout=remaining,
                     extensions={"trace": attempt.trace},
                 ) as response:
@@ -445,6 +489,42 @@ class HttpUpdateProvider(UpdateProvider):
                 if attempt.body_sent:
                     traffic.sent += len(round_.body)
 
+    def _node_nonce(self, response: httpx.Response, node: FederatedNode) -> str:
+        """The one-time nonce in the node's answer to ``GET /nonce``."""
+        if response.status_code in (httpx.codes.NOT_FOUND, httpx.codes.METHOD_NOT_ALLOWED):
+            raise _Dropped(
+                f"the node hands out no nonce (GET /nonce: HTTP {response.status_code}): it runs "
+                "an older version than this coordinator; upgrade it"
+            )
+        self._check_status(response, node)
+        try:
+            return decode_nonce(_read_limited(response, _NONCE_ANSWER_BYTES, None))
+        except WireError as exc:
+            raise _Dropped(f"malformed answer to GET /nonce: {exc}") from None
+
+    def _check_status(
+        self, response: httpx.Response, node: FederatedNode, traffic: _Traffic | None = None
+    ) -> None:
+        """Raise :class:`_Dropped` with the node's reason unless it answered 200 (the bytes of
+        a ``POST /train`` answer read count in ``traffic``)."""
+        if response.status_code == httpx.codes.OK:
+            return
+        if response.status_code == httpx.codes.UNAUTHORIZED and not self._authorization(node):
+            raise _Dropped(
+                f"node {node.node_id} requires a token: give it a token_file in the nodes file "
+                "or --token-file"
+            )
+        detail = _read_some(response, _DETAIL_CHARS, traffic).decode("utf-8", "replace")
+        if response.status_code == httpx.codes.UNAUTHORIZED and "bad request signature" in detail:
+            raise _Dropped(
+                f"bad request signature: {node.node_id} does not hold the key this coordinator "
+                f"has for it: check both key files (HTTP 401: {detail})"
+            )
+        raise _Dropped(
+            f"HTTP {response.status_code}: {detail}",
+            retry=response.status_code in _RETRY_STATUSES,
+        )
+
     def _receive(
         self,
         response: httpx.Response,
@@ -454,12 +534,7 @@ class HttpUpdateProvider(UpdateProvider):
         traffic: _Traffic,
     ) -> LocalUpdate:
         """Read, decode and check an answer within its share of the memory budget."""
-        if response.status_code != httpx.codes.OK:
-            detail = _read_some(response, _DETAIL_CHARS, traffic).decode("utf-8", "replace")
-            raise _Dropped(
-                f"HTTP {response.status_code}: {detail}",
-                retry=response.status_code in _RETRY_STATUSES,
-            )
+        self._check_status(response, node, traffic)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             # Decompressing would let a small answer grow past the limit in memory.
@@ -502,6 +577,8 @@ class HttpUpdateProvider(UpdateProvider):
         self, url: str, error: httpx.TransportError, deadline: _RoundDeadline
     ) -> _Dropped:
         """Why the node at ``url`` could not be asked, saying so when TLS is on one side only."""
+        if isinstance(error, httpx.RemoteProtocolError) and _HEADERS_TOO_LARGE in str(error):
+            return _Dropped(f"answer headers too large (from {url})")  # not worth a retry
         address = httpx.URL(url)
         tls_failure = _tls_failure(error)
         plain_to_tls = address.scheme == "http" and isinstance(
@@ -578,6 +655,7 @@ class _Round:
 
     round_id: int
     body: bytes
+    body_sha256: str
     expected: Expected | None
     deadline: _RoundDeadline
     budget: _MemoryBudget
@@ -798,26 +876,30 @@ def _header_token(token: bytes, what: str) -> str:
         raise ValueError(f"{what} must be printable ASCII (it is sent in an HTTP header)") from exc
 
 
-def _read_some(response: httpx.Response, limit: int, traffic: _Traffic) -> bytes:
-    """At most about ``limit`` bytes of the answer's body (an error's detail)."""
+def _read_some(response: httpx.Response, limit: int, traffic: _Traffic | None) -> bytes:
+    """At most about ``limit`` bytes of the answer's body (an error's detail), counted in
+    ``traffic`` when given."""
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_raw():
         chunks.append(chunk)
         size += len(chunk)
-        traffic.received += len(chunk)
+        if traffic is not None:
+            traffic.received += len(chunk)
         if size >= limit:
             break
     return b"".join(chunks)[:limit]
 
 
-def _read_limited(response: httpx.Response, limit: int, traffic: _Traffic) -> bytes:
-    """The answer's body as sent, refused as soon as it exceeds ``limit`` bytes."""
+def _read_limited(response: httpx.Response, limit: int, traffic: _Traffic | None) -> bytes:
+    """The answer's body as sent, refused as soon as it exceeds ``limit`` bytes (counted in
+    ``traffic`` when given: the nonce answers are not)."""
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_raw():
         size += len(chunk)
-        traffic.received += len(chunk)
+        if traffic is not None:
+            traffic.received += len(chunk)
         if size > limit:
             raise _Dropped(f"answer exceeds the limit of {limit} bytes")
         chunks.append(chunk)

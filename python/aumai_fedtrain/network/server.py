@@ -3,28 +3,35 @@
 ``POST /train`` takes a :class:`~aumai_fedtrain.network.wire.TrainRequest` (JSON or
 safetensors, by ``Content-Type``), runs the node's trainer from the global weights, and answers
 the :class:`LocalUpdate` (JSON, or safetensors when ``Accept`` names it) with its HMAC
-signature in the ``X-Fedtrain-Signature`` header. ``GET /health`` tells that the node is up.
-``GET /metrics`` answers the node's counters in the Prometheus text format (requests by
-outcome, training time, bytes in and out: :class:`~aumai_fedtrain.observability.prometheus.
-NodeMetrics`), behind the metrics token when the node has one, else behind its token.
+signature in the ``X-Fedtrain-Signature`` header. ``GET /nonce`` hands out the one-time nonce
+that a ``POST /train`` must be signed with (see :mod:`~aumai_fedtrain.network.auth`); ``GET
+/health`` tells that the node is up. ``GET /metrics`` answers the node's counters in the
+Prometheus text format (requests by outcome, training time, bytes in and out:
+:class:`~aumai_fedtrain.observability.prometheus.NodeMetrics`), behind the metrics token when
+the node has one, else behind its token.
 
-Answers: 401 without a bearer token and 403 with a wrong one (when the node has a token), 413
-for a body over the size limit, 415 for another content type, 400 for a malformed body, 422 for
-weights the trainer cannot use, 500 when the trainer fails. Training runs in a worker thread,
-one round at a time, so the node keeps answering while it trains.
+Answers: 401 without a bearer token and 403 with a wrong one (when the node has a token), 401
+for a request that is not signed with the node's key (unless the node allows unsigned
+requests), 413 for a body over the size limit, 415 for another content type, 400 for a
+malformed body, 422 for weights the trainer cannot use, 500 when the trainer fails. Training
+runs in a worker thread, one round at a time, so the node keeps answering while it trains.
 
-The server survives idle and half-open connections: a connection (or TLS handshake) that has
-not sent a complete request head within ``header_timeout`` seconds is closed; beyond
-``max_connections`` a new connection takes the place of the oldest one still waiting for its
-head, or is closed at once when none is; the soft limit of open files is raised to the hard
-one; and a log line repeated within :data:`REPEAT_WINDOW_SECONDS` is shown once, with a count.
+The server survives idle, half-open and stalled connections: a connection (or TLS handshake)
+that has not sent a complete request head within ``header_timeout`` seconds is closed, and so
+is one whose request body stops coming for ``body_timeout`` seconds; beyond
+``max_connections`` a new connection takes the place of the one that has kept the node waiting
+longest (for a head or a body), or is closed at once when every connection carries a complete
+request; the soft limit of open files is raised to the hard one; and a log line repeated within
+:data:`REPEAT_WINDOW_SECONDS` is shown once, with a count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
+import re
 import socket
 import sys
 import threading
@@ -33,27 +40,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import h11
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from aumai_fedtrain.models import TensorMap, TrainingConfig
+from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
+    NODE_NONCE_HEADER,
     NONCE_HEADER,
-    RESET_HEADER,
+    REQUEST_SIGNATURE_HEADER,
+    ROUND_HEADER,
     SIGNATURE_HEADER,
     check_nonce,
+    new_nonce,
     sign_update,
     tokens_equal,
-    verify_reset_proof,
+    verify_request,
 )
 from aumai_fedtrain.network.wire import (
     DEFAULT_MAX_BODY_BYTES,
+    NonceAnswer,
     TrainRequest,
     WireError,
     body_media_type,
@@ -66,8 +78,11 @@ from aumai_fedtrain.trainer import NodeTrainer, TrainerFactory, TrainerResultErr
 from aumai_fedtrain.verification import HashVerifier
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
     "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
+    "MAX_OUTSTANDING_NONCES",
+    "NONCE_LIFETIME_SECONDS",
     "REPEAT_WINDOW_SECONDS",
     "NodeSettings",
     "create_app",
@@ -79,6 +94,8 @@ logger = logging.getLogger("aumai_fedtrain.network")
 
 DEFAULT_HEADER_TIMEOUT = 5.0
 """Seconds a connection may take to send a complete request head (or finish its TLS handshake)."""
+DEFAULT_BODY_TIMEOUT = 5.0
+"""Seconds a request body may stall (no byte received) before its connection is closed."""
 DEFAULT_MAX_CONNECTIONS = 128
 """Most connections served at once."""
 REPEAT_WINDOW_SECONDS = 10.0
@@ -86,7 +103,11 @@ REPEAT_WINDOW_SECONDS = 10.0
 _SPARE_FILES = 64  # files a node needs besides its connections
 _LOGGERS = ("", "asyncio", "uvicorn", "uvicorn.error", "uvicorn.access")
 _MAX_REMEMBERED_LINES = 1024
-_MAX_RESET_NONCES = 4096
+NONCE_LIFETIME_SECONDS = 60.0
+"""How long a nonce from ``GET /nonce`` stays valid, by the node's own clock."""
+MAX_OUTSTANDING_NONCES = 4096
+"""Most nonces handed out and not used yet; beyond, the oldest is forgotten."""
+_ROUND_DIGITS = re.compile(r"[0-9]{1,30}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,10 @@ class NodeSettings:
         Largest request body accepted (413 above).
     trainer_name
         How ``GET /health`` and the logs name the trainer.
+    allow_unsigned_requests
+        Also train on requests that carry no signature by ``key`` (the user guide's Pattern 3):
+        anyone with the token (or anyone at all, without one) can then make the node train
+        and reset its state. Signed requests are checked all the same.
     metrics_token
         The bearer token ``GET /metrics`` needs; None: the same as ``token``.
     """
@@ -121,17 +146,52 @@ class NodeSettings:
     token: bytes | None = field(default=None, repr=False)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     trainer_name: str = "custom"
+    allow_unsigned_requests: bool = False
     metrics_token: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class _Signature:
+    """What a signed request says in its headers (checked against its body later)."""
+
+    round_id: int
+    node_nonce: str
+    signature: str
+
+
+class _Nonces:
+    """One-time nonces handed out by ``GET /nonce``: each is accepted once, within
+    :data:`NONCE_LIFETIME_SECONDS` of the node's monotonic clock (no clock is shared with the
+    coordinator); beyond :data:`MAX_OUTSTANDING_NONCES` the oldest is forgotten."""
+
+    def __init__(self) -> None:
+        self._issued: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def issue(self) -> str:
+        nonce = new_nonce()
+        with self._lock:
+            if len(self._issued) >= MAX_OUTSTANDING_NONCES:
+                del self._issued[next(iter(self._issued))]
+            self._issued[nonce] = time.monotonic()
+        return nonce
+
+    def use(self, nonce: str) -> bool:
+        """Whether ``nonce`` was handed out, is fresh and unused; it is used up either way."""
+        with self._lock:
+            issued = self._issued.pop(nonce, None)
+        return issued is not None and time.monotonic() - issued <= NONCE_LIFETIME_SECONDS
 
 
 class _Node:
     """State and endpoints of one node.
 
-    The trainer keeps its state across rounds. Before each round the node keeps a copy of that
-    state, so a round asked again (a coordinator's retry) is redone from the same state; a
-    round earlier than the last one trained (a new run) starts from a fresh trainer, but only
-    when the request carries a reset proof by the node's key (see
-    :func:`~aumai_fedtrain.network.auth.reset_proof`), used once: otherwise it gets a 409.
+    The trainer keeps its state across rounds, and the node keeps a copy of the state before
+    the last round it trained. A request for that round again (a coordinator's retry) is redone
+    from that copy; an earlier round (a new run) starts from a fresh trainer; a later one goes
+    on from the current state. A round whose training fails (an exception or an invalid
+    result) leaves the trainer as it was before the request. Only requests signed with the
+    node's key get that far (see :meth:`_check_signature`).
     """
 
     def __init__(self, settings: NodeSettings, metrics: NodeMetrics) -> None:
@@ -140,10 +200,10 @@ class _Node:
         self.rounds_trained = 0
         self._lock = threading.Lock()
         self._verifier = HashVerifier()
+        self._nonces = _Nonces()
         self._trainer = self._new_trainer()
         self._last_round: int | None = None
         self._state_before_last_round: TensorMap = {}
-        self._used_reset_nonces: set[str] = set()
 
     def _new_trainer(self) -> NodeTrainer:
         try:
@@ -154,34 +214,6 @@ class _Node:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
-    def _prepare_round(self, round_id: int) -> None:
-        """Bring the trainer's state to where ``round_id`` starts (called under the lock)."""
-        if round_id == self._last_round:
-            self._trainer.load_state_dict(self._state_before_last_round)
-            return
-        if self._last_round is not None and round_id < self._last_round:
-            self._trainer = self._new_trainer()
-        self._state_before_last_round = {
-            key: np.array(value, copy=True) for key, value in self._trainer.state_dict().items()
-        }
-        self._last_round = round_id
-
-    def _check_reset(self, round_id: int, nonce: str, proof: str | None) -> None:
-        """Allow a new run from ``round_id`` only with a fresh proof by the node's key (409)."""
-        valid = proof is not None and verify_reset_proof(self.settings.key, round_id, nonce, proof)
-        if not valid or nonce in self._used_reset_nonces:
-            raise WireError(
-                f"round {round_id} is before the last round this node trained "
-                f"({self._last_round}); only the coordinator holding this node's key can start "
-                f"a new run (its first request carries a fresh {RESET_HEADER}): restart or "
-                "resume the run from that coordinator",
-                409,
-            )
-        if len(self._used_reset_nonces) >= _MAX_RESET_NONCES:
-            self._used_reset_nonces.clear()
-        self._used_reset_nonces.add(nonce)
-        logger.warning("round %d: a new run from the coordinator: fresh trainer state", round_id)
-
     async def health(self, request: Request) -> Response:
         return JSONResponse(
             {
@@ -191,6 +223,12 @@ class _Node:
                 "rounds_trained": self.rounds_trained,
             }
         )
+
+    async def nonce(self, request: Request) -> Response:
+        denied = _authorize(request.headers.get("authorization"), self.settings.token)
+        if denied is not None:
+            return denied
+        return JSONResponse(NonceAnswer(nonce=self._nonces.issue()).model_dump())
 
     async def metrics_endpoint(self, request: Request) -> Response:
         expected = self.settings.metrics_token or self.settings.token
@@ -203,6 +241,7 @@ class _Node:
     async def train(self, request: Request) -> Response:
         response = await self._answer(request)
         self.metrics.request(_OUTCOMES.get(response.status_code, "failed"))
+        self.metrics.sent_bytes.inc(len(response.body))  # answers of every outcome
         return response
 
     async def _answer(self, request: Request) -> Response:
@@ -215,42 +254,86 @@ class _Node:
                 nonce = check_nonce(request.headers.get(NONCE_HEADER, ""))
             except ValueError as exc:
                 raise WireError(str(exc)) from None
+            signed = self._signature(request)
             body = await _read_body(request, self.settings.max_body_bytes, self.metrics)
-            train_request = await run_in_threadpool(decode_request, body, content_type)
+            train_request = await run_in_threadpool(self._decode, body, content_type, nonce, signed)
             fmt = response_media_type(request.headers.get("accept"))
-            proof = request.headers.get(RESET_HEADER)
-            content, signature = await run_in_threadpool(
-                self._train, train_request, nonce, fmt, proof
-            )
+            content, signature = await run_in_threadpool(self._train, train_request, nonce, fmt)
         except WireError as exc:
             return _problem(str(exc), exc.status)
-        self.metrics.sent_bytes.inc(len(content))
+        except ClientDisconnect:  # (cut off by the body timeout, or gone): no one to answer
+            return _problem("the client went away before its request was complete", 400)
         return Response(content, media_type=fmt, headers={SIGNATURE_HEADER: signature})
 
-    def _train(
-        self, request: TrainRequest, nonce: str, fmt: str, proof: str | None
-    ) -> tuple[bytes, str]:
+    def _signature(self, request: Request) -> _Signature | None:
+        """The request's signature headers, its node nonce used up; 401 saying what is missing.
+
+        None for an unsigned request that the node allows.
+        """
+        headers = request.headers
+        signature = headers.get(REQUEST_SIGNATURE_HEADER)
+        if signature is None:
+            if self.settings.allow_unsigned_requests:
+                return None
+            raise WireError(
+                f"unsigned request: {REQUEST_SIGNATURE_HEADER} is missing; this node trains "
+                "only on requests signed with its key over a nonce from GET /nonce (or run it "
+                "with --allow-unsigned-requests)",
+                401,
+            )
+        node_nonce = headers.get(NODE_NONCE_HEADER)
+        if node_nonce is None:
+            raise WireError(
+                f"{NODE_NONCE_HEADER} is missing: sign every request over a fresh nonce from "
+                "GET /nonce",
+                401,
+            )
+        if not self._nonces.use(node_nonce):
+            raise WireError(
+                f"unknown, expired or used {NODE_NONCE_HEADER}: get a fresh nonce from GET "
+                f"/nonce for every request (it is valid for {NONCE_LIFETIME_SECONDS:g} s, once)",
+                401,
+            )
+        round_text = headers.get(ROUND_HEADER, "")
+        if _ROUND_DIGITS.fullmatch(round_text) is None:
+            raise WireError(
+                f"{ROUND_HEADER} must be the request's round id (decimal digits), got "
+                f"{round_text[:40]!r}",
+                401,
+            )
+        return _Signature(int(round_text), node_nonce, signature)
+
+    def _decode(
+        self, body: bytes, content_type: str, nonce: str, signed: _Signature | None
+    ) -> TrainRequest:
+        """The train request, once its signature (when it has one) verifies (else 401)."""
+        if signed is not None and not verify_request(
+            self.settings.key,
+            self.settings.node_id,
+            signed.round_id,
+            signed.node_nonce,
+            nonce,
+            hashlib.sha256(body).hexdigest(),
+            signed.signature,
+        ):
+            raise WireError(
+                "bad request signature: not signed with the key of node "
+                f"{self.settings.node_id!r}, or altered on the way",
+                401,
+            )
+        request = decode_request(body, content_type)
+        if signed is not None and request.round_id != signed.round_id:
+            raise WireError(
+                f"{ROUND_HEADER} says round {signed.round_id}, the body round {request.round_id}"
+            )
+        return request
+
+    def _train(self, request: TrainRequest, nonce: str, fmt: str) -> tuple[bytes, str]:
         """Run the trainer (one round at a time), sign and encode the update."""
         _check_finite(request.global_weights)
         started = time.perf_counter()
-        round_id = request.round_id
         with self._lock:
-            if self._last_round is not None and round_id < self._last_round:
-                self._check_reset(round_id, nonce, proof)
-            self._prepare_round(round_id)
-            try:
-                with self.metrics.training_seconds.time():
-                    result = self._trainer.train(round_id, request.global_weights)
-            except ValueError as exc:
-                raise WireError(f"the trainer cannot use this request: {exc}", 422) from None
-            except Exception as exc:
-                logger.exception("round %d: the trainer failed", round_id)
-                raise WireError(f"the trainer failed: {type(exc).__name__}: {exc}", 500) from None
-            try:
-                update = as_update(result, self.settings.node_id, round_id)
-            except TrainerResultError as exc:
-                logger.error("round %d: %s", round_id, exc)
-                raise WireError(str(exc), 500) from None
+            update = self._train_round(request.round_id, request.global_weights)
             self.rounds_trained += 1
         signature = sign_update(self.settings.key, update, nonce, self._verifier)
         logger.info(
@@ -262,6 +345,63 @@ class _Node:
         )
         return encode_update(update, fmt), signature
 
+    def _train_round(self, round_id: int, weights: TensorMap) -> LocalUpdate:
+        """Train ``round_id`` by the round policy (see the class doc), under the lock.
+
+        When training fails, the trainer, its state and the last round stay as they were.
+        """
+        trainer, before = self._trainer, self._state_before_last_round
+        restore: TensorMap | None
+        if round_id == self._last_round:  # asked again: redo it from the state before it
+            restore = _copy(trainer.state_dict())
+            trainer.load_state_dict(_copy(before))
+        elif self._last_round is not None and round_id < self._last_round:  # a new run
+            try:
+                trainer = self._new_trainer()
+            except RuntimeError as exc:
+                logger.error("round %d: %s", round_id, exc)
+                raise WireError(str(exc), 500) from None
+            restore = None  # the current trainer is not touched
+            before = _copy(trainer.state_dict())
+        else:
+            restore = before = _copy(trainer.state_dict())
+        try:
+            update = self._run(trainer, round_id, weights)
+        except Exception:
+            if restore is not None:
+                trainer.load_state_dict(restore)
+            raise
+        if trainer is not self._trainer:
+            logger.warning("round %d: a new run: fresh trainer state", round_id)
+        self._trainer, self._state_before_last_round, self._last_round = trainer, before, round_id
+        return update
+
+    def _run(self, trainer: NodeTrainer, round_id: int, weights: TensorMap) -> LocalUpdate:
+        """The trainer's update for ``round_id``, or :class:`WireError` (422 or 500)."""
+        try:
+            with self.metrics.training_seconds.time():
+                result = trainer.train(round_id, weights)
+        except ValueError as exc:
+            raise WireError(f"the trainer cannot use this request: {exc}", 422) from None
+        except Exception as exc:
+            logger.exception("round %d: the trainer failed", round_id)
+            raise WireError(f"the trainer failed: {type(exc).__name__}: {exc}", 500) from None
+        try:
+            update = as_update(result, self.settings.node_id, round_id)
+        except TrainerResultError as exc:
+            logger.error("round %d: %s", round_id, exc)
+            raise WireError(str(exc), 500) from None
+        for key, value in update.gradients.items():
+            if not np.isfinite(value).all():
+                message = f"the trainer returned non-finite values in gradient {key!r}"
+                logger.error("round %d: %s", round_id, message)
+                raise WireError(message, 500)
+        return update
+
+
+def _copy(state: TensorMap) -> TensorMap:
+    return {key: np.array(value, copy=True) for key, value in state.items()}
+
 
 _OUTCOMES = {
     200: "trained",
@@ -271,7 +411,6 @@ _OUTCOMES = {
     413: "bad_request",
     415: "bad_request",
     422: "bad_request",
-    409: "conflict",
 }
 """HTTP status of a ``POST /train`` answer -> the outcome counted (others: ``failed``)."""
 
@@ -318,7 +457,8 @@ def _check_finite(weights: TensorMap) -> None:
 
 
 def create_app(settings: NodeSettings) -> Starlette:
-    """The node's ASGI application (``POST /train``, ``GET /health``, ``GET /metrics``).
+    """The node's ASGI application (``POST /train``, ``GET /nonce``, ``GET /health``,
+    ``GET /metrics``).
 
     Its counters are ``app.state.metrics`` (a
     :class:`~aumai_fedtrain.observability.prometheus.NodeMetrics`).
@@ -328,6 +468,7 @@ def create_app(settings: NodeSettings) -> Starlette:
     app = Starlette(
         routes=[
             Route("/train", node.train, methods=["POST"]),
+            Route("/nonce", node.nonce, methods=["GET"]),
             Route("/health", node.health, methods=["GET"]),
             Route("/metrics", node.metrics_endpoint, methods=["GET"]),
         ]
@@ -350,22 +491,25 @@ def serve(
     ssl_keyfile: str | None = None,
     log_level: str = "info",
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     own_logging: bool = True,
 ) -> None:
     """Serve the node ``app`` (:func:`create_app`) on the listening socket ``sock`` until
     interrupted (SIGINT/SIGTERM).
 
-    ``header_timeout`` and ``max_connections`` bound idle connections (see the module doc); a
-    connection refused for want of room is counted as a ``busy`` request in the app's metrics.
-    With ``own_logging=False`` uvicorn's loggers go to the root logger's handlers (as set up
-    by the caller, e.g. for JSON lines) instead of uvicorn's own.
+    ``header_timeout``, ``body_timeout`` and ``max_connections`` bound idle and stalled
+    connections (see the module doc); a connection refused for want of room is counted as a
+    ``busy`` request in the app's metrics. With ``own_logging=False`` uvicorn's loggers go to
+    the root logger's handlers (as set up by the caller, e.g. for JSON lines) instead of
+    uvicorn's own.
     """
     open_files = raise_open_files_limit()
     metrics = getattr(app.state, "metrics", None)
     protocol = functools.partial(
         _GuardedProtocol,
         header_timeout=header_timeout,
+        body_timeout=body_timeout,
         max_connections=max(1, min(max_connections, open_files - _SPARE_FILES)),
         on_refused=metrics.busy if isinstance(metrics, NodeMetrics) else None,
     )
@@ -428,69 +572,105 @@ class _NodeServer(uvicorn.Server):
 
 
 class _GuardedProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, closing connections that send no request head in time."""
+    """uvicorn's HTTP/1.1 protocol, closing connections that keep the node waiting.
+
+    While the node waits for a request head, the client must complete it within
+    ``header_timeout`` seconds; while it waits for a request body, the client must send some of
+    it every ``body_timeout`` seconds (a body the node does not read meanwhile, e.g. while
+    uvicorn holds it back, does not count against the client).
+    """
 
     def __init__(
         self,
         *args: Any,
         header_timeout: float,
+        body_timeout: float,
         max_connections: int,
         on_refused: Callable[[], None] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
         self._max_connections = max_connections
         self._on_refused = on_refused
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._waiting_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self._max_connections:
             waiting = [
                 connection
                 for connection in self.connections
-                if isinstance(connection, _GuardedProtocol) and connection._head_timer is not None
+                if isinstance(connection, _GuardedProtocol) and connection._timer is not None
             ]
-            if not waiting:  # every connection is busy with a request: no room
+            if not waiting:  # every connection carries a complete request: no room
+                self._refused = True
                 transport.abort()
                 if self._on_refused is not None:
                     self._on_refused()
                 return
-            min(waiting, key=lambda connection: connection._waiting_since).close_idle()
+            min(waiting, key=lambda connection: connection._last_read).close_stalled()
         super().connection_made(transport)
-        self._await_head()
+        self._watch()
 
     def data_received(self, data: bytes) -> None:
-        cycle = self.cycle
+        self._last_read = self.loop.time()
         super().data_received(data)
-        if self.cycle is not cycle:  # a complete request head arrived
-            self._stop_waiting()
+        self._watch()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._await_head()  # of the next request on this connection
+        self._watch()  # for the next request's head, or the rest of a body left unread
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_waiting()
-        super().connection_lost(exc)
+        self._stop_watching()
+        if not self._refused:  # (a refused connection was never set up)
+            super().connection_lost(exc)
 
-    def close_idle(self) -> None:
-        """Close the connection, which has not sent a complete request head in time."""
-        self._stop_waiting()
+    def close_stalled(self) -> None:
+        """Close the connection, which has kept the node waiting too long."""
+        self._stop_watching()
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _await_head(self) -> None:
-        self._stop_waiting()
-        self._waiting_since = self.loop.time()
-        self._head_timer = self.loop.call_later(self._header_timeout, self.close_idle)
+    def _timeout(self) -> float | None:
+        """How long the client may keep the node waiting now; None when it is not waited for."""
+        if self.transport.is_closing():
+            return None
+        if self.conn.their_state is h11.SEND_BODY:
+            return self._body_timeout
+        if self.conn.their_state is h11.IDLE:  # a request head is due
+            return self._header_timeout
+        return None  # a complete request is being answered, or the connection is ending
 
-    def _stop_waiting(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _watch(self) -> None:
+        """Start or stop the clock as the connection starts or stops waiting for its client."""
+        timeout = self._timeout()
+        if timeout is None:
+            self._stop_watching()
+        elif self._timer is None:
+            self._last_read = self.loop.time()
+            self._timer = self.loop.call_at(self._last_read + timeout, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        timeout = self._timeout()
+        if timeout is None:
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:  # the node is not reading: the client is not to blame
+            self._last_read = now
+        elif now >= self._last_read + timeout:
+            self.close_stalled()
+            return
+        self._timer = self.loop.call_at(self._last_read + timeout, self._check)
+
+    def _stop_watching(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class _RepeatFilter(logging.Filter):

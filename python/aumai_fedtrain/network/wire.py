@@ -36,10 +36,12 @@ __all__ = [
     "SAFETENSORS",
     "Expected",
     "ModelMismatchError",
+    "NonceAnswer",
     "TrainRequest",
     "WireError",
     "body_media_type",
     "count_values",
+    "decode_nonce",
     "decode_request",
     "decode_update",
     "encode_request",
@@ -109,6 +111,17 @@ class TrainRequest(BaseModel):
 
     round_id: Annotated[int, Field(ge=0)]
     global_weights: TensorMap = Field(default_factory=dict)
+
+
+class NonceAnswer(BaseModel):
+    """The answer of ``GET /nonce``: a value the node accepts in one signed request, soon."""
+
+    nonce: Annotated[str, Field(pattern=r"^[0-9a-f]{16,128}$")]
+
+
+def decode_nonce(body: bytes) -> str:
+    """The nonce of a ``GET /nonce`` answer; :class:`WireError` names what is wrong."""
+    return _validate(NonceAnswer, body, "nonce answer").nonce
 
 
 def media_type(content_type: str | None) -> str:
@@ -286,7 +299,6 @@ def _pack(tensors: TensorMap, metadata: dict[str, str]) -> bytes:
 def _unpack(
     body: bytes, kind: str, expected: Expected | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    from safetensors import SafetensorError
     from safetensors.numpy import load
 
     metadata = _check_header(_read_header(body, expected), expected)
@@ -297,10 +309,10 @@ def _unpack(
         )
     try:
         tensors = load(body)
-    except (SafetensorError, ValueError) as exc:  # ValueError: a shape NumPy cannot build
-        raise WireError(f"malformed safetensors body ({exc})") from None
     except KeyError as exc:  # a dtype numpy has no counterpart for (e.g. BF16)
         raise WireError(f"unsupported safetensors dtype {exc}") from None
+    except Exception as exc:  # SafetensorError, a shape NumPy cannot build, any other failure
+        raise WireError(f"malformed safetensors body ({exc})") from None
     return tensors, metadata
 
 
@@ -316,8 +328,9 @@ def _read_header(body: bytes, expected: Expected | None) -> dict[str, Any]:
         raise WireError(f"safetensors header of {length} bytes exceeds the limit of {limit} bytes")
     try:
         header = json.loads(body[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
-    except ValueError as exc:  # UnicodeDecodeError is a ValueError
-        raise WireError(f"malformed safetensors body (header: {exc})") from None
+    except Exception as exc:  # any failure of the parser on untrusted bytes, e.g. a
+        # RecursionError on deeply nested arrays, is a malformed body
+        raise WireError(f"malformed safetensors body (header: {_failure(exc)})") from None
     if not isinstance(header, dict):
         raise WireError("malformed safetensors body (the header is not a JSON object)")
     return header
@@ -365,3 +378,11 @@ def _validate(model: type[ModelT], data: bytes | dict[str, object], what: str) -
         return model.model_validate(data)
     except ValidationError as exc:
         raise WireError(f"invalid {what}: {describe_validation_error(exc)}") from None
+    except Exception as exc:  # any other failure on untrusted input is a malformed body
+        raise WireError(f"invalid {what}: {_failure(exc)}") from None
+
+
+def _failure(exc: Exception) -> str:
+    """A parser's exception in one line (its type when the message does not say much)."""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    return message if isinstance(exc, ValueError) else f"{type(exc).__name__}: {message}"

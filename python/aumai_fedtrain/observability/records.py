@@ -14,7 +14,11 @@ _DROP_PATTERNS: tuple[tuple[str, str], ...] = (
     ("timeout", r"no answer within|no memory budget free"),
     ("unreachable", r"cannot reach|node speaks"),
     ("http_error", r"HTTP \d+"),
-    ("signature", r"bad signature|unsigned update|the answer is an update of|replayed or stale"),
+    (
+        "signature",
+        r"bad signature|bad request signature|unsigned update|unsigned request|"
+        r"the answer is an update of|replayed or stale",
+    ),
     (
         "bad_answer",
         r"answer |malformed answer|decoding this answer|cannot handle the answer|"
