@@ -107,7 +107,7 @@ def test_the_last_round_asked_again_after_a_restart_is_trained_again_from_before
     def app() -> Any:
         settings = NodeSettings(
             node_id="node-0", key=b"k" * 32, trainer_factory=SimulationTrainer, config=config,
-            state_dir=tmp_path,
+            state_dir=tmp_path, allow_unsigned_requests=True,  # (about state, not signatures)
         )  # fmt: skip
         return create_app(settings)
 
