@@ -32,6 +32,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -198,8 +199,8 @@ def summarize(results: list[Result]) -> list[Summary]:
     return summaries
 
 
-def plot(results: list[Summary], bayes: float, path: Path) -> None:
-    """Validation loss against inner steps, and final test loss against bytes sent."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` (drawing to files), or None with a note when it is missing."""
     try:
         import matplotlib
 
@@ -207,6 +208,14 @@ def plot(results: list[Summary], bayes: float, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no plot written")
+        return None
+    return plt
+
+
+def plot(results: list[Summary], bayes: float, path: Path) -> None:
+    """Validation loss against inner steps, and final test loss against bytes sent."""
+    plt = pyplot()
+    if plt is None:
         return
     figure, (curves, costs) = plt.subplots(1, 2, figsize=(12, 4.5))
     for result in results:

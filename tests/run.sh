@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh machine: installs what the tests need into a virtualenv,
-# builds the Rust extension, checks formatting, lints and types, runs cargo test and pytest
-# (including tests/test_wheel.py, which builds the release wheel and installs it into a fresh
-# virtualenv from PyPI).
+# The whole test suite, on a fresh machine: installs what the tests need into a virtualenv
+# (every extra, and Debian's chromium for the report's screenshot test), builds the Rust
+# extension, checks formatting, lints and types, runs cargo test and pytest (including
+# tests/test_wheel.py, which builds the release wheel and installs it into a fresh
+# virtualenv from PyPI), then pytest once more where `import torch` fails (the torch extra's
+# tests skip there only; the wheel test, which installs no torch, is not repeated).
 #   bash tests/run.sh            (set AUMAI_FEDTRAIN_VENV to use another virtualenv path)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +17,14 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 python -m pip install --quiet --upgrade pip
-step "pip install -e .[dev,http] (builds the native extension with maturin)"
-python -m pip install --quiet -e ".[dev,http]"
+step "pip install -e .[dev,http,observability,torch] (builds the native extension with maturin)"
+python -m pip install --quiet -e ".[dev,http,observability,torch]"
+
+step "chromium (Debian's package) for the report's screenshot test"
+if ! command -v chromium >/dev/null 2>&1; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
 python -c "import aumai_fedtrain.backend as b; assert b.native_available(), 'native extension missing'"
 
 step "Rust: fmt, clippy, tests"
@@ -30,3 +38,6 @@ ruff check .
 ruff format --check .
 mypy
 python -m pytest -q
+
+step "Python: the core tests once more where import torch fails (tests/no_torch)"
+PYTHONPATH="$PWD/tests/no_torch" python -m pytest -q -p no:cacheprovider --ignore=tests/test_wheel.py

@@ -27,6 +27,7 @@ from aumai_fedtrain.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from aumai_fedtrain.observability import METRICS_FILE
 from tests.helpers import QuadraticProvider, quadratic_nodes
 
 V1_FIXTURE = Path(__file__).parent / "data" / "checkpoint-v1.safetensors"
@@ -58,7 +59,8 @@ def test_checkpoint_holds_the_complete_state_after_every_round(tmp_path: Path) -
     assert checkpoint.credits == result.credits
     assert checkpoint.history == result.history
     assert checkpoint.node_ids == ["a", "b"]
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]  # no temp files left
+    # no temp files left; the run's metrics file beside the checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE, METRICS_FILE]
 
 
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path: Path) -> None:
@@ -177,7 +179,7 @@ def test_a_temporary_file_left_by_a_killed_write_is_cleaned_up(tmp_path: Path) -
 
     train(CONFIG.model_copy(update={"global_rounds": 1}), tmp_path)
 
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE, METRICS_FILE]
 
 
 def test_the_digest_written_beside_the_tensors_is_the_one_load_checks(tmp_path: Path) -> None:
@@ -475,5 +477,5 @@ def test_a_failed_write_is_a_one_line_error_that_keeps_the_previous_checkpoint(
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
 
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE, METRICS_FILE]
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before

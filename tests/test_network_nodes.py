@@ -462,7 +462,7 @@ def test_tampered_forged_replayed_and_broken_updates_are_dropped_and_the_run_goe
     }
     expected = {
         "node-3": "bad signature: tampered with, or signed with another key",
-        "node-4": 'HTTP 401: {"detail":"bad request signature: not signed with the key of node',
+        "node-4": "bad request signature: node-4 does not hold the key this coordinator has",
         "node-5": "replayed or stale update for round 1, expected round ROUND",
         "node-6": "unsigned update (no X-Fedtrain-Signature header)",
         "node-7": "the answer is an update of node 'node-0'",

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL and resumed ends bit-identical to an uninterrupted run."""
+"""A run killed with SIGKILL and resumed ends bit-identical to an uninterrupted run, and its
+metrics file holds each round exactly once."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from aumai_fedtrain.checkpoint import CheckpointError, load_checkpoint
+from aumai_fedtrain.observability import METRICS_FILE, read_metrics
 
 TIMEOUT = 300
 CONFIG = {
@@ -97,3 +99,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, kill_at: int) -> N
     reference_summary, resumed_summary = json.loads(reference.stdout), json.loads(resumed.stdout)
     for field in ("final_loss", "eval_loss", "eval_accuracy", "total_samples", "credits"):
         assert resumed_summary[field] == reference_summary[field], field
+    expected_lines = read_metrics(reference_dir / METRICS_FILE)
+    actual_lines = read_metrics(killed_dir / METRICS_FILE)
+    assert [line.round_id for line in actual_lines] == list(range(1, CONFIG["global_rounds"] + 1))
+    timing = {"duration_seconds", "node_times", "phase_seconds"}
+    for actual_line, expected_line in zip(actual_lines, expected_lines, strict=True):
+        assert actual_line.model_dump(exclude=timing) == expected_line.model_dump(exclude=timing)
+        assert actual_line.node_times is not None
+        assert sorted(actual_line.node_times.per_node) == sorted(expected_line.participants)

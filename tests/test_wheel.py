@@ -151,5 +151,25 @@ def test_the_installed_cli_trains_like_the_source_tree(installed: InstalledWheel
     for run in (result, expected):
         run.pop("duration_seconds")
         for record in run["history"]:
-            record.pop("duration_seconds")
+            for timing in ("duration_seconds", "node_times", "phase_seconds"):
+                record.pop(timing)
     assert result == expected
+
+
+def test_without_the_observability_extras_their_options_name_the_extra(
+    installed: InstalledWheel,
+) -> None:
+    # The wheel is installed with its core dependencies only.
+    trained = installed.run("aumai-fedtrain", "run", "--rounds", "1", "--metrics-file", "m.jsonl")
+    report = installed.run("aumai-fedtrain", "report", "m.jsonl")
+    board = installed.run("aumai-fedtrain", "run", "--rounds", "1", "--tensorboard", "tb")
+
+    assert trained.returncode == 0, trained.stderr
+    assert (installed.workdir / "m.jsonl").read_text().count("\n") == 1
+    assert report.returncode == 2
+    assert report.stderr == (
+        "Error: matplotlib is not installed; install the report extra: "
+        "pip install 'aumai-fedtrain[report]'\n"
+    )
+    assert board.returncode == 2
+    assert "install the tensorboard extra" in board.stderr and board.stderr.count("\n") == 1

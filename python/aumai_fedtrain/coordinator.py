@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,17 +23,20 @@ from aumai_fedtrain.checkpoint import (
 )
 from aumai_fedtrain.credits import CreditTracker
 from aumai_fedtrain.models import (
+    MAX_LISTED_NODES,
     FederatedNode,
     GlobalState,
     LocalUpdate,
+    NodeTimes,
     RoundRecord,
     TensorMap,
     TrainingConfig,
     TrainingResult,
     to_tensor,
 )
+from aumai_fedtrain.observability.metrics_file import METRICS_FILE, MetricsFile
 from aumai_fedtrain.outer import outer_step, zero_momentum
-from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
 from aumai_fedtrain.screening import screen_updates
 
 logger = logging.getLogger("aumai_fedtrain")
@@ -61,6 +65,22 @@ class _Run:
     min_nodes: int
     on_round: RoundCallback | None
     on_start: StartCallback | None
+    metrics_path: Path | None
+
+
+class _Phases:
+    """Seconds per phase of one round (see :data:`~aumai_fedtrain.models.PHASES`)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 def check_unique_node_ids(nodes: Sequence[FederatedNode]) -> None:
@@ -152,13 +172,17 @@ class DiLoCoCoordinator:
             raise ValueError(f"update from node {node!r}: {reason}")
         return self._apply(state, accepted)
 
-    def _apply(self, state: GlobalState, updates: Sequence[LocalUpdate]) -> GlobalState:
+    def _apply(
+        self, state: GlobalState, updates: Sequence[LocalUpdate], phases: _Phases | None = None
+    ) -> GlobalState:
         """Average screened ``updates``, take the outer step, check it and credit the nodes."""
         config = self._require_config()
-        delta = self.collect_updates(updates)
+        phases = phases if phases is not None else _Phases()
+        with phases.timed("aggregate"):
+            delta = self.collect_updates(updates)
         parameters, momentum = state.parameters, state.momentum
         if parameters is not None:
-            with np.errstate(over="ignore", invalid="ignore"):
+            with phases.timed("outer_step"), np.errstate(over="ignore", invalid="ignore"):
                 parameters, momentum = outer_step(
                     parameters,
                     momentum if momentum is not None else zero_momentum(parameters),
@@ -191,6 +215,7 @@ class DiLoCoCoordinator:
         on_round: RoundCallback | None = None,
         on_start: StartCallback | None = None,
         min_nodes: int = 1,
+        metrics_file: str | Path | None = None,
     ) -> TrainingResult:
         """Run up to ``config.global_rounds`` rounds with updates from ``provider``.
 
@@ -205,6 +230,10 @@ class DiLoCoCoordinator:
         starts from the global model, a removed node keeps its credits). ``on_start`` is called
         with the starting state once the run is ready to train, ``on_round`` with each round's
         :class:`RoundRecord`.
+
+        Each round's record is also appended to ``metrics_file`` (by default ``metrics.jsonl``
+        in ``checkpoint_dir``; none without either), reconciled with the checkpoint on resume
+        (see :mod:`aumai_fedtrain.observability.metrics_file`).
         """
         if not 1 <= min_nodes <= len(nodes):
             raise ValueError(
@@ -216,7 +245,10 @@ class DiLoCoCoordinator:
                 "make them agree"
             )
         provider.configure(config)
-        run = _Run(config, list(nodes), provider, min_nodes, on_round, on_start)
+        metrics_path = Path(metrics_file) if metrics_file is not None else None
+        if metrics_path is None and checkpoint_dir is not None:
+            metrics_path = Path(checkpoint_dir) / METRICS_FILE
+        run = _Run(config, list(nodes), provider, min_nodes, on_round, on_start, metrics_path)
         if checkpoint_dir is None:
             return self._train(run, None, resume)
         directory = Path(checkpoint_dir)
@@ -240,46 +272,55 @@ class DiLoCoCoordinator:
                     raise CheckpointError(
                         f"the checkpoint in {directory} does not fit this provider ({exc})"
                     ) from None
-        if run.on_start is not None:
-            run.on_start(state)
-        started = time.perf_counter()
-        while state.round_id < config.global_rounds:
-            round_started = time.perf_counter()
-            round_id = state.round_id + 1
-            updates = provider.get_updates(round_id, state, node_list)
-            dropped = provider.round_failures(round_id)
-            if not updates and not dropped:
-                break
-            accepted, refused = self.screen(state, updates)
-            dropped |= refused
-            _check_quorum(round_id, len(accepted), len(node_list), run.min_nodes, dropped)
-            if dropped:
-                logger.warning(
-                    "round %d: %d of %d nodes dropped (%s)",
-                    round_id,
-                    len(dropped),
-                    len(node_list),
-                    _describe_drops(dropped),
+        with contextlib.ExitStack() as stack:
+            metrics = None
+            if run.metrics_path is not None:
+                metrics = stack.enter_context(
+                    MetricsFile(run.metrics_path, state.round_id, history)
                 )
-            state = self._apply(state, accepted)
-            record = self._record(state, provider, time.perf_counter() - round_started, dropped)
-            history.append(record)
-            elapsed = elapsed_before + time.perf_counter() - started
-            if directory is not None:
-                save_checkpoint(
-                    directory,
-                    Checkpoint(
-                        config=config,
-                        node_ids=[node.node_id for node in node_list],
-                        state=state,
-                        credits=self.credit_tracker.all_credits(),
-                        history=history,
-                        elapsed=elapsed,
-                        provider_state=provider.state_dict(),
-                    ),
-                )
-            if run.on_round is not None:
-                run.on_round(record)
+            if run.on_start is not None:
+                run.on_start(state)
+            started = time.perf_counter()
+            while state.round_id < config.global_rounds:
+                outcome = self._round(run, state)
+                if outcome is None:
+                    break
+                state, record = outcome
+                history.append(record)
+                elapsed = elapsed_before + time.perf_counter() - started
+                if directory is not None:
+                    checkpoint_started = time.perf_counter()
+                    save_checkpoint(
+                        directory,
+                        Checkpoint(
+                            config=config,
+                            node_ids=[node.node_id for node in node_list],
+                            state=state,
+                            credits=self.credit_tracker.all_credits(),
+                            history=history,
+                            elapsed=elapsed,
+                            provider_state=provider.state_dict(),
+                        ),
+                    )
+                    record = record.model_copy(
+                        update={
+                            "phase_seconds": record.phase_seconds
+                            | {"checkpoint": time.perf_counter() - checkpoint_started}
+                        }
+                    )
+                if metrics is not None:
+                    metrics.append(record)
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info(
+                        "round %d done: loss %.6f, %d of %d nodes counted",
+                        record.round_id,
+                        record.avg_loss,
+                        record.num_participants,
+                        len(node_list),
+                        extra={"event": "round", "record": record.model_dump(mode="json")},
+                    )
+                if run.on_round is not None:
+                    run.on_round(record)
         return TrainingResult(
             final_loss=history[-1].avg_loss if history else math.nan,
             total_samples=sum(record.total_samples for record in history),
@@ -289,6 +330,44 @@ class DiLoCoCoordinator:
             credits={node.node_id: 0 for node in node_list} | self.credit_tracker.all_credits(),
             final_state=state,
         )
+
+    def _round(self, run: _Run, state: GlobalState) -> tuple[GlobalState, RoundRecord] | None:
+        """Train, screen, apply and evaluate one round; None when the provider has nothing."""
+        provider, node_list = run.provider, run.nodes
+        round_started = time.perf_counter()
+        round_id = state.round_id + 1
+        phases = _Phases()
+        with phases.timed("collect"):
+            updates = provider.get_updates(round_id, state, node_list)
+            dropped = provider.round_failures(round_id)
+        if not updates and not dropped:
+            return None
+        with phases.timed("verify"):
+            accepted, refused = self.screen(state, updates)
+        dropped |= refused
+        _check_quorum(round_id, len(accepted), len(node_list), run.min_nodes, dropped)
+        if dropped:
+            logger.warning(
+                "round %d: %d of %d nodes dropped (%s)",
+                round_id,
+                len(dropped),
+                len(node_list),
+                _describe_drops(dropped),
+                extra={"event": "dropped", "round_id": round_id, "dropped": dropped},
+            )
+        state = self._apply(state, accepted, phases)
+        with phases.timed("evaluate"):
+            evaluation = self._evaluate_global(state, provider)
+        record = _round_record(
+            state,
+            len(node_list),
+            dropped,
+            evaluation,
+            provider.round_stats(round_id),
+            duration=time.perf_counter() - round_started,
+            phases=phases.seconds,
+        )
+        return state, record
 
     def _require_config(self) -> TrainingConfig:
         if self._config is None:
@@ -316,32 +395,66 @@ class DiLoCoCoordinator:
             self.credit_tracker.record(node_id, samples)
         return checkpoint
 
-    def _record(
-        self,
-        state: GlobalState,
-        provider: UpdateProvider,
-        duration: float,
-        dropped: dict[str, str],
-    ) -> RoundRecord:
-        evaluation = None
-        if state.parameters is not None:
-            evaluation = _evaluate(provider, state.parameters, state.round_id)
+    def _evaluate_global(
+        self, state: GlobalState, provider: UpdateProvider
+    ) -> tuple[float, float] | None:
+        """The provider's evaluation of the new global model; :class:`DivergenceError` when
+        its loss is not finite."""
+        if state.parameters is None:
+            return None
+        evaluation = _evaluate(provider, state.parameters, state.round_id)
         if evaluation is not None and not math.isfinite(evaluation[0]):
             raise DivergenceError(
                 f"round {state.round_id}: the global model's eval loss is {evaluation[0]}: "
                 f"{_outer_advice(self._require_config())} (or the evaluator is wrong)"
             )
-        assert state.avg_loss is not None
-        return RoundRecord(
-            round_id=state.round_id,
-            avg_loss=state.avg_loss,
-            total_samples=state.total_samples,
-            num_participants=len(state.participating_nodes),
-            duration_seconds=duration,
-            eval_loss=evaluation[0] if evaluation else None,
-            eval_accuracy=evaluation[1] if evaluation else None,
-            dropped=dropped,
-        )
+        return evaluation
+
+
+def _round_record(
+    state: GlobalState,
+    num_nodes: int,
+    dropped: dict[str, str],
+    evaluation: tuple[float, float] | None,
+    stats: RoundStats | None,
+    *,
+    duration: float,
+    phases: dict[str, float],
+) -> RoundRecord:
+    """The round's :class:`RoundRecord` (nodes listed by id up to ``MAX_LISTED_NODES``)."""
+    assert state.avg_loss is not None
+    listed = num_nodes <= MAX_LISTED_NODES
+    return RoundRecord(
+        round_id=state.round_id,
+        avg_loss=state.avg_loss,
+        total_samples=state.total_samples,
+        num_participants=len(state.participating_nodes),
+        duration_seconds=duration,
+        eval_loss=evaluation[0] if evaluation else None,
+        eval_accuracy=evaluation[1] if evaluation else None,
+        dropped=dropped,
+        benched=list(stats.benched) if stats is not None else [],
+        participants=list(state.participating_nodes) if listed else [],
+        num_nodes=num_nodes,
+        bytes_to_nodes=stats.bytes_to_nodes if stats is not None else None,
+        bytes_from_nodes=stats.bytes_from_nodes if stats is not None else None,
+        node_times=_node_times(stats, listed) if stats is not None else None,
+        phase_seconds=phases,
+    )
+
+
+def _node_times(stats: RoundStats, listed: bool) -> NodeTimes | None:
+    if not stats.node_seconds:
+        return None
+    seconds = np.fromiter(stats.node_seconds.values(), dtype=np.float64)
+    p50, p90 = np.percentile(seconds, [50, 90])
+    return NodeTimes(
+        kind=stats.time_kind,
+        p50=float(p50),
+        p90=float(p90),
+        max=float(seconds.max()),
+        per_node=dict(stats.node_seconds) if listed else {},
+    )
 
 
 def _inconsistency(checkpoint: Checkpoint, start: GlobalState) -> str | None:

@@ -25,9 +25,12 @@ from pydantic import (
 )
 
 __all__ = [
+    "MAX_LISTED_NODES",
+    "PHASES",
     "FederatedNode",
     "GlobalState",
     "LocalUpdate",
+    "NodeTimes",
     "RoundRecord",
     "SimulationConfig",
     "Tensor",
@@ -224,8 +227,40 @@ class GlobalState(_Model):
     momentum: TensorMap | None = None
 
 
+MAX_LISTED_NODES = 64
+"""Runs of at most this many nodes list every node in a :class:`RoundRecord` (participants,
+per-node times); larger runs keep counts and percentiles (dropped nodes are always listed)."""
+
+PHASES = ("collect", "verify", "aggregate", "outer_step", "evaluate", "checkpoint")
+"""The coordinator's phases of a round, as timed in :attr:`RoundRecord.phase_seconds`."""
+
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class NodeTimes(_Model):
+    """How long the nodes took in a round.
+
+    ``kind`` is ``"answer"`` for real nodes (from the first request to the node's last answer,
+    retries included) and ``"training"`` for nodes in this process (the trainer's ``train``
+    call). Percentiles cover every node timed; ``per_node`` lists them by id when the run has
+    at most :data:`MAX_LISTED_NODES` nodes.
+    """
+
+    kind: Literal["answer", "training"]
+    p50: NonNegativeFloat
+    p90: NonNegativeFloat
+    max: NonNegativeFloat
+    per_node: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+
+
 class RoundRecord(_Model):
-    """One line of a run's history."""
+    """One round of a run: one line of its history and of its ``metrics.jsonl``.
+
+    Byte counts are the bodies moved between the coordinator and the nodes in the round, each
+    direction: measured on the wire for real nodes, and for nodes in this process the size of
+    the safetensors bodies the same exchange would take (see ``docs/observability.md``); None
+    where the provider does not report them.
+    """
 
     round_id: PositiveInt
     avg_loss: FiniteFloat
@@ -235,7 +270,24 @@ class RoundRecord(_Model):
     eval_loss: float | None = None
     eval_accuracy: float | None = None
     dropped: dict[str, str] = Field(default_factory=dict)
-    """Nodes whose update did not count this round, with the reason (node id -> reason)."""
+    """Nodes whose update did not count this round, with the reason (node id -> reason);
+    benched nodes that sat the round out are here too."""
+    benched: list[str] = Field(default_factory=list)
+    """Nodes that were benched (not asked) this round; each is in :attr:`dropped` with why."""
+    participants: list[str] = Field(default_factory=list)
+    """The nodes whose update counted, when the run has at most :data:`MAX_LISTED_NODES`."""
+    num_nodes: Annotated[int, Field(ge=0)] | None = None
+    """How many nodes the run had this round."""
+    bytes_to_nodes: Annotated[int, Field(ge=0)] | None = None
+    """Bytes of the request bodies sent to the nodes this round."""
+    bytes_from_nodes: Annotated[int, Field(ge=0)] | None = None
+    """Bytes of the answer bodies received from the nodes this round."""
+    node_times: NodeTimes | None = None
+    """The nodes' answer or training times, when the provider reports them."""
+    phase_seconds: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    """Seconds the coordinator spent per phase of :data:`PHASES`. ``checkpoint`` is measured
+    after the round entered the checkpoint, so it is in ``metrics.jsonl`` and the records
+    given to ``on_round``, not in the checkpoint's (or the result's) history."""
 
 
 class TrainingResult(_Model):

@@ -1,4 +1,5 @@
-"""The ``aumai-fedtrain`` command line: train (simulated, your own or real nodes), hash, verify.
+"""The ``aumai-fedtrain`` command line: train (simulated, your own or real nodes), hash, verify,
+and see a run (``report``, ``status``).
 
 Every failure is one line on stderr: exit 2 for bad input (files, JSON, config keys, options),
 exit 1 for a failed verification or a run that fails.
@@ -7,9 +8,8 @@ exit 1 for a failed verification or a run that fails.
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,30 @@ import click
 from aumai_fedtrain import __version__
 from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.cli.errors import InputError, fail, one_line
+from aumai_fedtrain.cli.export import export_command
 from aumai_fedtrain.cli.network import (
-    StderrHandler,
     config_file_option,
     node_command,
     nodes_file_options,
     prepare_http_run,
+)
+from aumai_fedtrain.cli.observe import (
+    OBSERVE_OPTIONS,
+    RoundProgress,
+    is_terminal,
+    observe_options,
+    report_command,
+    run_observers,
+    show_logs,
+    status_command,
 )
 from aumai_fedtrain.cli.plugins import load_evaluator, load_model_init, load_trainer_factory
 from aumai_fedtrain.coordinator import DiLoCoCoordinator
 from aumai_fedtrain.inputs import load_model_file
 from aumai_fedtrain.models import GlobalState, LocalUpdate, RoundRecord, TrainingConfig
 from aumai_fedtrain.models import TrainingResult as Result
+from aumai_fedtrain.observability.metrics_file import MetricsFileError
+from aumai_fedtrain.observability.records import total_bytes
 from aumai_fedtrain.providers import InProcessProvider, UpdateProvider
 from aumai_fedtrain.verification import HashVerifier, normalize_digest
 
@@ -94,6 +106,7 @@ def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Trainin
     help="Fewest updates that must count for a round to proceed (default 1).",
 )
 @nodes_file_options
+@observe_options
 def run(
     config_path: Path | None,
     nodes: int | None,
@@ -106,7 +119,7 @@ def run(
     model_init_spec: str | None,
     evaluator_spec: str | None,
     min_nodes: int | None,
-    **network: Any,
+    **options: Any,
 ) -> None:
     """Train with DiLoCo: simulated nodes in this process, or real nodes (--nodes-file)."""
     from aumai_fedtrain.simulation import (
@@ -116,13 +129,15 @@ def run(
         simulated_nodes,
     )
 
-    _show_warnings()
+    observe = {name: options.pop(name) for name in OBSERVE_OPTIONS}
+    network = options
+    show_logs(observe["log_format"])
     if resume and checkpoint_dir is None:
         raise InputError("--resume needs --checkpoint-dir")
     if checkpoint_dir is not None and not checkpoint_dir.strip():
         raise InputError("--checkpoint-dir is empty: name a folder (e.g. --checkpoint-dir ./ckpt)")
     config = _load_config(config_path, {"num_nodes": nodes, "global_rounds": rounds, "seed": seed})
-    progress = _RoundProgress(config.global_rounds, enabled=not as_json and _is_terminal())
+    progress = RoundProgress(config.global_rounds, enabled=not as_json and is_terminal())
     if trainer_spec is None and network.get("nodes_file") is None:
         for option, spec in (("--model-init", model_init_spec), ("--evaluator", evaluator_spec)):
             if spec is not None:
@@ -142,7 +157,13 @@ def run(
     if evaluator is None and not custom_model:
         evaluator = builtin_evaluator(config)
     http_run = prepare_http_run(
-        config, nodes, min_nodes=min_nodes, model_init=model_init, evaluator=evaluator, **network
+        config,
+        nodes,
+        min_nodes=min_nodes,
+        model_init=model_init,
+        evaluator=evaluator,
+        on_node_done=progress.node_done,
+        **network,
     )
     provider: UpdateProvider
     if http_run is not None:
@@ -162,6 +183,7 @@ def run(
             )
 
     def starting(state: GlobalState) -> None:
+        progress.start(state)
         if as_json:
             return
         resumed = f"  (resuming after round {state.round_id})" if state.round_id else ""
@@ -172,17 +194,25 @@ def run(
 
     coordinator = DiLoCoCoordinator()
     try:
-        result = coordinator.run_training(
-            config,
-            node_list,
-            provider,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            on_round=progress,
-            on_start=starting,
-            min_nodes=min_nodes or 1,
-        )
-    except CheckpointError as exc:
+        with run_observers(config, len(node_list), observe) as observers:
+            callbacks: list[Callable[[RoundRecord], None]] = [progress, *observers]
+
+            def on_round(record: RoundRecord) -> None:
+                for callback in callbacks:
+                    callback(record)
+
+            result = coordinator.run_training(
+                config,
+                node_list,
+                provider,
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                on_round=on_round,
+                on_start=starting,
+                min_nodes=min_nodes or 1,
+                metrics_file=observe["metrics_file"],
+            )
+    except (CheckpointError, MetricsFileError) as exc:
         raise InputError(str(exc)) from None
     finally:
         progress.close()
@@ -190,16 +220,6 @@ def run(
         click.echo(json.dumps(_result_summary(config, result), indent=2))
     else:
         _print_result(config, result)
-
-
-def _show_warnings() -> None:
-    """Print the library's warnings (dropped updates, stragglers) on stderr, one line each."""
-    logger = logging.getLogger("aumai_fedtrain")
-    if not any(isinstance(handler, StderrHandler) for handler in logger.handlers):
-        handler = StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.WARNING)
 
 
 _update_file_option = click.option(
@@ -220,6 +240,9 @@ def hash_command(update_path: Path) -> None:
 
 
 cli.add_command(node_command)
+cli.add_command(report_command)
+cli.add_command(status_command)
+cli.add_command(export_command)
 
 
 @cli.command()
@@ -241,47 +264,6 @@ def verify(update_path: Path, expected: str) -> None:
     raise click.exceptions.Exit(1)
 
 
-class _RoundProgress:
-    """A one-line, in-place progress display on a terminal (stderr): rounds, and nodes within
-    a round for the simulation."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
-        self.enabled = enabled
-        self._shown = False
-        self._next_round: int | None = None
-        self._last_round_line = ""
-
-    def __call__(self, record: RoundRecord) -> None:
-        line = f"  round {record.round_id}/{self.total}  loss {record.avg_loss:.6f}"
-        if record.eval_accuracy is not None:
-            line += f"  eval acc {record.eval_accuracy:.2%}"
-        self._next_round = record.round_id + 1
-        self._last_round_line = line
-        self._show(line)
-
-    def node_done(self, done: int, total: int) -> None:
-        """Show how many nodes of the current round have trained (throttled to ~100 updates)."""
-        if done != total and done % max(1, total // 100):
-            return
-        where = f"round {self._next_round}/{self.total}  " if self._next_round else ""
-        self._show(f"{self._last_round_line}  |  {where}nodes {done}/{total}".lstrip(" |"))
-
-    def _show(self, line: str) -> None:
-        if not self.enabled:
-            return
-        click.echo(f"\r\x1b[2K  {line.strip()}", nl=False, err=True)
-        self._shown = True
-
-    def close(self) -> None:
-        if self._shown:
-            click.echo(err=True)
-
-
-def _is_terminal() -> bool:
-    return sys.stderr.isatty()
-
-
 def _last_eval(result: Result) -> RoundRecord | None:
     evaluated = [record for record in result.history if record.eval_loss is not None]
     return evaluated[-1] if evaluated else None
@@ -289,6 +271,7 @@ def _last_eval(result: Result) -> RoundRecord | None:
 
 def _result_summary(config: TrainingConfig, result: Result) -> dict[str, Any]:
     last = _last_eval(result)
+    bytes_to, bytes_from = total_bytes(result.history)
     return {
         "model_name": config.model_name,
         "num_nodes": config.num_nodes,
@@ -299,6 +282,8 @@ def _result_summary(config: TrainingConfig, result: Result) -> dict[str, Any]:
         "eval_loss": last.eval_loss if last else None,
         "eval_accuracy": last.eval_accuracy if last else None,
         "duration_seconds": result.duration_seconds,
+        "bytes_to_nodes": bytes_to,
+        "bytes_from_nodes": bytes_from,
         "history": [record.model_dump(mode="json") for record in result.history],
         "credits": result.credits,
     }
@@ -316,6 +301,10 @@ def _print_result(config: TrainingConfig, result: Result) -> None:
         echo(f"  Eval loss:         {last.eval_loss:.6f}")
         echo(f"  Eval accuracy:     {last.eval_accuracy:.2%}")
     echo(f"  Duration:          {result.duration_seconds:.3f}s")
+    bytes_to, bytes_from = total_bytes(result.history)
+    if bytes_to is not None and bytes_from is not None:
+        echo(f"  Bytes to nodes:    {bytes_to} ({bytes_to / 1024**2:.2f} MiB)")
+        echo(f"  Bytes from nodes:  {bytes_from} ({bytes_from / 1024**2:.2f} MiB)")
     echo()
     echo("Node credits (samples processed):")
     credits = sorted(result.credits.items())

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import sys
 from collections.abc import Callable
@@ -22,8 +23,10 @@ from aumai_fedtrain.inputs import load_model_file
 from aumai_fedtrain.models import FederatedNode, TrainingConfig
 from aumai_fedtrain.network import http_module
 from aumai_fedtrain.network.auth import SecretError, load_secret
+from aumai_fedtrain.network.node_state import NodeStateError
 from aumai_fedtrain.network.nodes_file import NodesFileError, read_nodes_file
 from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.providers.in_process import NodeProgress
 from aumai_fedtrain.trainer import Evaluator, ModelInit, TrainerFactory
 
 __all__ = [
@@ -99,6 +102,12 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     "trainer_spec",
     help="Your trainer factory as module:factory (default: the built-in simulation).",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the trainer's state (inner optimizer, data position) here: written after every "
+    "round, taken up when the node starts again.",
+)
 @click.option("--ssl-certfile", type=click.Path(path_type=Path), help="TLS certificate (PEM).")
 @click.option("--ssl-keyfile", type=click.Path(path_type=Path), help="TLS private key (PEM).")
 @click.option(
@@ -121,6 +130,25 @@ def _check_tls(certfile: Path | None, keyfile: Path | None) -> None:
     help="Also train on requests not signed with the key (the user guide's Pattern 3): "
     "whoever may send requests can then make the node train and reset its state.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(("text", "json")),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per log line.",
+)
+@click.option(
+    "--metrics-token-file",
+    type=click.Path(path_type=Path),
+    help="Bearer token that GET /metrics needs (default: the --token-file token).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Most connections served at once (beyond: counted as busy in /metrics).",
+)
 def node_command(
     port: int,
     node_id: str,
@@ -130,18 +158,27 @@ def node_command(
     config_path: Path | None,
     shard: int | None,
     trainer_spec: str | None,
+    state_dir: Path | None,
     ssl_certfile: Path | None,
     ssl_keyfile: Path | None,
     max_body_mb: int,
     log_level: str,
     allow_unsigned_requests: bool,
+    log_format: str,
+    metrics_token_file: Path | None,
+    max_connections: int,
 ) -> None:
-    """Serve a training node: POST /train trains one round, GET /health."""
+    """Serve a training node: POST /train trains one round, GET /health, GET /metrics."""
+    from aumai_fedtrain.cli.observe import node_logging
+
     server = _require_http("server")
     if not node_id.strip():
         raise InputError("--node-id must not be empty")
     key = _secret(key_file, "key")
     token = _secret(token_file, "token") if token_file is not None else None
+    metrics_token = (
+        _secret(metrics_token_file, "metrics token") if metrics_token_file is not None else None
+    )
     config = (
         load_model_file(config_path, TrainingConfig, "config", InputError)
         if config_path is not None
@@ -162,13 +199,13 @@ def node_command(
 
         trainer_name = f"built-in simulation, shard {chosen}"
     _check_tls(ssl_certfile, ssl_keyfile)
+    if state_dir is not None:
+        _check_state_dir(state_dir)
     try:
         sock = server.listen(host, port)
     except OSError as exc:
         raise InputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    node_logging(log_format, log_level)
     if token is None:
         logger.warning("no --token-file: anyone who reaches this node may ask it to train")
     if allow_unsigned_requests:
@@ -185,23 +222,46 @@ def node_command(
         token=token,
         max_body_bytes=max_body_mb * _MIB,
         trainer_name=trainer_name,
+        metrics_token=metrics_token,
+        state_dir=state_dir,
         allow_unsigned_requests=allow_unsigned_requests,
     )
-    app = server.create_app(settings)  # makes the trainer: a failing factory stops us here
+    try:  # makes the trainer and takes up its saved state: a failure stops us here
+        app = server.create_app(settings)
+    except NodeStateError as exc:
+        raise InputError(f"--state-dir: {exc}") from None
     scheme = "https" if ssl_certfile is not None else "http"
     shown_host = f"[{host}]" if ":" in host else host
-    click.echo(
-        f"Node {node_id} serving on {scheme}://{shown_host}:{sock.getsockname()[1]}  "
-        f"(trainer: {trainer_name})"
-    )
-    sys.stdout.flush()
+    url = f"{scheme}://{shown_host}:{sock.getsockname()[1]}"
+    if log_format == "json":
+        logger.info(
+            "node %s serving on %s (trainer: %s)",
+            node_id,
+            url,
+            trainer_name,
+            extra={"event": "serving", "node_id": node_id, "url": url},
+        )
+    else:
+        click.echo(f"Node {node_id} serving on {url}  (trainer: {trainer_name})")
+        sys.stdout.flush()
     server.serve(
         app,
         sock,
         ssl_certfile=str(ssl_certfile) if ssl_certfile is not None else None,
         ssl_keyfile=str(ssl_keyfile) if ssl_keyfile is not None else None,
         log_level=log_level,
+        max_connections=max_connections,
+        own_logging=log_format == "text",
     )
+
+
+def _check_state_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create --state-dir {str(directory)!r}: {exc.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"--state-dir {str(directory)!r} is not writable")
 
 
 _RUN_OPTIONS: list[tuple[str, click.ParamType[Any], str]] = [
@@ -249,6 +309,7 @@ def prepare_http_run(
     memory_budget_mb: int | None,
     model_init: ModelInit | None,
     evaluator: Evaluator | None,
+    on_node_done: NodeProgress | None = None,
 ) -> tuple[TrainingConfig, list[FederatedNode], UpdateProvider] | None:
     """For ``run --nodes-file``: the config, the nodes and an ``HttpUpdateProvider``.
 
@@ -291,6 +352,7 @@ def prepare_http_run(
             memory_budget=memory_budget_mb * _MIB if memory_budget_mb is not None else None,
             model_init=model_init,
             evaluator=evaluator,
+            on_node_done=on_node_done,
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None

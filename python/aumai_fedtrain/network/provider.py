@@ -16,6 +16,10 @@ fails ``bench_after`` rounds in a row is benched: it is not asked, except for a 
 The round goes on with the updates that passed when there are at least ``min_nodes`` of them;
 otherwise :class:`QuorumError` is raised before the coordinator changes anything, so the last
 checkpoint stays as it was.
+
+Every round is measured (:meth:`HttpUpdateProvider.round_stats`): the request bodies sent
+(once per attempt whose body went out), the answer bodies read (error answers included), and
+each asked node's answer time, from its first request to its last answer, retries included.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ from aumai_fedtrain.network.wire import (
     max_update_bytes,
     media_type,
 )
-from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
+from aumai_fedtrain.providers.in_process import NodeProgress
 from aumai_fedtrain.screening import model_mismatch
 from aumai_fedtrain.verification import HashVerifier
 
@@ -167,6 +172,9 @@ class HttpUpdateProvider(UpdateProvider):
         Optional ``parameters -> (loss, accuracy)`` of the global model on held-out data.
     max_workers
         How many nodes are asked at once.
+    on_node_done
+        Optional progress hook, called as ``(nodes_done, nodes_asked)`` as each asked node's
+        answer is settled.
     """
 
     def __init__(
@@ -187,6 +195,7 @@ class HttpUpdateProvider(UpdateProvider):
         model_init: Callable[[TrainingConfig], TensorMap] | None = None,
         evaluator: Callable[[TensorMap], tuple[float, float]] | None = None,
         max_workers: int = 32,
+        on_node_done: NodeProgress | None = None,
     ) -> None:
         if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_SECONDS):
             raise ValueError(
@@ -224,9 +233,11 @@ class HttpUpdateProvider(UpdateProvider):
         self.model_init = model_init
         self.evaluator = evaluator
         self.max_workers = max_workers
+        self.on_node_done = on_node_done
         self.failures: dict[int, dict[str, str]] = {}
         """Round -> node id -> why that node's update did not count."""
         self._bench = _Bench(bench_after)
+        self._stats: dict[int, RoundStats] = {}
         # Made once: building a TLS context (for every client of every round) costs ~30 ms.
         self._tls = httpx.create_ssl_context()
         self._has_ca_file = ca_file is not None
@@ -249,6 +260,11 @@ class HttpUpdateProvider(UpdateProvider):
     def round_failures(self, round_id: int) -> dict[str, str]:
         """The nodes whose update for ``round_id`` did not count, with why (benched ones too)."""
         return dict(self.failures.get(round_id, {}))
+
+    def round_stats(self, round_id: int) -> RoundStats | None:
+        """Bytes sent and received, answer times and benched nodes of ``round_id`` (the last
+        round asked)."""
+        return self._stats.get(round_id)
 
     def get_updates(
         self,
@@ -277,13 +293,26 @@ class HttpUpdateProvider(UpdateProvider):
         if len(asked) < self.min_nodes:  # the quorum needs the benched nodes: probe them all
             asked, sitting_out = nodes, {}
         digest = hashlib.sha256(body).hexdigest()
-        round_ = _Round(round_id, body, digest, expected, deadline, budget)
+        round_ = _Round(round_id, body, digest, expected, deadline, budget, _Progress(len(asked)))
         with (
             deadline,
             httpx.Client(verify=self._tls, limits=_LIMITS) as client,
             ThreadPoolExecutor(min(self.max_workers, max(1, len(asked)))) as pool,
         ):
-            outcomes = list(pool.map(lambda node: self._ask(client, node, round_), asked))
+            answers = list(pool.map(lambda node: self._ask(client, node, round_), asked))
+        outcomes = [outcome for outcome, _ in answers]
+        self._stats = {
+            round_id: RoundStats(
+                bytes_to_nodes=sum(traffic.sent for _, traffic in answers),
+                bytes_from_nodes=sum(traffic.received for _, traffic in answers),
+                node_seconds={
+                    node.node_id: traffic.seconds
+                    for node, (_, traffic) in zip(asked, answers, strict=True)
+                },
+                time_kind="answer",
+                benched=list(sitting_out),
+            )
+        }
         updates = [outcome for outcome in outcomes if isinstance(outcome, LocalUpdate)]
         failed = {
             node.node_id: outcome
@@ -361,7 +390,21 @@ class HttpUpdateProvider(UpdateProvider):
             **self._authorization(node),
         }
 
-    def _ask(self, client: httpx.Client, node: FederatedNode, round_: _Round) -> LocalUpdate | str:
+    def _ask(
+        self, client: httpx.Client, node: FederatedNode, round_: _Round
+    ) -> tuple[LocalUpdate | str, _Traffic]:
+        """The node's valid update, or why it does not count, with the bytes and time it took."""
+        traffic = _Traffic()
+        started = time.monotonic()
+        outcome = self._settle(client, node, round_, traffic)
+        traffic.seconds = time.monotonic() - started
+        if self.on_node_done is not None:
+            self.on_node_done(round_.progress.one_done(), round_.progress.total)
+        return outcome, traffic
+
+    def _settle(
+        self, client: httpx.Client, node: FederatedNode, round_: _Round, traffic: _Traffic
+    ) -> LocalUpdate | str:
         """The node's valid update, or why it does not count (logged at info level; a probe
         of a benched node is asked once)."""
         attempt = 0
@@ -369,7 +412,7 @@ class HttpUpdateProvider(UpdateProvider):
         while True:
             nonce = new_nonce()
             try:
-                return self._attempt(client, node, round_, nonce)
+                return self._attempt(client, node, round_, nonce, traffic)
             except _Dropped as dropped:
                 reason = str(dropped)
                 if not dropped.retry or attempt == retries:
@@ -400,7 +443,12 @@ class HttpUpdateProvider(UpdateProvider):
         return reason
 
     def _attempt(
-        self, client: httpx.Client, node: FederatedNode, round_: _Round, nonce: str
+        self,
+        client: httpx.Client,
+        node: FederatedNode,
+        round_: _Round,
+        nonce: str,
+        traffic: _Traffic,
     ) -> LocalUpdate:
         """One request (a nonce from the node, then the signed ``POST /train``): the node's
         valid update, or :class:`_Dropped` saying why not."""
@@ -431,12 +479,15 @@ class HttpUpdateProvider(UpdateProvider):
                     timeout=remaining,
                     extensions={"trace": attempt.trace},
                 ) as response:
-                    return self._receive(response, node, round_, nonce)
+                    return self._receive(response, node, round_, nonce, traffic)
             except httpx.TransportError as exc:
                 # (httpx's timeouts are the time left: a timeout is the deadline too.)
                 if deadline.expired or isinstance(exc, httpx.TimeoutException):
                     raise too_late from None
                 raise self._unreachable(url, exc, deadline) from None
+            finally:
+                if attempt.body_sent:
+                    traffic.sent += len(round_.body)
 
     def _node_nonce(self, response: httpx.Response, node: FederatedNode) -> str:
         """The one-time nonce in the node's answer to ``GET /nonce``."""
@@ -447,12 +498,15 @@ class HttpUpdateProvider(UpdateProvider):
             )
         self._check_status(response, node)
         try:
-            return decode_nonce(_read_limited(response, _NONCE_ANSWER_BYTES))
+            return decode_nonce(_read_limited(response, _NONCE_ANSWER_BYTES, None))
         except WireError as exc:
             raise _Dropped(f"malformed answer to GET /nonce: {exc}") from None
 
-    def _check_status(self, response: httpx.Response, node: FederatedNode) -> None:
-        """Raise :class:`_Dropped` with the node's reason unless it answered 200."""
+    def _check_status(
+        self, response: httpx.Response, node: FederatedNode, traffic: _Traffic | None = None
+    ) -> None:
+        """Raise :class:`_Dropped` with the node's reason unless it answered 200 (the bytes of
+        a ``POST /train`` answer read count in ``traffic``)."""
         if response.status_code == httpx.codes.OK:
             return
         if response.status_code == httpx.codes.UNAUTHORIZED and not self._authorization(node):
@@ -460,17 +514,27 @@ class HttpUpdateProvider(UpdateProvider):
                 f"node {node.node_id} requires a token: give it a token_file in the nodes file "
                 "or --token-file"
             )
-        detail = _read_some(response, _DETAIL_CHARS).decode("utf-8", "replace")
+        detail = _read_some(response, _DETAIL_CHARS, traffic).decode("utf-8", "replace")
+        if response.status_code == httpx.codes.UNAUTHORIZED and "bad request signature" in detail:
+            raise _Dropped(
+                f"bad request signature: {node.node_id} does not hold the key this coordinator "
+                f"has for it: check both key files (HTTP 401: {detail})"
+            )
         raise _Dropped(
             f"HTTP {response.status_code}: {detail}",
             retry=response.status_code in _RETRY_STATUSES,
         )
 
     def _receive(
-        self, response: httpx.Response, node: FederatedNode, round_: _Round, nonce: str
+        self,
+        response: httpx.Response,
+        node: FederatedNode,
+        round_: _Round,
+        nonce: str,
+        traffic: _Traffic,
     ) -> LocalUpdate:
         """Read, decode and check an answer within its share of the memory budget."""
-        self._check_status(response, node)
+        self._check_status(response, node, traffic)
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             # Decompressing would let a small answer grow past the limit in memory.
@@ -484,7 +548,7 @@ class HttpUpdateProvider(UpdateProvider):
             raise _Dropped(f"answer of {declared} bytes exceeds the limit of {limit} bytes")
         size = int(declared) if declared.isdigit() else limit
         with round_.budget.reserve(self._reservation(fmt, size, round_.expected), round_.deadline):
-            content = _read_limited(response, limit)
+            content = _read_limited(response, limit, traffic)
             try:
                 update = decode_update(content, fmt, round_.expected)
             except ModelMismatchError as exc:
@@ -561,6 +625,30 @@ class HttpUpdateProvider(UpdateProvider):
             raise _Dropped("bad signature: tampered with, or signed with another key")
 
 
+@dataclass
+class _Traffic:
+    """One node's exchange in a round: bytes each way and its answer time."""
+
+    sent: int = 0
+    received: int = 0
+    seconds: float = 0.0
+
+
+class _Progress:
+    """How many asked nodes of a round have settled (counted from the pool's threads)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def one_done(self) -> int:
+        """Count one more settled node; the count so far."""
+        with self._lock:
+            self._done += 1
+            return self._done
+
+
 @dataclass(frozen=True)
 class _Round:
     """What every node's request in a round shares."""
@@ -571,6 +659,7 @@ class _Round:
     expected: Expected | None
     deadline: _RoundDeadline
     budget: _MemoryBudget
+    progress: _Progress
 
 
 class _RoundDeadline:
@@ -648,12 +737,17 @@ class _Attempt:
 
     def __init__(self, deadline: _RoundDeadline) -> None:
         self.deadline = deadline
+        self.body_sent = False
+        """Whether the request's body went out (httpcore said so)."""
         self._watched: list[socket.socket] = []
 
     def trace(self, event: str, info: Mapping[str, Any]) -> None:
-        """httpcore's trace hook: watch the socket as soon as it is connected."""
+        """httpcore's trace hook: watch the socket as soon as it is connected, and note when
+        the request's body is sent."""
         if event.endswith(".connect_tcp.complete"):
             self.watch(info["return_value"].get_extra_info("socket"))
+        elif event.endswith(".send_request_body.complete"):
+            self.body_sent = True
 
     def watch(self, sock: socket.socket) -> None:
         """Shut ``sock`` down at the deadline, however it is blocked."""
@@ -689,7 +783,9 @@ class _MemoryBudget:
                 f"of {self.total} bytes"
             )
         with self._changed:
-            if not self._changed.wait_for(lambda: self._free >= nbytes, deadline.remaining()):
+            freed = self._changed.wait_for(lambda: self._free >= nbytes, deadline.remaining())
+            # (A share freed by the deadline itself, which cut off another answer, is too late.)
+            if not freed or deadline.expired:
                 raise _Dropped(
                     f"no memory budget free for this answer within the {deadline.seconds:g} s "
                     "deadline"
@@ -780,24 +876,30 @@ def _header_token(token: bytes, what: str) -> str:
         raise ValueError(f"{what} must be printable ASCII (it is sent in an HTTP header)") from exc
 
 
-def _read_some(response: httpx.Response, limit: int) -> bytes:
-    """At most about ``limit`` bytes of the answer's body (an error's detail)."""
+def _read_some(response: httpx.Response, limit: int, traffic: _Traffic | None) -> bytes:
+    """At most about ``limit`` bytes of the answer's body (an error's detail), counted in
+    ``traffic`` when given."""
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_raw():
         chunks.append(chunk)
         size += len(chunk)
+        if traffic is not None:
+            traffic.received += len(chunk)
         if size >= limit:
             break
     return b"".join(chunks)[:limit]
 
 
-def _read_limited(response: httpx.Response, limit: int) -> bytes:
-    """The answer's body as sent, refused as soon as it exceeds ``limit`` bytes."""
+def _read_limited(response: httpx.Response, limit: int, traffic: _Traffic | None) -> bytes:
+    """The answer's body as sent, refused as soon as it exceeds ``limit`` bytes (counted in
+    ``traffic`` when given: the nonce answers are not)."""
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_raw():
         size += len(chunk)
+        if traffic is not None:
+            traffic.received += len(chunk)
         if size > limit:
             raise _Dropped(f"answer exceeds the limit of {limit} bytes")
         chunks.append(chunk)

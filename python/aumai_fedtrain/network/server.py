@@ -5,7 +5,10 @@ safetensors, by ``Content-Type``), runs the node's trainer from the global weigh
 the :class:`LocalUpdate` (JSON, or safetensors when ``Accept`` names it) with its HMAC
 signature in the ``X-Fedtrain-Signature`` header. ``GET /nonce`` hands out the one-time nonce
 that a ``POST /train`` must be signed with (see :mod:`~aumai_fedtrain.network.auth`); ``GET
-/health`` tells that the node is up.
+/health`` tells that the node is up. ``GET /metrics`` answers the node's counters in the
+Prometheus text format (requests by outcome, training time, bytes in and out:
+:class:`~aumai_fedtrain.observability.prometheus.NodeMetrics`), behind the metrics token when
+the node has one, else behind its token.
 
 Answers: 401 without a bearer token and 403 with a wrong one (when the node has a token), 401
 for a request that is not signed with the node's key (unless the node allows unsigned
@@ -33,7 +36,9 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -59,6 +64,7 @@ from aumai_fedtrain.network.auth import (
     tokens_equal,
     verify_request,
 )
+from aumai_fedtrain.network.node_state import NodeState, load_node_state, save_node_state
 from aumai_fedtrain.network.wire import (
     DEFAULT_MAX_BODY_BYTES,
     NonceAnswer,
@@ -69,6 +75,7 @@ from aumai_fedtrain.network.wire import (
     encode_update,
     response_media_type,
 )
+from aumai_fedtrain.observability.prometheus import NodeMetrics
 from aumai_fedtrain.trainer import NodeTrainer, TrainerFactory, TrainerResultError, as_update
 from aumai_fedtrain.verification import HashVerifier
 
@@ -130,6 +137,11 @@ class NodeSettings:
         Also train on requests that carry no signature by ``key`` (the user guide's Pattern 3):
         anyone with the token (or anyone at all, without one) can then make the node train
         and reset its state. Signed requests are checked all the same.
+    metrics_token
+        The bearer token ``GET /metrics`` needs; None: the same as ``token``.
+    state_dir
+        Keep the trainer's state in this directory (see :mod:`~aumai_fedtrain.network.node_state`):
+        loaded when the node starts, written after every round it trains.
     """
 
     node_id: str
@@ -140,6 +152,8 @@ class NodeSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     trainer_name: str = "custom"
     allow_unsigned_requests: bool = False
+    metrics_token: bytes | None = field(default=None, repr=False)
+    state_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -186,8 +200,9 @@ class _Node:
     node's key get that far (see :meth:`_check_signature`).
     """
 
-    def __init__(self, settings: NodeSettings) -> None:
+    def __init__(self, settings: NodeSettings, metrics: NodeMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.rounds_trained = 0
         self._lock = threading.Lock()
         self._verifier = HashVerifier()
@@ -195,6 +210,35 @@ class _Node:
         self._trainer = self._new_trainer()
         self._last_round: int | None = None
         self._state_before_last_round: TensorMap = {}
+        if settings.state_dir is not None:
+            self._restore(settings.state_dir)
+
+    def _restore(self, directory: Path) -> None:
+        """Take up the state saved in ``directory`` by an earlier run of this node."""
+        saved = load_node_state(directory, self.settings.node_id)
+        if saved is None:
+            return
+        try:
+            self._trainer.load_state_dict(saved.after)
+        except Exception as exc:
+            raise RuntimeError(
+                f"the trainer cannot take up the state in {str(directory)!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._last_round = saved.last_round
+        self._state_before_last_round = saved.before
+        logger.info("took up the trainer state after round %d from %s", saved.last_round, directory)
+
+    def _save(self, round_id: int) -> None:
+        """Write the trainer's state after ``round_id`` to the state directory, if any."""
+        if self.settings.state_dir is None:
+            return
+        state = NodeState(round_id, self._state_before_last_round, self._trainer.state_dict())
+        try:
+            save_node_state(self.settings.state_dir, self.settings.node_id, state)
+        except OSError as exc:
+            logger.error("round %d: cannot save the node state: %s", round_id, exc)
+            raise WireError(f"the node cannot save its state: {exc.strerror or exc}", 500) from None
 
     def _new_trainer(self) -> NodeTrainer:
         try:
@@ -216,13 +260,27 @@ class _Node:
         )
 
     async def nonce(self, request: Request) -> Response:
-        denied = self._authorize(request.headers.get("authorization"))
+        denied = _authorize(request.headers.get("authorization"), self.settings.token)
         if denied is not None:
             return denied
         return JSONResponse(NonceAnswer(nonce=self._nonces.issue()).model_dump())
 
+    async def metrics_endpoint(self, request: Request) -> Response:
+        expected = self.settings.metrics_token or self.settings.token
+        denied = _authorize(request.headers.get("authorization"), expected)
+        if denied is not None:
+            return denied
+        content, content_type = self.metrics.render()
+        return Response(content, headers={"content-type": content_type})
+
     async def train(self, request: Request) -> Response:
-        denied = self._authorize(request.headers.get("authorization"))
+        response = await self._answer(request)
+        self.metrics.request(_OUTCOMES.get(response.status_code, "failed"))
+        self.metrics.sent_bytes.inc(len(response.body))  # answers of every outcome
+        return response
+
+    async def _answer(self, request: Request) -> Response:
+        denied = _authorize(request.headers.get("authorization"), self.settings.token)
         if denied is not None:
             return denied
         try:
@@ -232,7 +290,7 @@ class _Node:
             except ValueError as exc:
                 raise WireError(str(exc)) from None
             signed = self._signature(request)
-            body = await _read_body(request, self.settings.max_body_bytes)
+            body = await _read_body(request, self.settings.max_body_bytes, self.metrics)
             train_request = await run_in_threadpool(self._decode, body, content_type, nonce, signed)
             fmt = response_media_type(request.headers.get("accept"))
             content, signature = await run_in_threadpool(self._train, train_request, nonce, fmt)
@@ -241,19 +299,6 @@ class _Node:
         except ClientDisconnect:  # (cut off by the body timeout, or gone): no one to answer
             return _problem("the client went away before its request was complete", 400)
         return Response(content, media_type=fmt, headers={SIGNATURE_HEADER: signature})
-
-    def _authorize(self, header: str | None) -> Response | None:
-        expected = self.settings.token
-        if expected is None:
-            return None
-        scheme, _, token = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            response = _problem("a bearer token is required", 401)
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
-        if not tokens_equal(token.strip(), expected):
-            return _problem("wrong token", 403)
-        return None
 
     def _signature(self, request: Request) -> _Signature | None:
         """The request's signature headers, its node nonce used up; 401 saying what is missing.
@@ -324,6 +369,7 @@ class _Node:
         started = time.perf_counter()
         with self._lock:
             update = self._train_round(request.round_id, request.global_weights)
+            self._save(request.round_id)
             self.rounds_trained += 1
         signature = sign_update(self.settings.key, update, nonce, self._verifier)
         logger.info(
@@ -369,7 +415,8 @@ class _Node:
     def _run(self, trainer: NodeTrainer, round_id: int, weights: TensorMap) -> LocalUpdate:
         """The trainer's update for ``round_id``, or :class:`WireError` (422 or 500)."""
         try:
-            result = trainer.train(round_id, weights)
+            with self.metrics.training_seconds.time():
+                result = trainer.train(round_id, weights)
         except ValueError as exc:
             raise WireError(f"the trainer cannot use this request: {exc}", 422) from None
         except Exception as exc:
@@ -392,11 +439,38 @@ def _copy(state: TensorMap) -> TensorMap:
     return {key: np.array(value, copy=True) for key, value in state.items()}
 
 
+_OUTCOMES = {
+    200: "trained",
+    401: "unauthorized",
+    403: "unauthorized",
+    400: "bad_request",
+    413: "bad_request",
+    415: "bad_request",
+    422: "bad_request",
+}
+"""HTTP status of a ``POST /train`` answer -> the outcome counted (others: ``failed``)."""
+
+
+def _authorize(header: str | None, expected: bytes | None) -> Response | None:
+    """None when ``header`` carries the bearer token ``expected`` (or none is needed), else
+    the 401 or 403 answer."""
+    if expected is None:
+        return None
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        response = _problem("a bearer token is required", 401)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    if not tokens_equal(token.strip(), expected):
+        return _problem("wrong token", 403)
+    return None
+
+
 def _problem(detail: str, status: int) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, metrics: NodeMetrics) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -405,6 +479,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
+        metrics.received_bytes.inc(len(chunk))
         if size > limit:
             raise WireError(f"body exceeds the limit of {limit} bytes", 413)
         chunks.append(chunk)
@@ -418,15 +493,24 @@ def _check_finite(weights: TensorMap) -> None:
 
 
 def create_app(settings: NodeSettings) -> Starlette:
-    """The node's ASGI application (``POST /train``, ``GET /nonce``, ``GET /health``)."""
-    node = _Node(settings)
-    return Starlette(
+    """The node's ASGI application (``POST /train``, ``GET /nonce``, ``GET /health``,
+    ``GET /metrics``).
+
+    Its counters are ``app.state.metrics`` (a
+    :class:`~aumai_fedtrain.observability.prometheus.NodeMetrics`).
+    """
+    metrics = NodeMetrics()
+    node = _Node(settings, metrics)
+    app = Starlette(
         routes=[
             Route("/train", node.train, methods=["POST"]),
             Route("/nonce", node.nonce, methods=["GET"]),
             Route("/health", node.health, methods=["GET"]),
+            Route("/metrics", node.metrics_endpoint, methods=["GET"]),
         ]
     )
+    app.state.metrics = metrics
+    return app
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -445,25 +529,33 @@ def serve(
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    own_logging: bool = True,
 ) -> None:
     """Serve the node ``app`` (:func:`create_app`) on the listening socket ``sock`` until
     interrupted (SIGINT/SIGTERM).
 
     ``header_timeout``, ``body_timeout`` and ``max_connections`` bound idle and stalled
-    connections (see the module doc).
+    connections (see the module doc); a connection refused for want of room is counted as a
+    ``busy`` request in the app's metrics. With ``own_logging=False`` uvicorn's loggers go to
+    the root logger's handlers (as set up by the caller, e.g. for JSON lines) instead of
+    uvicorn's own.
     """
     open_files = raise_open_files_limit()
+    metrics = getattr(app.state, "metrics", None)
     protocol = functools.partial(
         _GuardedProtocol,
         header_timeout=header_timeout,
         body_timeout=body_timeout,
         max_connections=max(1, min(max_connections, open_files - _SPARE_FILES)),
+        on_refused=metrics.busy if isinstance(metrics, NodeMetrics) else None,
     )
+    extra: dict[str, Any] = {} if own_logging else {"log_config": None}
     config = uvicorn.Config(
         app,
         http=protocol,  # type: ignore[arg-type]  # a protocol factory, as uvicorn calls it
         loop="asyncio",
         log_level=log_level,
+        **extra,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         timeout_keep_alive=max(1, round(header_timeout)),
@@ -530,12 +622,14 @@ class _GuardedProtocol(H11Protocol):
         header_timeout: float,
         body_timeout: float,
         max_connections: int,
+        on_refused: Callable[[], None] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._max_connections = max_connections
+        self._on_refused = on_refused
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
         self._refused = False
@@ -550,6 +644,8 @@ class _GuardedProtocol(H11Protocol):
             if not waiting:  # every connection carries a complete request: no room
                 self._refused = True
                 transport.abort()
+                if self._on_refused is not None:
+                    self._on_refused()
                 return
             min(waiting, key=lambda connection: connection._last_read).close_stalled()
         super().connection_made(transport)

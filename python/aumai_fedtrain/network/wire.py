@@ -49,7 +49,10 @@ __all__ = [
     "expected_tensors",
     "max_update_bytes",
     "media_type",
+    "request_body_bytes",
     "response_media_type",
+    "safetensors_body_bytes",
+    "update_body_bytes",
 ]
 
 JSON = "application/json"
@@ -141,8 +144,11 @@ def encode_request(request: TrainRequest, fmt: str) -> bytes:
     """Serialise a train request as ``fmt`` (:data:`JSON` or :data:`SAFETENSORS`)."""
     if _check_format(fmt) == JSON:
         return request.model_dump_json().encode("utf-8")
-    metadata = {_FORMAT_KEY: _REQUEST_KIND, "round_id": str(request.round_id)}
-    return _pack(request.global_weights, metadata)
+    return _pack(request.global_weights, _request_metadata(request.round_id))
+
+
+def _request_metadata(round_id: int) -> dict[str, str]:
+    return {_FORMAT_KEY: _REQUEST_KIND, "round_id": str(round_id)}
 
 
 def decode_request(body: bytes, content_type: str) -> TrainRequest:
@@ -161,14 +167,50 @@ def encode_update(update: LocalUpdate, fmt: str) -> bytes:
     """Serialise a local update as ``fmt`` (:data:`JSON` or :data:`SAFETENSORS`)."""
     if _check_format(fmt) == JSON:
         return update.model_dump_json().encode("utf-8")
-    metadata = {
+    return _pack(update.gradients, _update_metadata(update))
+
+
+def _update_metadata(update: LocalUpdate) -> dict[str, str]:
+    return {
         _FORMAT_KEY: _UPDATE_KIND,
         "node_id": update.node_id,
         "round_id": str(update.round_id),
         "loss": repr(update.loss),
         "samples_used": str(update.samples_used),
     }
-    return _pack(update.gradients, metadata)
+
+
+def safetensors_body_bytes(shapes: Expected, metadata: Mapping[str, str]) -> int:
+    """The exact size of the safetensors body of float64 tensors of ``shapes`` with ``metadata``.
+
+    Computed without building the body: 8 bytes of header length, the JSON header (its tensors
+    in name order with their data offsets, padded with spaces to a multiple of 8 bytes), then
+    8 bytes per value.
+    """
+    header: dict[str, object] = {_RESERVED_NAME: dict(metadata)}
+    offset = 0
+    for name in sorted(shapes):
+        end = offset + math.prod(shapes[name]) * _ITEM_BYTES
+        header[name] = {
+            "dtype": _WIRE_DTYPE_NAME,
+            "shape": list(shapes[name]),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _HEADER_LENGTH_BYTES + len(text) + (-len(text)) % _ITEM_BYTES + offset
+
+
+def request_body_bytes(round_id: int, shapes: Expected) -> int:
+    """Bytes of the safetensors body of a train request for ``round_id`` with a model of
+    ``shapes`` (what :func:`encode_request` makes), computed without building it."""
+    return safetensors_body_bytes(shapes, _request_metadata(round_id))
+
+
+def update_body_bytes(update: LocalUpdate) -> int:
+    """Bytes of ``update``'s safetensors body (what :func:`encode_update` makes), computed
+    without building it."""
+    return safetensors_body_bytes(expected_tensors(update.gradients), _update_metadata(update))
 
 
 def decode_update(body: bytes, content_type: str, expected: Expected | None = None) -> LocalUpdate:

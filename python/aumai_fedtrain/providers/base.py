@@ -3,8 +3,36 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
 
 from aumai_fedtrain.models import FederatedNode, GlobalState, LocalUpdate, TensorMap, TrainingConfig
+
+
+@dataclass
+class RoundStats:
+    """What a provider measured in a round: bytes each way, the nodes' times, who was benched.
+
+    Parameters
+    ----------
+    bytes_to_nodes
+        Bytes of the request bodies sent to the nodes.
+    bytes_from_nodes
+        Bytes of the answer bodies received from the nodes.
+    node_seconds
+        Node id -> seconds, for every node asked.
+    time_kind
+        ``"answer"`` (a node's answer time, seen from the coordinator) or ``"training"``
+        (the trainer's time, for nodes in this process).
+    benched
+        Nodes that were benched and sat the round out.
+    """
+
+    bytes_to_nodes: int
+    bytes_from_nodes: int
+    node_seconds: dict[str, float] = field(default_factory=dict)
+    time_kind: Literal["answer", "training"] = "answer"
+    benched: list[str] = field(default_factory=list)
 
 
 class UpdateProvider(ABC):
@@ -41,6 +69,14 @@ class UpdateProvider(ABC):
         The coordinator adds them to the round's :attr:`RoundRecord.dropped`.
         """
         return {}
+
+    def round_stats(self, round_id: int) -> RoundStats | None:
+        """Bytes moved, the nodes' times and the benched nodes of ``round_id``, or None.
+
+        The coordinator puts them into the round's :class:`RoundRecord`; the default (None)
+        leaves those fields empty.
+        """
+        return None
 
     def state_dict(self) -> TensorMap:
         """State the provider keeps across rounds (e.g. nodes' inner optimizers), as tensors.

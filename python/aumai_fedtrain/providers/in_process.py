@@ -5,10 +5,18 @@ Each node's trainer is made by the factory of the node-trainer interface
 for the rest of the run: removing a node from the list never hands its state to another node,
 and a node added on resume starts from the global model with a fresh trainer. Nodes train one
 after the other.
+
+Nothing crosses a network, so the round's bytes (:meth:`InProcessProvider.round_stats`) are
+what the same exchange with real nodes would send on the default (safetensors) wire: the
+train request's body once per node, and each valid update's body, computed by the wire
+format's own size formula (:func:`~aumai_fedtrain.network.wire.request_body_bytes`,
+:func:`~aumai_fedtrain.network.wire.update_body_bytes`). Node times are the trainers'
+``train`` calls.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from aumai_fedtrain.models import (
@@ -18,7 +26,8 @@ from aumai_fedtrain.models import (
     TensorMap,
     TrainingConfig,
 )
-from aumai_fedtrain.providers.base import UpdateProvider
+from aumai_fedtrain.network.wire import expected_tensors, request_body_bytes, update_body_bytes
+from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
 from aumai_fedtrain.trainer import (
     Evaluator,
     ModelInit,
@@ -72,12 +81,14 @@ class InProcessProvider(UpdateProvider):
         self.on_node_done = on_node_done
         self._trainers: dict[str, NodeTrainer] = {}
         self._failures: dict[int, dict[str, str]] = {}
+        self._stats: dict[int, RoundStats] = {}
 
     def configure(self, config: TrainingConfig) -> None:
         """Remember the run's config; trainers of an earlier run are dropped."""
         super().configure(config)
         self._trainers.clear()
         self._failures.clear()
+        self._stats.clear()
 
     def initial_parameters(self, config: TrainingConfig) -> TensorMap | None:
         """The initial global model from ``model_init`` (None without one)."""
@@ -113,16 +124,29 @@ class InProcessProvider(UpdateProvider):
         parameters = state.parameters if state.parameters is not None else {}
         updates: list[LocalUpdate] = []
         failures: dict[str, str] = {}
+        seconds: dict[str, float] = {}
+        received = 0
         for done, node in enumerate(nodes, start=1):
+            started = time.perf_counter()
             result = self._train(node.node_id, round_id, parameters)
+            seconds[node.node_id] = time.perf_counter() - started
             try:
-                updates.append(as_update(result, node.node_id, round_id))
+                update = as_update(result, node.node_id, round_id)
             except TrainerResultError as exc:
                 failures[node.node_id] = str(exc)
+            else:
+                updates.append(update)
+                received += update_body_bytes(update)
             if self.on_node_done is not None:
                 self.on_node_done(done, len(nodes))
         self._failures = {round_id: failures}
+        sent = request_body_bytes(round_id, expected_tensors(parameters)) * len(nodes)
+        self._stats = {round_id: RoundStats(sent, received, seconds, "training")}
         return updates
+
+    def round_stats(self, round_id: int) -> RoundStats | None:
+        """Bytes (as the safetensors wire would move them) and training times of ``round_id``."""
+        return self._stats.get(round_id)
 
     def round_failures(self, round_id: int) -> dict[str, str]:
         """Nodes whose trainer returned no valid update in ``round_id``, with why."""
