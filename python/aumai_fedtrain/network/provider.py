@@ -40,7 +40,6 @@ from typing import Any, Literal
 
 import httpx
 
-from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.coordinator import QuorumError
 from aumai_fedtrain.models import FederatedNode, GlobalState, LocalUpdate, TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
@@ -50,6 +49,7 @@ from aumai_fedtrain.network.auth import (
     ROUND_HEADER,
     SIGNATURE_HEADER,
     SecretError,
+    SignatureVersionError,
     check_token,
     new_nonce,
     sign_request,
@@ -105,12 +105,11 @@ _PROBE_SECONDS = 5.0
 # bounded by max_workers.
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 # Memory, per byte of an answer's body or per value, that decoding and checking it may take
-# (measured: parsing JSON peaks at ~80 bytes per float64, the reference hash at ~10 bytes per
-# byte of values; safetensors decodes into one copy).
+# (measured: parsing JSON peaks at ~80 bytes per float64; safetensors decodes into one copy;
+# the signature's wire digest reads the values in place).
 _JSON_BYTES_PER_BODY_BYTE = 3
 _JSON_BYTES_PER_ITEM = 96
 _JSON_BYTES_PER_BODY_BYTE_UNKNOWN_MODEL = 64
-_PYTHON_HASH_BYTES_PER_VALUE_BYTE = 11
 _VALUE_BYTES = 8
 
 
@@ -247,7 +246,6 @@ class HttpUpdateProvider(UpdateProvider):
             except (OSError, ssl.SSLError) as exc:
                 raise ValueError(f"cannot load the CA file {str(ca_file)!r}: {exc}") from None
         self._hasher = HashVerifier()
-        self._python_hash = get_backend() is get_backend("python")
 
     def initial_parameters(self, config: TrainingConfig) -> TensorMap | None:
         """The initial global model from ``model_init`` (None without one)."""
@@ -569,8 +567,6 @@ class HttpUpdateProvider(UpdateProvider):
                 need = size * _JSON_BYTES_PER_BODY_BYTE + (values + lists) * _JSON_BYTES_PER_ITEM
         else:
             need = size + values * _VALUE_BYTES if expected is not None else 2 * size
-        if self._python_hash:  # the reference hash renders the gradients as JSON text
-            need += values * _VALUE_BYTES * _PYTHON_HASH_BYTES_PER_VALUE_BYTE
         return need
 
     def _unreachable(
@@ -621,7 +617,11 @@ class HttpUpdateProvider(UpdateProvider):
             problem = model_mismatch(shapes, round_.expected)
             if problem is not None:
                 raise _Dropped(problem)
-        if not verify_update(self.keys[node.node_id], update, signature, nonce, self._hasher):
+        try:
+            valid = verify_update(self.keys[node.node_id], update, signature, nonce, self._hasher)
+        except SignatureVersionError as exc:
+            raise _Dropped(str(exc)) from None
+        if not valid:
             raise _Dropped("bad signature: tampered with, or signed with another key")
 
 
