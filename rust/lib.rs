@@ -15,6 +15,7 @@ pub mod hash;
 pub mod key;
 pub mod magnitude;
 pub mod parallel;
+pub mod robust;
 mod simd;
 pub mod wire;
 

@@ -122,3 +122,40 @@ def weighted_average(
         non-str key (naming the update), or a non-numeric value or NumPy array subclass
         (naming the key and the update).
     """
+
+def median(updates: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Coordinate-wise median of gradient maps, in float64 (``aumai_fedtrain.robust.median``).
+
+    Every map must have the keys of the first, in the same order, with the same shapes. Values
+    are read as float64 and ``-0.0`` as ``+0.0``; an even count's median is ``(a + b) * 0.5``.
+    Threaded over coordinates; the values must be finite (``aumai_fedtrain.robust`` checks).
+
+    Raises
+    ------
+    ValueError
+        No maps (``"cannot aggregate an empty list of updates"``), keys or shapes that differ.
+    TypeError
+        As :func:`weighted_average` does.
+    """
+
+def trimmed_mean(updates: Sequence[Mapping[str, Any]], trim: int) -> dict[str, np.ndarray]:
+    """Coordinate-wise mean without the ``trim`` smallest and ``trim`` largest values.
+
+    The kept values are summed in ascending order from ``0.0`` and divided by their count.
+    Raises as :func:`median` does, and ``ValueError`` when ``2 * trim >= len(updates)``.
+    """
+
+def squared_distances(
+    updates: Sequence[Mapping[str, Any]], center: Mapping[str, Any] | None = None
+) -> list[float]:
+    """Each map's squared L2 distance to ``center`` (its squared norm when None).
+
+    Per key, the squared differences accumulate in 8 lanes (value ``i`` into lane ``i % 8``),
+    combined as ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``; the keys' sums are added
+    in key order from ``0.0``. Threaded over the maps. Raises as :func:`median` does (a
+    ``center`` with other keys is named ``center``).
+    """
+
+def pairwise_squared_distances(updates: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """The symmetric ``N x N`` matrix of squared L2 distances (as :func:`squared_distances`
+    sums them; zero diagonal), threaded over the pairs. Raises as :func:`median` does."""

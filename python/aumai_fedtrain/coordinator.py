@@ -37,6 +37,7 @@ from aumai_fedtrain.models import (
 from aumai_fedtrain.observability.metrics_file import METRICS_FILE, MetricsFile
 from aumai_fedtrain.outer import outer_step, zero_momentum
 from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
+from aumai_fedtrain.robust import RobustAggregator
 from aumai_fedtrain.screening import screen_updates
 
 logger = logging.getLogger("aumai_fedtrain")
@@ -109,7 +110,7 @@ class DiLoCoCoordinator:
         credit_tracker: CreditTracker | None = None,
     ) -> None:
         self._backend = backend
-        self._averager = GradientAverager(backend=backend)
+        self._averager: GradientAverager | RobustAggregator = GradientAverager(backend=backend)
         self.credit_tracker = credit_tracker if credit_tracker is not None else CreditTracker()
         self._config: TrainingConfig | None = None
         self._nodes: dict[str, FederatedNode] = {}
@@ -130,7 +131,7 @@ class DiLoCoCoordinator:
         check_unique_node_ids(nodes)
         self._config = config
         self._nodes = {node.node_id: node for node in nodes}
-        self._averager = GradientAverager(config.aggregation_weights, self._backend)
+        self._averager = RobustAggregator(config, self._backend, num_nodes=len(nodes))
         if parameters is None:
             return GlobalState(round_id=0)
         params = _initial_parameters(parameters)

@@ -27,6 +27,7 @@ from pydantic import (
 __all__ = [
     "MAX_LISTED_NODES",
     "PHASES",
+    "AggregationConfig",
     "FederatedNode",
     "GlobalState",
     "LocalUpdate",
@@ -182,6 +183,34 @@ class SimulationConfig(_Model):
     )
 
 
+AggregationRule = Literal["mean", "median", "trimmed_mean", "centered_clip", "krum"]
+
+
+class AggregationConfig(_Model):
+    """How the coordinator combines a round's screened updates (:mod:`aumai_fedtrain.robust`).
+
+    ``rule`` is the weighted ``mean`` (default, weighted by ``aggregation_weights``) or a
+    Byzantine-robust rule, which weighs every update equally: ``median``, ``trimmed_mean``
+    (drops ``floor(trim_fraction * N)`` values per side and coordinate), ``centered_clip``
+    (clip radius ``clip_radius``, None: the round's median distance from the median;
+    ``clip_iterations`` steps) or multi-``krum`` (``krum_f`` assumed attackers, ``krum_m``
+    selected, None: ``N - krum_f``). ``norm_clip`` first scales every update down to at most
+    that multiple of the round's median update norm, whatever the rule.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", ser_json_inf_nan="constants", validate_assignment=True, strict=True
+    )
+
+    rule: AggregationRule = "mean"
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.25
+    clip_radius: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    clip_iterations: PositiveInt = 3
+    krum_f: Annotated[int, Field(ge=0)] = 2
+    krum_m: PositiveInt | None = None
+    norm_clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+
+
 class TrainingConfig(_Model):
     """Configuration of a run: inner (node) and outer (coordinator) optimisation settings.
 
@@ -204,6 +233,7 @@ class TrainingConfig(_Model):
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = True
     aggregation_weights: Literal["samples", "uniform"] = "samples"
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     seed: int = 0
     max_loss: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e9
     max_abs_update: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e4

@@ -12,6 +12,7 @@
 
 mod input;
 mod lists;
+mod robust;
 mod source;
 
 use numpy::ndarray::{ArrayD, IxDyn};
@@ -34,6 +35,8 @@ use source::{average_source, gradient_sources, hash_source, Take};
 /// Native hot paths of aumai-fedtrain (same contract as `aumai_fedtrain._fallback`).
 #[pymodule]
 mod _native {
+    #[pymodule_export]
+    use super::robust::{median, pairwise_squared_distances, squared_distances, trimmed_mean};
     #[pymodule_export]
     use super::{canonical_hash, canonical_hashes, max_abs, weighted_average, wire_digest};
 

@@ -1,0 +1,477 @@
+"""Byzantine-robust aggregation rules: pure functions over the round's updates.
+
+Each rule takes every screened update of a round (gradient maps with the same keys and shapes)
+and returns one float64 gradient map, like the weighted mean of
+:mod:`aumai_fedtrain.aggregation`:
+
+- :func:`median`: the coordinate-wise median;
+- :func:`trimmed_mean`: per coordinate, drop the ``floor(beta * N)`` largest and smallest
+  values and average the rest;
+- :func:`krum`: multi-Krum (Blanchard et al. 2017, El Mhamdi et al. 2018): score each update by
+  the summed squared L2 distances to its ``N - f - 2`` nearest neighbours and average the ``m``
+  best-scored updates;
+- :func:`centered_clip`: CenteredClip (Karimireddy et al. 2021, as in hivemind), started from
+  the round's coordinate-wise median (stateless: the previous round's aggregate is not kept);
+- :func:`clip_norms`: per-update L2 norm clipping to a multiple of the round's median norm,
+  applied before any rule (:func:`aggregate` composes them).
+
+Sample weights buy no influence: the robust rules weigh every update equally, whatever
+``samples_used`` a node claims (only the plain mean weighs by samples, and screening caps the
+claim at what a node can process in a round).
+
+The coordinate work runs in the native core when it is available (``median``,
+``trimmed_mean``, ``squared_distances``, ``pairwise_squared_distances`` of
+:mod:`aumai_fedtrain._native`), else in the NumPy functions of this module; both give the same
+bits, because every float operation and its order is specified here:
+
+- values are read as float64 and signed zeros as ``+0.0`` (``x + 0.0``), so sorting is total;
+- the median of an even count is ``(a + b) * 0.5`` of the two middle values;
+- the trimmed mean sums the kept values in ascending order from ``0.0`` and divides by their
+  count;
+- a squared distance ``sum((x - y) ** 2)`` over one key accumulates the squared differences of
+  the row-major values in 8 lanes (value ``i`` into lane ``i % 8``, in order), combines them as
+  ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``, and adds the keys' sums in key order
+  from ``0.0``;
+- every mean of whole updates (Krum's, CenteredClip's steps) is the backend's
+  ``weighted_average``, already bit-exact across backends.
+
+Rules run after screening, so their input is finite; a non-finite value is a ``ValueError``
+naming the rule, the key and the update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, cast
+
+import numpy as np
+
+from aumai_fedtrain import _fallback
+from aumai_fedtrain.aggregation import GradientAverager, update_weights
+from aumai_fedtrain.backend import Backend, get_backend
+from aumai_fedtrain.models import AggregationConfig, LocalUpdate, TensorMap, TrainingConfig
+
+__all__ = [
+    "LANES",
+    "RobustAggregator",
+    "aggregate",
+    "centered_clip",
+    "clip_norms",
+    "krum",
+    "median",
+    "trimmed_mean",
+]
+
+LANES = 8
+"""Lanes of every sum of squares (see the module docstring)."""
+
+
+class Kernels(Protocol):
+    """The coordinate work of the rules, native or NumPy (same bits)."""
+
+    def median(self, updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]: ...
+
+    def trimmed_mean(
+        self, updates: Sequence[Mapping[str, np.ndarray]], trim: int
+    ) -> dict[str, np.ndarray]: ...
+
+    def squared_distances(
+        self,
+        updates: Sequence[Mapping[str, np.ndarray]],
+        center: Mapping[str, np.ndarray] | None = None,
+    ) -> list[float]: ...
+
+    def pairwise_squared_distances(
+        self, updates: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[list[float]]: ...
+
+
+# --- the NumPy kernels (the fallback) ---------------------------------------------------------
+
+
+def _stacked(updates: Sequence[Mapping[str, np.ndarray]], key: str) -> np.ndarray:
+    """The updates' values of ``key`` as an ``(N, size)`` float64 array, signed zeros as +0.0."""
+    return np.stack([np.asarray(u[key], dtype=np.float64).reshape(-1) for u in updates]) + 0.0
+
+
+def _coordinatewise(
+    updates: Sequence[Mapping[str, np.ndarray]], reduce: Callable[[np.ndarray], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``reduce`` of each key's sorted ``(N, size)`` values, in the first update's shapes."""
+    first = updates[0]
+    return {
+        key: reduce(np.sort(_stacked(updates, key), axis=0)).reshape(np.shape(value))
+        for key, value in first.items()
+    }
+
+
+def _median_of_sorted(ordered: np.ndarray) -> np.ndarray:
+    half = len(ordered) // 2
+    if len(ordered) % 2:
+        return np.array(ordered[half])
+    return np.asarray((ordered[half - 1] + ordered[half]) * 0.5)
+
+
+def numpy_median(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Coordinate-wise median (NumPy kernel; see the module docstring for the arithmetic)."""
+    return _coordinatewise(updates, _median_of_sorted)
+
+
+def numpy_trimmed_mean(
+    updates: Sequence[Mapping[str, np.ndarray]], trim: int
+) -> dict[str, np.ndarray]:
+    """Per coordinate, the mean of the sorted values ``trim .. N - trim`` (NumPy kernel)."""
+
+    def reduce(ordered: np.ndarray) -> np.ndarray:
+        total = np.zeros(ordered.shape[1])
+        for row in ordered[trim : len(ordered) - trim]:
+            total = total + row
+        return total / (len(ordered) - 2 * trim)
+
+    return _coordinatewise(updates, reduce)
+
+
+def _sum_of_squares(values: np.ndarray) -> float:
+    """``sum(values ** 2)`` in :data:`LANES` lanes (see the module docstring)."""
+    flat = np.asarray(values, dtype=np.float64).reshape(-1)
+    squares = flat * flat
+    padded = np.zeros(-(-flat.size // LANES) * LANES)
+    padded[: flat.size] = squares
+    if not padded.size:
+        return 0.0
+    # A running sum down the rows: each lane summed in order, as the native kernel does.
+    lanes = np.cumsum(padded.reshape(-1, LANES), axis=0)[-1]
+    low = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+    high = (lanes[4] + lanes[5]) + (lanes[6] + lanes[7])
+    return float(low + high)
+
+
+def _squared_distance(x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray] | None) -> float:
+    total = 0.0
+    for key, value in x.items():
+        values = np.asarray(value, dtype=np.float64)
+        if y is not None:
+            values = values - np.asarray(y[key], dtype=np.float64)
+        total = total + _sum_of_squares(values)
+    return total
+
+
+def numpy_squared_distances(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    center: Mapping[str, np.ndarray] | None = None,
+) -> list[float]:
+    """Each update's squared L2 distance to ``center`` (its squared norm without one)."""
+    return [_squared_distance(update, center) for update in updates]
+
+
+def numpy_pairwise_squared_distances(
+    updates: Sequence[Mapping[str, np.ndarray]],
+) -> list[list[float]]:
+    """The ``N x N`` symmetric matrix of squared L2 distances (zero diagonal)."""
+    matrix = [[0.0] * len(updates) for _ in updates]
+    for i, x in enumerate(updates):
+        for j in range(i + 1, len(updates)):
+            matrix[i][j] = matrix[j][i] = _squared_distance(x, updates[j])
+    return matrix
+
+
+class _NumpyKernels:
+    median = staticmethod(numpy_median)
+    trimmed_mean = staticmethod(numpy_trimmed_mean)
+    squared_distances = staticmethod(numpy_squared_distances)
+    pairwise_squared_distances = staticmethod(numpy_pairwise_squared_distances)
+
+
+def kernels(backend: Backend) -> Kernels:
+    """The coordinate kernels of ``backend``: the NumPy ones for the python backend."""
+    if backend is cast(Backend, _fallback):
+        return _NumpyKernels()
+    return cast(Kernels, backend)
+
+
+# --- the rules ----------------------------------------------------------------------------------
+
+
+def _checked(
+    rule: str, updates: Sequence[Mapping[str, np.ndarray]], backend: Backend
+) -> list[dict[str, np.ndarray]]:
+    """The updates as maps of arrays in the first update's key order, checked for the rules."""
+    if not updates:
+        raise ValueError(f"{rule}: cannot aggregate an empty list of updates")
+    first = {key: np.asarray(value) for key, value in updates[0].items()}
+    maps = []
+    for index, update in enumerate(updates):
+        if update.keys() != first.keys():
+            raise ValueError(
+                f"{rule}: update #{index} has keys {sorted(update)}, update #0 has "
+                f"{sorted(first)} (robust rules need the same keys from every update)"
+            )
+        arrays = {key: np.asarray(update[key]) for key in first}
+        for key, value in arrays.items():
+            if value.shape != first[key].shape:
+                raise ValueError(
+                    f"{rule}: gradient {key!r} has shape {value.shape} in update #{index}, "
+                    f"{first[key].shape} in update #0"
+                )
+        maps.append(arrays)
+    for index, magnitudes in enumerate(backend.max_abs(maps)):
+        for key, magnitude in zip(maps[index], magnitudes, strict=True):
+            if not math.isfinite(magnitude):
+                raise ValueError(
+                    f"{rule}: gradient {key!r} of update #{index} has non-finite values "
+                    "(rules run on screened, finite updates)"
+                )
+    return maps
+
+
+def median(
+    updates: Sequence[Mapping[str, np.ndarray]], backend: str | None = None
+) -> dict[str, np.ndarray]:
+    """Coordinate-wise median of ``updates`` (unweighted), in float64.
+
+    Raises
+    ------
+    ValueError
+        No updates, keys or shapes that differ between updates, or non-finite values.
+    """
+    chosen = get_backend(backend)
+    return kernels(chosen).median(_checked("median", updates, chosen))
+
+
+def check_trim_fraction(trim_fraction: float, count: int) -> int:
+    """How many values per side a trimmed mean of ``count`` updates drops (``ValueError``)."""
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(
+            f"trimmed_mean: trim fraction {trim_fraction!r} must be in [0, 0.5) "
+            f"(N = {count} updates)"
+        )
+    return math.floor(trim_fraction * count)
+
+
+def trimmed_mean(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    trim_fraction: float,
+    backend: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Per coordinate, the mean after dropping the ``floor(trim_fraction * N)`` largest and
+    smallest values (unweighted), in float64.
+
+    Raises
+    ------
+    ValueError
+        A trim fraction outside ``[0, 0.5)``, no updates, keys or shapes that differ, or
+        non-finite values.
+    """
+    chosen = get_backend(backend)
+    trim = check_trim_fraction(trim_fraction, len(updates))
+    return kernels(chosen).trimmed_mean(_checked("trimmed_mean", updates, chosen), trim)
+
+
+def check_krum(count: int, f: int, m: int | None) -> int:
+    """How many updates multi-Krum selects from ``count`` (``ValueError`` when it cannot)."""
+    if f < 0:
+        raise ValueError(f"krum: f = {f} assumed attackers must be >= 0")
+    if count < f + 3:
+        raise ValueError(
+            f"krum: N = {count} updates is too few for f = {f} assumed attackers (each score "
+            f"sums the distances to the N - f - 2 nearest updates: needs N >= f + 3 = {f + 3})"
+        )
+    selected = count - f if m is None else m
+    if not 1 <= selected <= count - f:
+        raise ValueError(
+            f"krum: m = {selected} selected updates must be in [1, N - f] = [1, {count - f}] "
+            f"(N = {count}, f = {f})"
+        )
+    return selected
+
+
+def krum_scores(distances: Sequence[Sequence[float]], f: int) -> list[float]:
+    """Each update's Krum score: its ``N - f - 2`` smallest squared distances to the others,
+    summed in ascending order from ``0.0``."""
+    count = len(distances)
+    scores = []
+    for i, row in enumerate(distances):
+        nearest = sorted(row[j] for j in range(count) if j != i)[: count - f - 2]
+        score = 0.0
+        for distance in nearest:
+            score = score + distance
+        scores.append(score)
+    return scores
+
+
+def krum_selection(distances: Sequence[Sequence[float]], f: int, m: int | None) -> list[int]:
+    """Indices (ascending) of the ``m`` best-scored updates; ties go to the lower index."""
+    selected = check_krum(len(distances), f, m)
+    scores = krum_scores(distances, f)
+    best = sorted(range(len(scores)), key=lambda i: (scores[i], i))[:selected]
+    return sorted(best)
+
+
+def krum(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    f: int,
+    m: int | None = None,
+    backend: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Multi-Krum: the unweighted mean of the ``m`` updates (default ``N - f``) with the lowest
+    scores (:func:`krum_scores`); ``m = 1`` is Krum.
+
+    Raises
+    ------
+    ValueError
+        ``N < f + 3`` (naming the rule, N and f), ``m`` outside ``[1, N - f]``, no updates,
+        keys or shapes that differ, or non-finite values.
+    """
+    chosen = get_backend(backend)
+    check_krum(len(updates), f, m)
+    maps = _checked("krum", updates, chosen)
+    chosen_indices = krum_selection(kernels(chosen).pairwise_squared_distances(maps), f, m)
+    picked = [maps[i] for i in chosen_indices]
+    return _mean(chosen, picked, [1.0] * len(picked))
+
+
+def _mean(
+    backend: Backend, maps: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """The backend's weighted mean of ``maps``, in their shapes (empty values keep theirs)."""
+    mean = backend.weighted_average(maps, weights)
+    return {key: mean[key].reshape(np.shape(value)) for key, value in maps[0].items()}
+
+
+def _median_value(values: Sequence[float]) -> float:
+    """The median of numbers, with the rules' arithmetic (even count: ``(a + b) * 0.5``)."""
+    ordered = sorted(values)
+    half = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[half]
+    return (ordered[half - 1] + ordered[half]) * 0.5
+
+
+def centered_clip(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    tau: float | None = None,
+    iterations: int = 3,
+    backend: str | None = None,
+) -> dict[str, np.ndarray]:
+    """CenteredClip: from ``v`` = the coordinate-wise median, ``iterations`` times
+    ``v <- v + sum_i c_i (x_i - v) / N`` with ``c_i = min(1, tau / ||x_i - v||)``.
+
+    Each step is computed as the weighted mean of ``x_1 .. x_N, v`` with weights
+    ``c_1 .. c_N, N - sum(c)`` (the backend's ``weighted_average``). ``tau`` is the clip radius
+    in L2 norm; None takes the median of the distances ``||x_i - v||`` from the start (the
+    round's own scale) and keeps it for every iteration.
+
+    Raises
+    ------
+    ValueError
+        A non-positive ``tau`` or ``iterations``, no updates, keys or shapes that differ, or
+        non-finite values.
+    """
+    if tau is not None and not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"centered_clip: clip radius tau = {tau!r} must be finite and > 0")
+    if iterations < 1:
+        raise ValueError(f"centered_clip: iterations = {iterations} must be >= 1")
+    chosen = get_backend(backend)
+    maps = _checked("centered_clip", updates, chosen)
+    work = kernels(chosen)
+    center = work.median(maps)
+    count = len(maps)
+    radius = tau
+    for _ in range(iterations):
+        distances = [math.sqrt(d) for d in work.squared_distances(maps, center)]
+        if radius is None:
+            radius = _median_value(distances)
+        weights = [1.0 if d <= radius else radius / d for d in distances]
+        kept = 0.0
+        for weight in weights:
+            kept = kept + weight
+        center = _mean(chosen, [*maps, center], [*weights, max(0.0, count - kept)])
+    return center
+
+
+def clip_norms(
+    updates: Sequence[Mapping[str, np.ndarray]], multiple: float, backend: str | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Scale every update whose L2 norm exceeds ``multiple`` x the round's median norm down to
+    that norm (each value times ``threshold / norm``); the others are returned as they are.
+
+    Raises
+    ------
+    ValueError
+        A non-positive ``multiple``, no updates, keys or shapes that differ, or non-finite
+        values.
+    """
+    if not (math.isfinite(multiple) and multiple > 0):
+        raise ValueError(f"norm clipping: multiple {multiple!r} must be finite and > 0")
+    chosen = get_backend(backend)
+    maps = _checked("norm clipping", updates, chosen)
+    norms = [math.sqrt(d) for d in kernels(chosen).squared_distances(maps)]
+    threshold = multiple * _median_value(norms)
+    clipped = []
+    for update, norm in zip(maps, norms, strict=True):
+        if norm > threshold:
+            scale = threshold / norm
+            update = {
+                key: np.asarray(value, dtype=np.float64) * scale for key, value in update.items()
+            }
+        clipped.append(update)
+    return clipped
+
+
+def aggregate(
+    updates: Sequence[LocalUpdate],
+    config: AggregationConfig,
+    weights: Sequence[float],
+    backend: str | None = None,
+) -> TensorMap:
+    """The configured rule over ``updates``, after norm clipping when ``config.norm_clip`` is
+    set. ``weights`` are used by the mean alone (the robust rules are unweighted)."""
+    gradients: list[Mapping[str, np.ndarray]] = [update.gradients for update in updates]
+    if config.norm_clip is not None:
+        gradients = list(clip_norms(gradients, config.norm_clip, backend))
+    labels = [update.node_id for update in updates]
+    if config.rule == "mean":
+        return get_backend(backend).weighted_average(gradients, weights, labels)
+    if config.rule == "median":
+        return median(gradients, backend)
+    if config.rule == "trimmed_mean":
+        return trimmed_mean(gradients, config.trim_fraction, backend)
+    if config.rule == "krum":
+        return krum(gradients, config.krum_f, config.krum_m, backend)
+    return centered_clip(gradients, config.clip_radius, config.clip_iterations, backend)
+
+
+class RobustAggregator:
+    """The coordinator's aggregation strategy: the configured rule of ``config.aggregation``.
+
+    The plain mean without norm clipping is :class:`GradientAverager` itself (its fused path);
+    everything else goes through :func:`aggregate`.
+
+    Parameters
+    ----------
+    config
+        The run's configuration (``aggregation`` and ``aggregation_weights``).
+    backend
+        ``"native"``, ``"python"`` or None for the default.
+    num_nodes
+        The run's node count: multi-Krum checks its ``f`` and ``m`` against it when given.
+    """
+
+    def __init__(
+        self, config: TrainingConfig, backend: str | None = None, num_nodes: int | None = None
+    ) -> None:
+        self.config = config.aggregation
+        self.weighting = config.aggregation_weights
+        self._backend = backend
+        self._mean = GradientAverager(config.aggregation_weights, backend)
+        if num_nodes is not None and self.config.rule == "krum":
+            check_krum(num_nodes, self.config.krum_f, self.config.krum_m)
+
+    def average(self, updates: Sequence[LocalUpdate]) -> TensorMap:
+        """Aggregate ``updates`` with the configured rule."""
+        if self.config.rule == "mean" and self.config.norm_clip is None:
+            return self._mean.average(updates)
+        return aggregate(
+            updates, self.config, update_weights(updates, self.weighting), self._backend
+        )

@@ -1,0 +1,295 @@
+//! Byzantine-robust aggregation kernels: the coordinate work of `aumai_fedtrain.robust`.
+//!
+//! Every kernel takes the round's updates as `updates[u][k]`: update `u`'s array for key `k`,
+//! the keys in the same order and of the same shapes in every update. Values are read as
+//! doubles (float32 and ints widened exactly as NumPy casts them) and the results are doubles.
+//! The float arithmetic is specified so that the NumPy fallback gives the same bits:
+//!
+//! - [`median`] and [`trimmed_mean`] read every value as `x + 0.0` (so `-0.0` is `+0.0` and
+//!   the sort order is total), the median of an even count is `(a + b) * 0.5`, and the trimmed
+//!   mean sums the kept values in ascending order from `0.0`, then divides by their count;
+//! - [`squared_distances`] and [`pairwise_squared_distances`] sum squared differences per key
+//!   in [`LANES`] lanes (value `i` into lane `i % 8`, in order), combine the lanes as
+//!   `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`, and add the keys' sums in key order
+//!   from `0.0`.
+//!
+//! The kernels expect finite values (the Python layer checks them first); NaN never panics but
+//! gives unspecified results.
+
+mod clip;
+mod krum;
+mod median;
+mod trimmed_mean;
+
+use std::fmt;
+use std::ops::Range;
+
+use crate::array::{Array, ArrayData};
+use crate::{parallel, simd};
+
+pub use clip::squared_distances;
+pub use krum::pairwise_squared_distances;
+pub use median::median;
+pub use trimmed_mean::trimmed_mean;
+
+/// Lanes of every sum of squares.
+pub const LANES: usize = 8;
+
+/// Coordinates gathered per step of the coordinate-wise kernels, and values widened per step
+/// of the distance kernels (a multiple of [`LANES`]).
+const BLOCK: usize = 256;
+
+/// Why the updates cannot be aggregated. Each maps to a Python `ValueError`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RobustError {
+    /// No updates at all.
+    NoUpdates,
+    /// An update holds another number of arrays than update #0.
+    KeyCount {
+        update: usize,
+        count: usize,
+        expected: usize,
+    },
+    /// An array's shape differs from update #0's for the same key.
+    Shape {
+        update: usize,
+        entry: usize,
+        shape: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    /// More values trimmed per side than a trimmed mean can drop.
+    Trim { trim: usize, updates: usize },
+}
+
+impl fmt::Display for RobustError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use crate::error::shape_repr;
+        match self {
+            RobustError::NoUpdates => f.write_str("cannot aggregate an empty list of updates"),
+            RobustError::KeyCount {
+                update,
+                count,
+                expected,
+            } => write!(
+                f,
+                "update #{update} has {count} gradients, update #0 has {expected}"
+            ),
+            RobustError::Shape {
+                update,
+                entry,
+                shape,
+                expected,
+            } => write!(
+                f,
+                "gradient #{entry} has shape {} in update #{update}, {} in update #0",
+                shape_repr(shape),
+                shape_repr(expected)
+            ),
+            RobustError::Trim { trim, updates } => write!(
+                f,
+                "cannot trim {trim} values per side from {updates} updates (at least one must stay)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RobustError {}
+
+/// The updates of one round: `updates[u][k]` is update `u`'s array for key `k`.
+pub type Updates<'u, 'a> = [Vec<&'u Array<'a>>];
+
+/// Check that every update holds arrays of update #0's shapes, key by key.
+fn check(updates: &Updates<'_, '_>) -> Result<(), RobustError> {
+    let Some(first) = updates.first() else {
+        return Err(RobustError::NoUpdates);
+    };
+    for (update, arrays) in updates.iter().enumerate().skip(1) {
+        if arrays.len() != first.len() {
+            return Err(RobustError::KeyCount {
+                update,
+                count: arrays.len(),
+                expected: first.len(),
+            });
+        }
+        for (entry, (array, expected)) in arrays.iter().zip(first).enumerate() {
+            if array.shape() != expected.shape() {
+                return Err(RobustError::Shape {
+                    update,
+                    entry,
+                    shape: array.shape().to_vec(),
+                    expected: expected.shape().to_vec(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `data[range]` as doubles: the values themselves for float64, else widened into `buffer`.
+#[inline(always)]
+fn read<'b>(data: &'b ArrayData<'_>, range: Range<usize>, buffer: &'b mut [f64]) -> &'b [f64] {
+    let out = &mut buffer[..range.len()];
+    match data {
+        ArrayData::F64(values) => return &values[range],
+        ArrayData::F32(values) => widen(&values[range], out, f64::from),
+        ArrayData::I64(values) => widen(&values[range], out, |x| x as f64),
+        ArrayData::U64(values) => widen(&values[range], out, |x| x as f64),
+    }
+    out
+}
+
+#[inline(always)]
+fn widen<T: Copy>(values: &[T], out: &mut [f64], cast: impl Fn(T) -> f64) {
+    for (slot, &x) in out.iter_mut().zip(values) {
+        *slot = cast(x);
+    }
+}
+
+/// Per key, `reduce` of each coordinate's values across the updates (in update order, each
+/// read as `x + 0.0`; `reduce` may reorder them), threaded over pieces of coordinates.
+fn coordinatewise(
+    updates: &Updates<'_, '_>,
+    reduce: impl Fn(&mut [f64]) -> f64 + Sync,
+) -> Result<Vec<Vec<f64>>, RobustError> {
+    check(updates)?;
+    let count = updates.len();
+    let first = &updates[0];
+    let total: usize = first.iter().map(|array| array.len() * count).sum();
+    let threads = parallel::threads_for(total);
+    let mut outputs: Vec<Vec<f64>> = first.iter().map(|a| vec![0.0; a.len()]).collect();
+    let mut items = Vec::new();
+    for (key, output) in outputs.iter_mut().enumerate() {
+        let len = output.len();
+        let mut rest: &mut [f64] = output;
+        for range in parallel::pieces(len, count, total, threads, BLOCK) {
+            let (piece, tail) = rest.split_at_mut(range.len());
+            rest = tail;
+            items.push((key, range.start, piece));
+        }
+    }
+    parallel::for_each(items, threads, |(key, start, piece)| {
+        let mut columns = vec![0.0; BLOCK * count];
+        let mut buffer = [0.0; BLOCK];
+        for (block, out) in piece.chunks_mut(BLOCK).enumerate() {
+            let from = start + block * BLOCK;
+            for (u, update) in updates.iter().enumerate() {
+                let values = read(update[key].data(), from..from + out.len(), &mut buffer);
+                for (j, &x) in values.iter().enumerate() {
+                    columns[j * count + u] = x + 0.0;
+                }
+            }
+            for (j, slot) in out.iter_mut().enumerate() {
+                *slot = reduce(&mut columns[j * count..(j + 1) * count]);
+            }
+        }
+    });
+    Ok(outputs)
+}
+
+/// `sum((x - y)^2)` over the updates' arrays of every key (`y` = 0 when `None`), with the
+/// lane order of the module docs.
+fn squared_distance(x: &[&Array<'_>], y: Option<&[&Array<'_>]>) -> f64 {
+    let mut total = 0.0;
+    for (key, array) in x.iter().enumerate() {
+        total += key_squared_distance(array.data(), y.map(|y| y[key].data()));
+    }
+    total
+}
+
+fn key_squared_distance(x: &ArrayData<'_>, y: Option<&ArrayData<'_>>) -> f64 {
+    const ZEROS: [f64; BLOCK] = [0.0; BLOCK];
+    let mut lanes = [0.0f64; LANES];
+    let (mut x_buffer, mut y_buffer) = ([0.0; BLOCK], [0.0; BLOCK]);
+    for start in (0..x.len()).step_by(BLOCK) {
+        let range = start..(start + BLOCK).min(x.len());
+        let len = range.len();
+        let xs = read(x, range.clone(), &mut x_buffer);
+        // x - 0.0 is x, so the squared norm is the distance to zeros.
+        let ys = match y {
+            Some(y) => read(y, range, &mut y_buffer),
+            None => &ZEROS[..len],
+        };
+        simd::dispatch(
+            #[inline(always)]
+            || add_squared_differences(&mut lanes, xs, ys),
+        );
+    }
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+}
+
+/// Add `(x_i - y_i)^2` to lane `i % LANES` (`xs` starts at a multiple of [`LANES`]).
+#[inline(always)]
+fn add_squared_differences(lanes: &mut [f64; LANES], xs: &[f64], ys: &[f64]) {
+    let mut x_chunks = xs.chunks_exact(LANES);
+    let mut y_chunks = ys.chunks_exact(LANES);
+    for (x, y) in x_chunks.by_ref().zip(y_chunks.by_ref()) {
+        for lane in 0..LANES {
+            let d = x[lane] - y[lane];
+            lanes[lane] += d * d;
+        }
+    }
+    for (lane, (x, y)) in x_chunks
+        .remainder()
+        .iter()
+        .zip(y_chunks.remainder())
+        .enumerate()
+    {
+        let d = x - y;
+        lanes[lane] += d * d;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn arrays(values: &[Vec<f64>]) -> Vec<Array<'static>> {
+        values.iter().map(|v| Array::floats(v.clone())).collect()
+    }
+
+    pub(super) fn one_key<'u>(arrays: &'u [Array<'static>]) -> Vec<Vec<&'u Array<'static>>> {
+        arrays.iter().map(|a| vec![a]).collect()
+    }
+
+    #[test]
+    fn updates_must_match_update_zero() {
+        let a = Array::floats(vec![1.0, 2.0]);
+        let b = Array::floats(vec![1.0]);
+        assert_eq!(check(&[]), Err(RobustError::NoUpdates));
+        let short: Vec<Vec<&Array<'_>>> = vec![vec![&a, &a], vec![&a]];
+        assert_eq!(
+            check(&short).unwrap_err().to_string(),
+            "update #1 has 1 gradients, update #0 has 2"
+        );
+        let shapes: Vec<Vec<&Array<'_>>> = vec![vec![&a], vec![&b]];
+        assert_eq!(
+            check(&shapes).unwrap_err().to_string(),
+            "gradient #0 has shape (1,) in update #1, (2,) in update #0"
+        );
+    }
+
+    #[test]
+    fn lanes_sum_in_the_specified_order() {
+        let values: Vec<f64> = (0..1003).map(|i| (i as f64 * 0.37).sin() * 1e3).collect();
+        let mut lanes = [0.0f64; LANES];
+        for (i, x) in values.iter().enumerate() {
+            lanes[i % LANES] += x * x;
+        }
+        let expected = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        let array = Array::floats(values.clone());
+        assert_eq!(
+            squared_distance(&[&array], None).to_bits(),
+            expected.to_bits()
+        );
+        let narrow: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+        let wide: Vec<f64> = narrow.iter().map(|&x| f64::from(x)).collect();
+        let narrow = Array::new(vec![1003], ArrayData::F32(narrow.into()));
+        let wide = Array::floats(wide);
+        assert_eq!(
+            squared_distance(&[&narrow], None),
+            squared_distance(&[&wide], None)
+        );
+    }
+}
