@@ -5,19 +5,19 @@ use super::{coordinatewise, RobustError, Updates};
 /// Per key and coordinate, the median of the updates' values (see the module docs for the
 /// arithmetic: `x + 0.0` read, `(a + b) * 0.5` for an even count); threaded over coordinates.
 pub fn median(updates: &Updates<'_, '_>) -> Result<Vec<Vec<f64>>, RobustError> {
-    coordinatewise(updates, median_of)
-}
-
-/// The median of `values` (reordered in place).
-fn median_of(values: &mut [f64]) -> f64 {
-    let (len, half) = (values.len(), values.len() / 2);
-    let (lower, middle, _) = values.select_nth_unstable_by(half, f64::total_cmp);
-    let upper = *middle;
-    if len % 2 == 1 {
-        return upper;
-    }
-    let below = lower.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    (below + upper) * 0.5
+    let half = updates.len() / 2;
+    let odd = updates.len() % 2 == 1;
+    coordinatewise(updates, |rows, len, out| {
+        let upper = &rows[half * len..(half + 1) * len];
+        if odd {
+            out.copy_from_slice(upper);
+            return;
+        }
+        let lower = &rows[(half - 1) * len..half * len];
+        for ((slot, &a), &b) in out.iter_mut().zip(lower).zip(upper) {
+            *slot = (a + b) * 0.5;
+        }
+    })
 }
 
 #[cfg(test)]

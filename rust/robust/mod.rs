@@ -145,14 +145,17 @@ fn widen<T: Copy>(values: &[T], out: &mut [f64], cast: impl Fn(T) -> f64) {
     }
 }
 
-/// Per key, `reduce` of each coordinate's values across the updates (in update order, each
-/// read as `x + 0.0`; `reduce` may reorder them), threaded over pieces of coordinates.
+/// Per key, `reduce(rows, len, out)` of blocks of `len` coordinates whose values across the
+/// updates are sorted: `rows[r * len + j]` is the `r`-th smallest value of coordinate `j`, each
+/// read as `x + 0.0`. Threaded over pieces of coordinates; within a block, a sorting network
+/// sorts every coordinate at once with vector min/max.
 fn coordinatewise(
     updates: &Updates<'_, '_>,
-    reduce: impl Fn(&mut [f64]) -> f64 + Sync,
+    reduce: impl Fn(&[f64], usize, &mut [f64]) + Sync,
 ) -> Result<Vec<Vec<f64>>, RobustError> {
     check(updates)?;
     let count = updates.len();
+    let network = sorting_network(count);
     let first = &updates[0];
     let total: usize = first.iter().map(|array| array.len() * count).sum();
     let threads = parallel::threads_for(total);
@@ -168,22 +171,70 @@ fn coordinatewise(
         }
     }
     parallel::for_each(items, threads, |(key, start, piece)| {
-        let mut columns = vec![0.0; BLOCK * count];
+        let mut rows = vec![0.0; BLOCK * count];
         let mut buffer = [0.0; BLOCK];
         for (block, out) in piece.chunks_mut(BLOCK).enumerate() {
-            let from = start + block * BLOCK;
+            let (from, len) = (start + block * BLOCK, out.len());
+            let rows = &mut rows[..count * len];
             for (u, update) in updates.iter().enumerate() {
-                let values = read(update[key].data(), from..from + out.len(), &mut buffer);
-                for (j, &x) in values.iter().enumerate() {
-                    columns[j * count + u] = x + 0.0;
+                let values = read(update[key].data(), from..from + len, &mut buffer);
+                for (slot, &x) in rows[u * len..(u + 1) * len].iter_mut().zip(values) {
+                    *slot = x + 0.0;
                 }
             }
-            for (j, slot) in out.iter_mut().enumerate() {
-                *slot = reduce(&mut columns[j * count..(j + 1) * count]);
-            }
+            simd::dispatch(
+                #[inline(always)]
+                || {
+                    sort_columns(rows, len, &network);
+                    reduce(rows, len, out);
+                },
+            );
         }
     });
     Ok(outputs)
+}
+
+/// Batcher's odd-even merge sort for `count` values: compare-exchanges `(a, b)`, `a < b`, of
+/// the network for the next power of two without those that reach past `count` (as if the
+/// missing values were `+inf`, which never move).
+fn sorting_network(count: usize) -> Vec<(usize, usize)> {
+    let size = count.next_power_of_two();
+    let mut network = Vec::new();
+    let mut p = 1;
+    while p < size {
+        let mut k = p;
+        while k >= 1 {
+            let mut j = k % p;
+            while j + k < size {
+                for i in 0..k.min(size - j - k) {
+                    let (a, b) = (i + j, i + j + k);
+                    if a / (2 * p) == b / (2 * p) && b < count {
+                        network.push((a, b));
+                    }
+                }
+                j += 2 * k;
+            }
+            k /= 2;
+        }
+        p *= 2;
+    }
+    network
+}
+
+/// Sort every column `j` of `rows` (`rows[r * len + j]`, row `r`) by the compare-exchanges of
+/// `network`, each applied to whole rows (vector min and max).
+#[inline(always)]
+fn sort_columns(rows: &mut [f64], len: usize, network: &[(usize, usize)]) {
+    for &(a, b) in network {
+        let (low, high) = rows.split_at_mut(b * len);
+        let firsts = &mut low[a * len..(a + 1) * len];
+        for (x, y) in firsts.iter_mut().zip(&mut high[..len]) {
+            let (p, q) = (*x, *y);
+            let swap = q < p;
+            *x = if swap { q } else { p };
+            *y = if swap { p } else { q };
+        }
+    }
 }
 
 /// `sum((x - y)^2)` over the updates' arrays of every key (`y` = 0 when `None`), with the
@@ -267,6 +318,33 @@ mod tests {
             check(&shapes).unwrap_err().to_string(),
             "gradient #0 has shape (1,) in update #1, (2,) in update #0"
         );
+    }
+
+    #[test]
+    fn the_sorting_network_sorts_any_count() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 7) as f64 - 3.0 // small range: many ties
+        };
+        for count in 1..=130 {
+            let network = sorting_network(count);
+            assert!(network.iter().all(|&(a, b)| a < b && b < count));
+            let len = 5;
+            let mut rows: Vec<f64> = (0..count * len).map(|_| next()).collect();
+            let mut expected: Vec<Vec<f64>> = (0..len)
+                .map(|j| (0..count).map(|r| rows[r * len + j]).collect())
+                .collect();
+            sort_columns(&mut rows, len, &network);
+            for (j, column) in expected.iter_mut().enumerate() {
+                column.sort_by(f64::total_cmp);
+                let sorted: Vec<f64> = (0..count).map(|r| rows[r * len + j]).collect();
+                assert_eq!(&sorted, column, "count {count}, column {j}");
+            }
+        }
+        assert_eq!(sorting_network(8).len(), 19);
     }
 
     #[test]
