@@ -3,6 +3,7 @@ kernels (hypothesis), and the errors for too few nodes and non-finite input."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -22,6 +23,7 @@ from aumai_fedtrain.models import (
     LocalUpdate,
     TrainingConfig,
 )
+from tests.helpers import run_cli
 
 SETTINGS = settings(
     max_examples=60,
@@ -356,3 +358,38 @@ def test_robust_rules_give_claimed_samples_no_influence(backend_name: str) -> No
             heavy, config, [float(u.samples_used) for u in heavy], backend_name
         )
         assert_same_bits(light, weighted)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _eval_loss(*options: str) -> float:
+    result = run_cli("run", "--nodes", "5", "--rounds", "2", "--json", *options)
+    assert result.returncode == 0, result.stderr
+    return float(json.loads(result.stdout)["eval_loss"])
+
+
+def test_run_aggregates_with_the_rule_chosen_on_the_command_line() -> None:
+    mean = _eval_loss()
+    assert _eval_loss("--aggregation", "mean") == mean
+    median = _eval_loss("--aggregation", "median")
+    krum = _eval_loss("--aggregation", "krum", "--krum-f", "1", "--krum-m", "1")
+    clipped = _eval_loss("--aggregation", "median", "--norm-clip", "0.5")
+    assert len({mean, median, krum, clipped}) == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--aggregation", "bulyan"], "Invalid value for '--aggregation'"),
+        (["--aggregation", "trimmed_mean", "--trim-fraction", "0.5"], "trim_fraction"),
+        (["--aggregation", "krum"], "krum: N = 3 updates is too few for f = 2"),
+        (["--norm-clip", "-1"], "norm_clip"),
+    ],
+)
+def test_bad_aggregation_options_exit_2_with_one_line(options: list[str], message: str) -> None:
+    result = run_cli("run", "--rounds", "1", *options)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3  # click's usage lines for a bad choice

@@ -17,6 +17,11 @@ import click
 
 from aumai_fedtrain import __version__
 from aumai_fedtrain.checkpoint import CheckpointError
+from aumai_fedtrain.cli.aggregation import (
+    AGGREGATION_OPTIONS,
+    aggregation_options,
+    with_aggregation,
+)
 from aumai_fedtrain.cli.errors import InputError, fail, one_line
 from aumai_fedtrain.cli.export import export_command
 from aumai_fedtrain.cli.network import (
@@ -105,6 +110,7 @@ def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Trainin
     type=click.IntRange(min=1),
     help="Fewest updates that must count for a round to proceed (default 1).",
 )
+@aggregation_options
 @nodes_file_options
 @observe_options
 def run(
@@ -130,6 +136,7 @@ def run(
     )
 
     observe = {name: options.pop(name) for name in OBSERVE_OPTIONS}
+    aggregation = {name: options.pop(name) for name in AGGREGATION_OPTIONS}
     network = options
     show_logs(observe["log_format"])
     if resume and checkpoint_dir is None:
@@ -137,6 +144,7 @@ def run(
     if checkpoint_dir is not None and not checkpoint_dir.strip():
         raise InputError("--checkpoint-dir is empty: name a folder (e.g. --checkpoint-dir ./ckpt)")
     config = _load_config(config_path, {"num_nodes": nodes, "global_rounds": rounds, "seed": seed})
+    config = with_aggregation(config, aggregation, simulated=network.get("nodes_file") is None)
     progress = RoundProgress(config.global_rounds, enabled=not as_json and is_terminal())
     if trainer_spec is None and network.get("nodes_file") is None:
         for option, spec in (("--model-init", model_init_spec), ("--evaluator", evaluator_spec)):

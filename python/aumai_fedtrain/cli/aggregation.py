@@ -1,0 +1,95 @@
+"""The ``run`` options that choose the aggregation rule (``TrainingConfig.aggregation``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from aumai_fedtrain.cli.errors import InputError, one_line
+from aumai_fedtrain.models import AggregationConfig, TrainingConfig
+from aumai_fedtrain.robust import check_krum
+
+__all__ = ["AGGREGATION_OPTIONS", "aggregation_options", "with_aggregation"]
+
+CommandT = TypeVar("CommandT", bound=Callable[..., Any])
+
+RULES = ("mean", "median", "trimmed_mean", "centered_clip", "krum")
+
+_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (
+        ("--aggregation", "rule"),
+        {
+            "type": click.Choice(RULES),
+            "help": "How updates are combined: the weighted mean (default) or a Byzantine-robust "
+            "rule.",
+        },
+    ),
+    (
+        ("--trim-fraction", "trim_fraction"),
+        {
+            "type": float,
+            "help": "trimmed_mean: drop floor(F * N) values per side and coordinate "
+            "(0 <= F < 0.5; default 0.25).",
+        },
+    ),
+    (
+        ("--clip-radius", "clip_radius"),
+        {
+            "type": float,
+            "help": "centered_clip: clip radius in L2 norm (default: the round's median "
+            "distance from the coordinate-wise median).",
+        },
+    ),
+    (
+        ("--clip-iterations", "clip_iterations"),
+        {"type": int, "help": "centered_clip: clipping iterations (default 3)."},
+    ),
+    (
+        ("--krum-f", "krum_f"),
+        {"type": int, "help": "krum: assumed attackers f (default 2; needs N >= f + 3)."},
+    ),
+    (
+        ("--krum-m", "krum_m"),
+        {"type": int, "help": "krum: updates averaged, 1..N-f (default N - f; 1 is Krum)."},
+    ),
+    (
+        ("--norm-clip", "norm_clip"),
+        {
+            "type": float,
+            "help": "Scale updates down to at most this multiple of the round's median update "
+            "norm before the rule (any rule).",
+        },
+    ),
+]
+
+AGGREGATION_OPTIONS = tuple(names[1] for names, _ in _OPTIONS)
+"""The parameter names :func:`aggregation_options` adds to a command."""
+
+
+def aggregation_options(command: CommandT) -> CommandT:
+    """Add ``--aggregation`` and the rules' parameter options to a command."""
+    for names, settings in reversed(_OPTIONS):
+        command = click.option(*names, **settings)(command)
+    return command
+
+
+def with_aggregation(
+    config: TrainingConfig, options: dict[str, Any], simulated: bool
+) -> TrainingConfig:
+    """``config`` with the aggregation options that were given.
+
+    Raises :class:`InputError` for invalid values, and in a ``simulated`` run (whose node count
+    is ``config.num_nodes``) for a multi-Krum whose ``f`` or ``m`` does not fit it.
+    """
+    given = {name: value for name, value in options.items() if value is not None}
+    merged = {**config.aggregation.model_dump(), **given}
+    try:
+        aggregation = AggregationConfig.model_validate(merged)
+        if simulated and aggregation.rule == "krum":
+            check_krum(config.num_nodes, aggregation.krum_f, aggregation.krum_m)
+    except (ValidationError, ValueError) as exc:
+        raise InputError(f"aggregation options: {one_line(exc)}") from None
+    return config.model_copy(update={"aggregation": aggregation})
