@@ -293,15 +293,17 @@ def test_the_aggregation_config_validates_its_fields() -> None:
             TrainingConfig.model_validate({"aggregation": bad})
 
 
-def _round_updates(count: int) -> list[LocalUpdate]:
+def round_updates(count: int, size: int = 2, samples: int | None = None) -> list[LocalUpdate]:
+    """``count`` random round-1 updates of nodes ``node-000``, ... (``w``: ``size x size + 1``);
+    each claims ``samples``, or ``10 * (i + 1)`` by default."""
     rng = np.random.default_rng(3)
     return [
         LocalUpdate(
-            node_id=f"n{i}",
+            node_id=f"node-{i:03d}",
             round_id=1,
-            gradients={"w": rng.normal(size=(2, 3)), "b": rng.normal(size=3)},
+            gradients={"w": rng.normal(size=(size, size + 1)), "b": rng.normal(size=size + 1)},
             loss=1.0,
-            samples_used=10 * (i + 1),
+            samples_used=10 * (i + 1) if samples is None else samples,
         )
         for i in range(count)
     ]
@@ -309,7 +311,7 @@ def _round_updates(count: int) -> list[LocalUpdate]:
 
 @pytest.mark.parametrize("rule", ["mean", "median", "trimmed_mean", "centered_clip", "krum"])
 def test_the_coordinator_aggregates_with_the_configured_rule(backend_name: str, rule: str) -> None:
-    updates = _round_updates(5)
+    updates = round_updates(5)
     nodes = [FederatedNode(node_id=u.node_id, address="sim://") for u in updates]
     aggregation = AggregationConfig(rule=rule, krum_f=1)  # type: ignore[arg-type]
     config = TrainingConfig(num_nodes=5, aggregation=aggregation)
@@ -327,7 +329,7 @@ def test_the_coordinator_aggregates_with_the_configured_rule(backend_name: str, 
 
 
 def test_norm_clipping_composes_with_the_mean_and_ignores_no_rule(backend_name: str) -> None:
-    updates = _round_updates(4)
+    updates = round_updates(4)
     updates[0] = updates[0].model_copy(
         update={"gradients": {k: v * 1e3 for k, v in updates[0].gradients.items()}}
     )
@@ -346,7 +348,7 @@ def test_krum_needs_enough_nodes_when_the_run_starts() -> None:
 
 
 def test_robust_rules_give_claimed_samples_no_influence(backend_name: str) -> None:
-    updates = _round_updates(5)
+    updates = round_updates(5)
     heavy = [
         u.model_copy(update={"samples_used": 10**6 if i == 0 else 1}) for i, u in enumerate(updates)
     ]

@@ -2,11 +2,19 @@
 
 :class:`SimulationProvider` plugs into :meth:`DiLoCoCoordinator.run_training`; the pieces it is
 made of (the dataset, the MLP, AdamW and the local training loop) are public for experiments
-that need their own loop, such as a synchronous data-parallel baseline.
+that need their own loop, such as a synchronous data-parallel baseline. :class:`ByzantineSimulation`
+makes chosen nodes send attacked updates (:mod:`aumai_fedtrain.simulation.attacks`).
 """
 
 from aumai_fedtrain.simulation import mlp
 from aumai_fedtrain.simulation.adamw import AdamW
+from aumai_fedtrain.simulation.attacks import (
+    ATTACKS,
+    Attack,
+    Byzantine,
+    ByzantineSimulation,
+    corrupt,
+)
 from aumai_fedtrain.simulation.data import SyntheticTask
 from aumai_fedtrain.simulation.provider import (
     NodeProgress,
@@ -22,13 +30,18 @@ from aumai_fedtrain.simulation.provider import (
 from aumai_fedtrain.simulation.seeding import Stream, derive_rng
 
 __all__ = [
+    "ATTACKS",
     "AdamW",
+    "Attack",
+    "Byzantine",
+    "ByzantineSimulation",
     "NodeProgress",
     "SimulationProvider",
     "SimulationTrainer",
     "Stream",
     "SyntheticTask",
     "builtin_evaluator",
+    "corrupt",
     "derive_rng",
     "initial_model",
     "mlp",

@@ -19,6 +19,7 @@ class Stream(IntEnum):
     EVAL = 2
     BATCHES = 3
     INIT = 4
+    ATTACK = 5
 
 
 def derive_rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -1,0 +1,136 @@
+"""Byzantine nodes in the built-in simulation: what each attack sends, that screening stops NaN
+and inflated sample counts before any rule sees them, and that robust rules hold a real run
+of the built-in task near the clean run where the mean does not."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from aumai_fedtrain import DiLoCoCoordinator, LocalUpdate, TrainingConfig
+from aumai_fedtrain.models import AggregationConfig, AggregationRule, TensorMap
+from aumai_fedtrain.robust import RobustAggregator
+from aumai_fedtrain.simulation import (
+    ATTACKS,
+    Attack,
+    Byzantine,
+    ByzantineSimulation,
+    SimulationProvider,
+    corrupt,
+    simulated_nodes,
+)
+from tests.test_robust import round_updates
+
+ATTACKER = "node-003"
+ROUNDS = 10
+
+
+def _updates(count: int = 5) -> list[LocalUpdate]:
+    return round_updates(count, size=40, samples=320)
+
+
+def _attack(attack: Attack, updates: Sequence[LocalUpdate], seed: int = 0) -> LocalUpdate:
+    """Node ``node-001``'s update under ``attack`` (the others' must be left alone)."""
+    attacked = corrupt(updates, Byzantine(attack, frozenset({"node-001"})), seed)
+    for before, after in zip(updates, attacked, strict=True):
+        if before.node_id != "node-001":
+            assert after is before
+    return attacked[1]
+
+
+def _rms(gradients: TensorMap) -> float:
+    return math.sqrt(np.mean(np.concatenate([v.ravel() for v in gradients.values()]) ** 2))
+
+
+def test_each_attack_sends_what_it_says() -> None:
+    updates = _updates()
+    honest = updates[1]
+    scaled = _attack("scale", updates)
+    assert all(np.array_equal(scaled.gradients[k], honest.gradients[k] * 100) for k in "wb")
+    flipped = _attack("sign_flip", updates)
+    assert all(np.array_equal(flipped.gradients[k], -honest.gradients[k]) for k in "wb")
+    noise = _attack("noise", updates)
+    assert _rms(noise.gradients) == pytest.approx(10 * _rms(honest.gradients), rel=0.05)
+    assert _attack("noise", updates).gradients["w"].tobytes() == noise.gradients["w"].tobytes()
+    assert (
+        _attack("noise", updates, seed=1).gradients["w"].tobytes() != noise.gradients["w"].tobytes()
+    )
+    alie = _attack("alie", updates)
+    others = np.stack([u.gradients["w"] for i, u in enumerate(updates) if i != 1])
+    np.testing.assert_allclose(alie.gradients["w"], others.mean(axis=0) - others.std(axis=0))
+    inflated = _attack("inflate_samples", updates)
+    assert inflated.samples_used == 320_000
+    assert inflated.gradients is honest.gradients
+    assert all(np.isnan(v).all() for v in _attack("nan", updates).gradients.values())
+
+
+def test_bad_attack_settings_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="unknown attack 'poison'"):
+        Byzantine("poison", frozenset())  # type: ignore[arg-type]
+    updates = _updates(2)
+    everyone = Byzantine("alie", frozenset(u.node_id for u in updates))
+    with pytest.raises(ValueError, match="alie attack needs at least one honest update"):
+        corrupt(updates, everyone, 0)
+
+
+def _run(rule: AggregationRule, attack: Attack | None, rounds: int = ROUNDS) -> list[float]:
+    """Eval losses per round of the built-in task, 8 nodes, node-003 attacking."""
+    config = TrainingConfig(
+        num_nodes=8,
+        global_rounds=rounds,
+        aggregation=AggregationConfig(rule=rule, krum_f=2),
+    )
+    provider = (
+        SimulationProvider()
+        if attack is None
+        else ByzantineSimulation(Byzantine(attack, frozenset({ATTACKER})))
+    )
+    result = DiLoCoCoordinator().run_training(config, simulated_nodes(8), provider)
+    losses = [record.eval_loss for record in result.history]
+    assert all(loss is not None for loss in losses)
+    return [float(loss) for loss in losses if loss is not None]
+
+
+@pytest.mark.parametrize("attack", ["nan", "inflate_samples"])
+@pytest.mark.parametrize("rule", ["mean", "median"])
+def test_screening_stops_nan_and_inflated_samples_before_any_rule(
+    monkeypatch: pytest.MonkeyPatch, rule: AggregationRule, attack: Attack
+) -> None:
+    seen: list[set[str]] = []
+    average = RobustAggregator.average
+
+    def spy(self: RobustAggregator, updates: Sequence[LocalUpdate]) -> TensorMap:
+        seen.append({update.node_id for update in updates})
+        return average(self, updates)
+
+    monkeypatch.setattr(RobustAggregator, "average", spy)
+    config = TrainingConfig(num_nodes=8, global_rounds=2, aggregation=AggregationConfig(rule=rule))
+    provider = ByzantineSimulation(Byzantine(attack, frozenset({ATTACKER})))
+    result = DiLoCoCoordinator().run_training(config, simulated_nodes(8), provider)
+    assert result.rounds_completed == 2
+    assert seen == [{f"node-{i:03d}" for i in range(8)} - {ATTACKER}] * 2
+    reason = {"nan": "non-finite values", "inflate_samples": "claims 320000 samples"}[attack]
+    for record in result.history:
+        assert reason in record.dropped[ATTACKER]
+        assert math.isfinite(record.eval_loss or math.nan)
+
+
+def test_robust_rules_hold_a_scaled_attacker_that_wrecks_the_mean() -> None:
+    clean = _run("mean", None)[-1]
+    assert _run("mean", "scale")[-1] > 3 * clean
+    rules: list[AggregationRule] = ["median", "trimmed_mean", "centered_clip", "krum"]
+    for rule in rules:
+        assert _run(rule, "scale")[-1] < 1.25 * clean, rule
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "noise", "alie"])
+def test_the_recommended_rule_holds_every_value_attack(attack: Attack) -> None:
+    clean = _run("mean", None)[-1]
+    assert _run("centered_clip", attack)[-1] < 1.25 * clean
+
+
+def test_every_attack_is_listed() -> None:
+    assert set(ATTACKS) == {"scale", "sign_flip", "noise", "alie", "inflate_samples", "nan"}
