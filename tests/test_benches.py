@@ -37,3 +37,23 @@ def test_wire_benchmark_prints_both_formats() -> None:
     assert "/train round trip (ms)" in output
     assert "its 2 wire digests (ms)" in output
     assert "JSON" in output and "binary" in output
+
+
+def test_robust_benchmark_prints_every_rule_side_by_side() -> None:
+    output = run_bench(
+        str(BENCHES / "bench_robust.py"),
+        "--params",
+        "1000",
+        "--counts",
+        "3",
+        "20",
+        "--repeats",
+        "1",
+    )
+
+    assert "| median, N=3 x P=1,000 |" in output
+    assert "| trimmed mean (k=2), N=20 x P=1,000 |" in output
+    assert "| multi-Krum (f=0), N=3 x P=1,000 |" in output
+    assert "| CenteredClip (3 it.), N=3 x P=1,000 |" in output
+    assert "| multi-Krum and CenteredClip, N=20 x P=1,000 | skipped" in output
+    assert output.count("load average") == 2
