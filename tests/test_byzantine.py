@@ -5,7 +5,10 @@ of the built-in task near the clean run where the mean does not."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from aumai_fedtrain.simulation import (
     corrupt,
     simulated_nodes,
 )
+from tests.helpers import CLI_TIMEOUT
 from tests.test_robust import round_updates
 
 ATTACKER = "node-003"
@@ -134,3 +138,23 @@ def test_the_recommended_rule_holds_every_value_attack(attack: Attack) -> None:
 
 def test_every_attack_is_listed() -> None:
     assert set(ATTACKS) == {"scale", "sign_flip", "noise", "alie", "inflate_samples", "nan"}
+
+
+def test_the_attack_experiment_script_prints_its_table() -> None:
+    script = Path(__file__).resolve().parents[1] / "examples" / "robust_attacks.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--quick", "--seeds", "0", "--attacks", "scale", "nan"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert "| attack | mean | median | trimmed_mean | centered_clip | krum |" in lines
+    assert [line.split(" |")[0] for line in lines if line.startswith("| ") and "(" in line] == [
+        "| none",
+        "| scale",
+        "| nan",
+    ]
+    assert "| none | " in completed.stdout and "(+0.0%)" in completed.stdout
