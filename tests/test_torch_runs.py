@@ -61,6 +61,12 @@ def test_a_torch_run_killed_with_sigkill_resumes_bit_identically(tmp_path: Path)
     assert expected.state.parameters is not None and actual.state.parameters is not None
     for key, value in expected.state.parameters.items():
         assert actual.state.parameters[key].tobytes() == value.tobytes(), key
+    # a float32 model: its checkpointed global copy, momentum and inner state stay float32
+    # (the integer BatchNorm counter travels as float64)
+    assert actual.state.momentum is not None
+    for tensors in (actual.state.parameters, actual.state.momentum, actual.provider_state):
+        floats = {str(v.dtype) for k, v in tensors.items() if not k.endswith(("tracked", "batches"))}
+        assert floats == {"float32"}
     assert sorted(actual.provider_state) == sorted(expected.provider_state)
     assert any("/optimizer/" in name for name in actual.provider_state)
     for key, value in expected.provider_state.items():

@@ -11,7 +11,7 @@
 use std::mem;
 use std::ops::Range;
 
-use crate::array::ArrayData;
+use crate::array::{ArrayData, F16};
 
 /// Output elements per block (128 KiB), kept in the core's cache while every carrier is added.
 pub(super) const BLOCK: usize = 16 * 1024;
@@ -71,6 +71,7 @@ fn add_group(out: &mut [f64], start: usize, terms: &[Term<'_>], divide: Option<f
     match terms[0].values {
         ArrayData::F64(_) => add_typed::<f64>(out, start, terms, divide),
         ArrayData::F32(_) => add_typed::<f32>(out, start, terms, divide),
+        ArrayData::F16(_) => add_typed::<F16>(out, start, terms, divide),
         ArrayData::I64(_) => add_typed::<i64>(out, start, terms, divide),
         ArrayData::U64(_) => add_typed::<u64>(out, start, terms, divide),
     }
@@ -127,13 +128,11 @@ pub(crate) trait Element: Copy {
 }
 
 macro_rules! element {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident, $widen:expr) => {
         impl Element for $t {
-            // f32 widens exactly; i64 and u64 round to the nearest double, ties to even, as
-            // NumPy's cast does (that is what Rust's `as` does).
             #[inline(always)]
             fn widen(self) -> f64 {
-                self as f64
+                $widen(self)
             }
 
             #[inline(always)]
@@ -147,10 +146,13 @@ macro_rules! element {
     };
 }
 
-element!(f64, F64);
-element!(f32, F32);
-element!(i64, I64);
-element!(u64, U64);
+// f32 and f16 widen exactly; i64 and u64 round to the nearest double, ties to even, as
+// NumPy's cast does (that is what Rust's `as` does).
+element!(f64, F64, |x| x);
+element!(f32, F32, f64::from);
+element!(F16, F16, F16::to_f64);
+element!(i64, I64, |x| x as f64);
+element!(u64, U64, |x| x as f64);
 
 #[cfg(test)]
 mod tests {

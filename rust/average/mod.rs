@@ -8,6 +8,10 @@
 //! reordering across nodes), and the result is `acc / W`, where `W` is the carriers' weights
 //! summed in update order from `0.0`.
 //!
+//! The result keeps the inputs' precision: the carriers of a key that are all float16, or all
+//! float32, or float16 and float32, give the widest of them, rounded once (to nearest, ties to
+//! even) from the float64 result; any float64, integer or list carrier gives float64.
+//!
 //! The output is produced in one fused pass ([`kernel`]): block by cache-sized block, several
 //! carriers at a time are added in while the block stays in cache, so the result's memory is
 //! written once. Large inputs are split across threads by work: large keys by element range,
@@ -18,7 +22,7 @@ mod kernel;
 use std::collections::HashMap;
 use std::mem;
 
-use crate::array::Array;
+use crate::array::{Array, ArrayData, F16};
 use crate::error::AverageError;
 use crate::key::Key;
 use crate::{parallel, simd};
@@ -42,8 +46,48 @@ pub struct Average {
     pub entry: usize,
     /// Shape of the carriers' values; `[0]` when no update carries the key non-empty.
     pub shape: Vec<usize>,
-    /// The averaged values, row-major.
-    pub values: Vec<f64>,
+    /// The averaged values, row-major, in the carriers' widest float type (see the module).
+    pub values: ArrayData<'static>,
+}
+
+/// The float types a result can take, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Precision {
+    Half,
+    Single,
+    Double,
+}
+
+impl Precision {
+    /// The precision of a result that `data` contributes to.
+    fn of(data: &ArrayData<'_>) -> Self {
+        match data {
+            ArrayData::F16(_) => Precision::Half,
+            ArrayData::F32(_) => Precision::Single,
+            ArrayData::F64(_) | ArrayData::I64(_) | ArrayData::U64(_) => Precision::Double,
+        }
+    }
+
+    /// The float64 `values` rounded once to this precision.
+    fn narrow(self, values: Vec<f64>) -> ArrayData<'static> {
+        match self {
+            Precision::Double => ArrayData::F64(values.into()),
+            Precision::Single => ArrayData::F32(
+                values
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
+            Precision::Half => ArrayData::F16(
+                values
+                    .into_iter()
+                    .map(F16::from_f64)
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// Check the weights before any value is looked at, in the reference's order: an empty
@@ -119,8 +163,8 @@ fn average_on(
         .map(|((group, plan), values)| Average {
             node: group.node,
             entry: group.entry,
+            values: plan.precision.narrow(values),
             shape: plan.shape,
-            values,
         })
         .collect())
 }
@@ -165,6 +209,8 @@ struct Plan<'t> {
     groups: Vec<std::ops::Range<usize>>,
     /// `W`, the carriers' weights summed in update order.
     total: f64,
+    /// The result's float type: the carriers' widest.
+    precision: Precision,
 }
 
 impl Plan<'_> {
@@ -187,6 +233,7 @@ fn plan<'t>(
             terms: Vec::new(),
             groups: Vec::new(),
             total: 0.0,
+            precision: Precision::Double,
         });
     };
     for &(node, array) in &group.carriers[1..] {
@@ -218,6 +265,11 @@ fn plan<'t>(
         shape: first.shape().to_vec(),
         len: first.len(),
         groups: fused_groups(&terms),
+        precision: terms
+            .iter()
+            .map(|term| Precision::of(term.values))
+            .max()
+            .unwrap_or(Precision::Double),
         terms,
         total,
     })
@@ -295,6 +347,25 @@ mod tests {
         }
     }
 
+    /// Element `i` of `data` as a double.
+    fn element(data: &ArrayData<'_>, i: usize) -> f64 {
+        match data {
+            ArrayData::F64(d) => d[i],
+            ArrayData::F32(d) => f64::from(d[i]),
+            ArrayData::F16(d) => d[i].to_f64(),
+            ArrayData::I64(d) => d[i] as f64,
+            ArrayData::U64(d) => d[i] as f64,
+        }
+    }
+
+    /// The values of a float64 result.
+    fn doubles(average: &Average) -> &[f64] {
+        match &average.values {
+            ArrayData::F64(values) => values,
+            other => panic!("expected a float64 result, got {other:?}"),
+        }
+    }
+
     /// The specified sequence for one element, written out.
     fn specified(terms: &[(f64, f64)]) -> f64 {
         let mut acc = 0.0;
@@ -322,10 +393,10 @@ mod tests {
         assert_eq!(result.len(), 2);
         assert_eq!((result[0].node, result[0].entry), (0, 0));
         assert_eq!(result[0].shape, [2]);
-        assert_eq!(result[0].values, [2.5, 5.0]);
+        assert_eq!(doubles(&result[0]), [2.5, 5.0]);
         assert_eq!((result[1].node, result[1].entry), (1, 0));
         assert_eq!(result[1].shape, Vec::<usize>::new());
-        assert_eq!(result[1].values, [4.0]);
+        assert_eq!(doubles(&result[1]), [4.0]);
     }
 
     #[test]
@@ -334,8 +405,8 @@ mod tests {
         // coefficients w / W (which would give 0.1 exactly).
         let updates = vec![update("a", vec![("w", f64_array(&[1], vec![0.1]))])];
         let result = weighted_average(&updates, &[3.0]).unwrap();
-        assert_eq!(result[0].values, [specified(&[(3.0, 0.1)])]);
-        assert_ne!(result[0].values, [0.1]);
+        assert_eq!(doubles(&result[0]), [specified(&[(3.0, 0.1)])]);
+        assert_ne!(doubles(&result[0]), [0.1]);
 
         let values = [0.1, 0.7, -0.3];
         let weights = [0.3, 1e-3, 7.0];
@@ -345,7 +416,10 @@ mod tests {
             .collect();
         let result = weighted_average(&updates, &weights).unwrap();
         let terms: Vec<_> = weights.iter().copied().zip(values).collect();
-        assert_eq!(result[0].values[0].to_bits(), specified(&terms).to_bits());
+        assert_eq!(
+            doubles(&result[0])[0].to_bits(),
+            specified(&terms).to_bits()
+        );
     }
 
     #[test]
@@ -361,9 +435,9 @@ mod tests {
             update("b", vec![("w", f64_array(&[1], vec![5.0]))]),
         ];
         let result = weighted_average(&updates, &[0.0, 2.0]).unwrap();
-        assert_eq!(result[0].values, [5.0]);
+        assert_eq!(doubles(&result[0]), [5.0]);
         assert_eq!(result[1].shape, [0]);
-        assert!(result[1].values.is_empty());
+        assert!(doubles(&result[1]).is_empty());
     }
 
     #[test]
@@ -405,10 +479,49 @@ mod tests {
                 uints[i] as f64,
             ];
             let terms: Vec<_> = weights.iter().copied().zip(xs).collect();
-            assert_eq!(result[0].values[i].to_bits(), specified(&terms).to_bits());
+            assert_eq!(
+                doubles(&result[0])[i].to_bits(),
+                specified(&terms).to_bits()
+            );
         }
         // Ties round to even: 2^53 + 1 is halfway between 2^53 and 2^53 + 2.
         assert_eq!(ints[3] as f64, 9007199254740992.0);
+    }
+
+    #[test]
+    fn the_result_takes_the_carriers_widest_float_type_rounded_once() {
+        let halves = ArrayData::F16(vec![F16::from_f64(0.1), F16::from_f64(-3.0)].into());
+        let singles = ArrayData::F32(vec![0.7f32, 1e-3].into());
+        let doubles = ArrayData::F64(vec![0.3, 2.5].into());
+        let ints = ArrayData::I64(vec![1, -2].into());
+        let average = |carriers: &[&ArrayData<'static>]| {
+            let updates: Vec<_> = carriers
+                .iter()
+                .map(|&data| update("n", vec![("w", Array::new(vec![2], data.clone()))]))
+                .collect();
+            let weights: Vec<f64> = (0..carriers.len()).map(|n| 1.0 + n as f64 / 3.0).collect();
+            let result = weighted_average(&updates, &weights).unwrap().remove(0);
+            let terms = |i: usize| -> Vec<(f64, f64)> {
+                weights
+                    .iter()
+                    .zip(carriers)
+                    .map(|(&w, data)| (w, element(data, i)))
+                    .collect()
+            };
+            let exact: Vec<f64> = (0..2).map(|i| specified(&terms(i))).collect();
+            (result.values, exact)
+        };
+        let (values, exact) = average(&[&halves, &halves]);
+        assert_eq!(values, Precision::Half.narrow(exact));
+        let (values, exact) = average(&[&singles, &halves]);
+        assert_eq!(
+            values,
+            ArrayData::F32(vec![exact[0] as f32, exact[1] as f32].into())
+        );
+        let (values, exact) = average(&[&halves, &singles, &doubles]);
+        assert_eq!(values, ArrayData::F64(exact.into()));
+        let (values, exact) = average(&[&halves, &ints]);
+        assert_eq!(values, ArrayData::F64(exact.into()));
     }
 
     #[test]
@@ -448,7 +561,7 @@ mod tests {
                 .zip(data.iter().map(|d| d[i]))
                 .collect();
             assert_eq!(
-                single[0].values[i].to_bits(),
+                doubles(&single[0])[i].to_bits(),
                 specified(&terms).to_bits(),
                 "index {i}"
             );
@@ -462,9 +575,15 @@ mod tests {
             let scale = [1e-8, 1.0, 3e5, 0.1][(i * 7 + n + k) % 4];
             ((((i * 31 + n * 17 + k * 5) % 97) as f64) - 48.0) / 7.0 * scale
         };
-        let data = match (n + k) % 5 {
+        let data = match (n + k) % 6 {
             0 | 1 => ArrayData::F64((0..len).map(x).collect::<Vec<_>>().into()),
             2 => ArrayData::F32((0..len).map(|i| x(i) as f32).collect::<Vec<_>>().into()),
+            5 => ArrayData::F16(
+                (0..len)
+                    .map(|i| F16::from_f64(x(i) / 64.0))
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
             3 => ArrayData::I64(
                 (0..len)
                     .map(|i| (x(i) * 1e3) as i64)
@@ -515,19 +634,13 @@ mod tests {
                     let terms: Vec<_> = updates
                         .iter()
                         .zip(&weights)
-                        .map(|(u, &w)| {
-                            let x = match u.entries[k].1.data() {
-                                ArrayData::F64(d) => d[i],
-                                ArrayData::F32(d) => f64::from(d[i]),
-                                ArrayData::I64(d) => d[i] as f64,
-                                ArrayData::U64(d) => d[i] as f64,
-                            };
-                            (w, x)
-                        })
+                        .map(|(u, &w)| (w, element(u.entries[k].1.data(), i)))
                         .collect();
+                    let precision = Precision::of(&average.values);
+                    let expected = precision.narrow(vec![specified(&terms)]);
                     assert_eq!(
-                        average.values[i].to_bits(),
-                        specified(&terms).to_bits(),
+                        element(&average.values, i).to_bits(),
+                        element(&expected, 0).to_bits(),
                         "{nodes} nodes, key {k}, index {i}"
                     );
                 }
@@ -617,7 +730,7 @@ mod tests {
             Err(AverageError::WeightsOverflow)
         );
         assert_eq!(
-            weighted_average(&two, &[f64::MAX, 0.0]).unwrap()[0].values,
+            doubles(&weighted_average(&two, &[f64::MAX, 0.0]).unwrap()[0]),
             [1.0]
         );
     }
