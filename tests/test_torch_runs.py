@@ -65,8 +65,8 @@ def test_a_torch_run_killed_with_sigkill_resumes_bit_identically(tmp_path: Path)
     # (the integer BatchNorm counter travels as float64)
     assert actual.state.momentum is not None
     for tensors in (actual.state.parameters, actual.state.momentum, actual.provider_state):
-        floats = {str(v.dtype) for k, v in tensors.items() if not k.endswith(("tracked", "batches"))}
-        assert floats == {"float32"}
+        counters = ("tracked", "batches")
+        assert {str(v.dtype) for k, v in tensors.items() if not k.endswith(counters)} == {"float32"}
     assert sorted(actual.provider_state) == sorted(expected.provider_state)
     assert any("/optimizer/" in name for name in actual.provider_state)
     for key, value in expected.provider_state.items():

@@ -101,6 +101,11 @@ def test_one_worker_with_plain_averaging_is_local_training(
         ulp = torch.maximum(ulp, (want.abs() * torch.finfo(dtype).eps).double())
         assert bool(((got - want).abs() <= ulp).all()), name
         assert not torch.equal(want, start), name  # it did train
+    # the coordinator holds the global copy and momentum of every such model in float32
+    state = result.final_state
+    for tensors in (state.parameters, state.momentum, state.global_weights):
+        assert tensors is not None
+        assert {value.dtype for value in tensors.values()} == {np.dtype(np.float32)}
 
 
 def trainer(node_id: str = "node-000", **options: Any) -> TorchTrainer:
