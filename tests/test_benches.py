@@ -42,8 +42,12 @@ def test_wire_benchmark_prints_both_formats() -> None:
 def test_dtype_benchmark_prints_both_dtypes_side_by_side() -> None:
     output = run_bench(str(BENCHES / "bench_dtypes.py"), "--quick")
 
-    assert "| bytes to the nodes | 0.24 MB | 0.12 MB | 0.50" in output
-    assert "| updates held at the average | 0.24 MB | 0.12 MB | 0.500 |" in output
-    assert "records equal the lengths of really encoded safetensors bodies: yes" in output
-    assert "weighted_average, N=4 x P=10,000 (1 runs per dtype)" in output
-    assert "| input read, best |" in output and "load average" in output
+    expected = [
+        "| bytes to the nodes | 0.24 MB | 0.12 MB | 0.50",
+        "| updates held at the average | 0.24 MB | 0.12 MB | 0.500 |",
+        "records equal the lengths of really encoded safetensors bodies: yes",
+        "weighted_average, N=4 x P=10,000 (1 runs per dtype)",
+        "| input read, best |",
+        "load average",
+    ]
+    assert [text for text in expected if text not in output] == [], output
