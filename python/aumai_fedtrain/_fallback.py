@@ -22,7 +22,7 @@ import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -133,7 +133,7 @@ def _as_float_array(key: str, value: Any, label: str | None = None) -> np.ndarra
         ) from None
 
 
-def _kept_float(value: Any) -> bool:
+def _kept_float(value: Any) -> TypeGuard[np.ndarray]:
     """Whether ``value`` is an array of a float dtype that keeps its type (float16/32/64)."""
     return (
         isinstance(value, np.ndarray)
