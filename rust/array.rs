@@ -26,6 +26,7 @@ impl F16 {
     /// The half nearest to `x`, ties to even (one rounding, as NumPy's `astype(float16)`);
     /// beyond the largest half (65504) by half a step or more, an infinity. A NaN stays a NaN
     /// with the top bits of its payload, as NumPy keeps them.
+    #[inline]
     pub fn from_f64(x: f64) -> F16 {
         let bits = x.to_bits();
         let sign = ((bits >> 48) as u16) & 0x8000;

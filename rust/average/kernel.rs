@@ -65,6 +65,28 @@ pub(super) fn accumulate(
     }
 }
 
+/// [`accumulate`] for a result narrower than float64: each block is computed in a float64
+/// scratch block as [`accumulate`] computes it, then rounded once into `out` by `narrow`.
+#[inline(always)]
+pub(super) fn accumulate_into<N>(
+    out: &mut [N],
+    offset: usize,
+    terms: &[Term<'_>],
+    groups: &[Range<usize>],
+    total: f64,
+    narrow: impl Fn(f64) -> N,
+) {
+    let mut scratch = vec![0.0; out.len().min(BLOCK)];
+    for (index, block) in out.chunks_mut(BLOCK).enumerate() {
+        let acc = &mut scratch[..block.len()];
+        acc.fill(0.0);
+        accumulate(acc, offset + index * BLOCK, terms, groups, total);
+        for (o, &x) in block.iter_mut().zip(acc.iter()) {
+            *o = narrow(x);
+        }
+    }
+}
+
 /// Add 1 to [`FUSE`] terms of one element type into `out`, from element `start` of each.
 #[inline(always)]
 fn add_group(out: &mut [f64], start: usize, terms: &[Term<'_>], divide: Option<f64>) {

@@ -14,13 +14,13 @@
 //!
 //! The output is produced in one fused pass ([`kernel`]): block by cache-sized block, several
 //! carriers at a time are added in while the block stays in cache, so the result's memory is
-//! written once. Large inputs are split across threads by work: large keys by element range,
+//! written once (a float32 or float16 result through a float64 block, each block rounded into
+//! the result as it is done: no float64 copy of the whole result is made). Large inputs are split across threads by work: large keys by element range,
 //! small keys whole, each element's sum over the nodes staying in update order.
 
 mod kernel;
 
 use std::collections::HashMap;
-use std::mem;
 
 use crate::array::{Array, ArrayData, F16};
 use crate::error::AverageError;
@@ -68,24 +68,12 @@ impl Precision {
         }
     }
 
-    /// The float64 `values` rounded once to this precision.
-    fn narrow(self, values: Vec<f64>) -> ArrayData<'static> {
+    /// `len` zeros of this precision: a result to fill.
+    fn zeros(self, len: usize) -> ArrayData<'static> {
         match self {
-            Precision::Double => ArrayData::F64(values.into()),
-            Precision::Single => ArrayData::F32(
-                values
-                    .into_iter()
-                    .map(|x| x as f32)
-                    .collect::<Vec<_>>()
-                    .into(),
-            ),
-            Precision::Half => ArrayData::F16(
-                values
-                    .into_iter()
-                    .map(F16::from_f64)
-                    .collect::<Vec<_>>()
-                    .into(),
-            ),
+            Precision::Double => ArrayData::F64(vec![0.0; len].into()),
+            Precision::Single => ArrayData::F32(vec![0.0; len].into()),
+            Precision::Half => ArrayData::F16(vec![F16::default(); len].into()),
         }
     }
 }
@@ -151,7 +139,8 @@ fn average_on(
     for group in &groups {
         plans.push(plan(group, updates, weights)?);
     }
-    let mut outputs: Vec<Vec<f64>> = plans.iter().map(|p| vec![0.0; p.len]).collect();
+    let mut outputs: Vec<ArrayData<'static>> =
+        plans.iter().map(|p| p.precision.zeros(p.len)).collect();
     let threads =
         threads.unwrap_or_else(|| parallel::threads_for(plans.iter().map(Plan::work).sum()));
     let items = work_items(&plans, &mut outputs, threads);
@@ -163,8 +152,8 @@ fn average_on(
         .map(|((group, plan), values)| Average {
             node: group.node,
             entry: group.entry,
-            values: plan.precision.narrow(values),
             shape: plan.shape,
+            values,
         })
         .collect())
 }
@@ -281,9 +270,46 @@ const ALIGN: usize = 64;
 
 /// A range of one key's output, computed from the same range of every term.
 struct WorkItem<'o, 't> {
-    out: &'o mut [f64],
+    out: Out<'o>,
     offset: usize,
     plan: &'o Plan<'t>,
+}
+
+/// A range of a result, in the result's float type.
+enum Out<'o> {
+    F64(&'o mut [f64]),
+    F32(&'o mut [f32]),
+    F16(&'o mut [F16]),
+}
+
+impl<'o> Out<'o> {
+    /// The whole of a result made by [`Precision::zeros`].
+    fn of(result: &'o mut ArrayData<'static>) -> Self {
+        match result {
+            ArrayData::F64(values) => Out::F64(values.to_mut()),
+            ArrayData::F32(values) => Out::F32(values.to_mut()),
+            ArrayData::F16(values) => Out::F16(values.to_mut()),
+            ArrayData::I64(_) | ArrayData::U64(_) => unreachable!("results are floats"),
+        }
+    }
+
+    /// The first `mid` elements and the rest.
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        match self {
+            Out::F64(values) => {
+                let (head, tail) = values.split_at_mut(mid);
+                (Out::F64(head), Out::F64(tail))
+            }
+            Out::F32(values) => {
+                let (head, tail) = values.split_at_mut(mid);
+                (Out::F32(head), Out::F32(tail))
+            }
+            Out::F16(values) => {
+                let (head, tail) = values.split_at_mut(mid);
+                (Out::F16(head), Out::F16(tail))
+            }
+        }
+    }
 }
 
 /// Split the outputs into items: whole keys on one thread; else, by work (elements times
@@ -291,15 +317,15 @@ struct WorkItem<'o, 't> {
 /// evenly whether the model has one large tensor or hundreds of small ones.
 fn work_items<'o, 't>(
     plans: &'o [Plan<'t>],
-    outputs: &'o mut [Vec<f64>],
+    outputs: &'o mut [ArrayData<'static>],
     threads: usize,
 ) -> Vec<WorkItem<'o, 't>> {
     let total: usize = plans.iter().map(Plan::work).sum();
     let mut items = Vec::new();
     for (plan, out) in plans.iter().zip(outputs.iter_mut()) {
-        let mut rest = &mut out[..];
+        let mut rest = Out::of(out);
         for range in parallel::pieces(plan.len, plan.terms.len(), total, threads, ALIGN) {
-            let (piece, tail) = mem::take(&mut rest).split_at_mut(range.len());
+            let (piece, tail) = rest.split_at(range.len());
             rest = tail;
             items.push(WorkItem {
                 out: piece,
@@ -323,7 +349,12 @@ fn accumulate(item: WorkItem<'_, '_>) {
 #[inline(always)]
 fn accumulate_portable(item: WorkItem<'_, '_>) {
     let plan = item.plan;
-    kernel::accumulate(item.out, item.offset, &plan.terms, &plan.groups, plan.total);
+    let (offset, terms, groups, total) = (item.offset, &plan.terms, &plan.groups[..], plan.total);
+    match item.out {
+        Out::F64(out) => kernel::accumulate(out, offset, terms, groups, total),
+        Out::F32(out) => kernel::accumulate_into(out, offset, terms, groups, total, |x| x as f32),
+        Out::F16(out) => kernel::accumulate_into(out, offset, terms, groups, total, F16::from_f64),
+    }
 }
 
 #[cfg(test)]
@@ -512,7 +543,8 @@ mod tests {
             (result.values, exact)
         };
         let (values, exact) = average(&[&halves, &halves]);
-        assert_eq!(values, Precision::Half.narrow(exact));
+        let rounded: Vec<F16> = exact.iter().map(|&x| F16::from_f64(x)).collect();
+        assert_eq!(values, ArrayData::F16(rounded.into()));
         let (values, exact) = average(&[&singles, &halves]);
         assert_eq!(
             values,
@@ -566,6 +598,56 @@ mod tests {
                 "index {i}"
             );
         }
+    }
+
+    #[test]
+    fn narrow_results_are_split_across_threads_block_by_block() {
+        // A float32 key and a float16 key of several blocks, carried by enough nodes to be
+        // split across threads: the threads' pieces round exactly as one thread does.
+        let len = 2 * BLOCK + 77;
+        let nodes = PARALLEL_MIN_WORK / len + 3;
+        let x = |n: usize, i: usize| (((i * 13 + n * 5) % 89) as f64 - 44.0) / 9.0;
+        let singles: Vec<Vec<f32>> = (0..nodes)
+            .map(|n| (0..len).map(|i| x(n, i) as f32).collect())
+            .collect();
+        let halves: Vec<Vec<F16>> = (0..nodes)
+            .map(|n| (0..len).map(|i| F16::from_f64(x(n, i))).collect())
+            .collect();
+        let updates: Vec<NodeUpdate<'_>> = (0..nodes)
+            .map(|n| NodeUpdate {
+                label: format!("n{n}"),
+                entries: vec![
+                    (
+                        Key::from("s"),
+                        Array::new(vec![len], ArrayData::F32(singles[n][..].into())),
+                    ),
+                    (
+                        Key::from("h"),
+                        Array::new(vec![len], ArrayData::F16(halves[n][..].into())),
+                    ),
+                ],
+            })
+            .collect();
+        let weights: Vec<f64> = (0..nodes).map(|n| 1.0 + n as f64 / 7.0).collect();
+        let single = average_on(&updates, &weights, Some(1), accumulate).unwrap();
+        assert_eq!(
+            average_on(&updates, &weights, Some(3), accumulate).unwrap(),
+            single
+        );
+        for i in [0, BLOCK - 1, BLOCK, len - 1] {
+            let terms = |key: usize| -> Vec<(f64, f64)> {
+                updates
+                    .iter()
+                    .zip(&weights)
+                    .map(|(u, &w)| (w, element(u.entries[key].1.data(), i)))
+                    .collect()
+            };
+            let (s, h) = (specified(&terms(0)), specified(&terms(1)));
+            assert_eq!(element(&single[0].values, i), f64::from(s as f32));
+            assert_eq!(element(&single[1].values, i), F16::from_f64(h).to_f64());
+        }
+        assert!(matches!(single[0].values, ArrayData::F32(_)));
+        assert!(matches!(single[1].values, ArrayData::F16(_)));
     }
 
     /// Values of every element type for node `n`, key `k`: a deterministic mixture of
@@ -636,11 +718,15 @@ mod tests {
                         .zip(&weights)
                         .map(|(u, &w)| (w, element(u.entries[k].1.data(), i)))
                         .collect();
-                    let precision = Precision::of(&average.values);
-                    let expected = precision.narrow(vec![specified(&terms)]);
+                    let exact = specified(&terms);
+                    let expected = match &average.values {
+                        ArrayData::F32(_) => f64::from(exact as f32),
+                        ArrayData::F16(_) => F16::from_f64(exact).to_f64(),
+                        _ => exact,
+                    };
                     assert_eq!(
                         element(&average.values, i).to_bits(),
-                        element(&expected, 0).to_bits(),
+                        expected.to_bits(),
                         "{nodes} nodes, key {k}, index {i}"
                     );
                 }
@@ -655,10 +741,15 @@ mod tests {
             .iter()
             .map(|group| plan(group, updates, &weights).unwrap())
             .collect();
-        let mut outputs: Vec<Vec<f64>> = plans.iter().map(|p| vec![0.0; p.len]).collect();
+        let mut outputs: Vec<ArrayData<'static>> =
+            plans.iter().map(|p| p.precision.zeros(p.len)).collect();
         work_items(&plans, &mut outputs, threads)
             .iter()
-            .map(|item| item.out.len())
+            .map(|item| match &item.out {
+                Out::F64(out) => out.len(),
+                Out::F32(out) => out.len(),
+                Out::F16(out) => out.len(),
+            })
             .collect()
     }
 
