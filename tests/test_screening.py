@@ -259,6 +259,14 @@ def test_a_value_beyond_the_model_dtype_range_is_a_clean_drop() -> None:
     assert after.parameters is not None and np.isfinite(after.parameters["w"]).all()
 
 
+def test_an_infinity_sent_to_a_float32_model_is_named_non_finite() -> None:
+    coordinator, state, updates = float32_round(1e300, {"w": np.array([np.inf, 0.0])})
+
+    _, dropped = coordinator.screen(state, updates)
+
+    assert dropped == {"a": "gradient 'w' has non-finite values"}
+
+
 def test_the_largest_value_that_rounds_to_a_finite_float32_passes() -> None:
     # Prepare: just below the float32 overflow threshold (max + half a step): rounds to max
     threshold = float(np.finfo(np.float32).max) * (1 + 2.0**-25)

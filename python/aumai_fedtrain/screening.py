@@ -74,7 +74,12 @@ def _value_problem(
 ) -> str | None:
     """Why values whose largest magnitude is ``magnitude`` (NaN: a NaN among them) fail, when
     they must be at most ``bound`` and finite in ``dtype`` (the model's)."""
-    if dtype is not None and dtype.itemsize < 8 and magnitude >= overflow_threshold(dtype):
+    if (
+        dtype is not None
+        and dtype.itemsize < 8
+        and math.isfinite(magnitude)  # an infinity sent is named below, as non-finite
+        and magnitude >= overflow_threshold(dtype)
+    ):
         return (
             f"gradient {key!r} has values beyond the range of {dtype}, the model's dtype "
             f"(up to {magnitude:.3g})"
