@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::array::{Array, ArrayData};
+use crate::array::{Array, ArrayData, F16};
 use crate::{parallel, simd};
 
 /// The bits of `+inf`; the magnitude bits of every NaN are larger.
@@ -54,6 +54,10 @@ fn magnitude_bits(data: &ArrayData<'_>, range: std::ops::Range<usize>) -> u64 {
             let bits = largest(&values[range], |x| u64::from(x.to_bits() & !(1 << 31)));
             f64::from(f32::from_bits(bits as u32)).to_bits() & !(1 << 63)
         }
+        ArrayData::F16(values) => {
+            let bits = largest(&values[range], |x| u64::from(x.0 & 0x7fff));
+            F16(bits as u16).to_f64().to_bits()
+        }
         ArrayData::I64(values) => largest(&values[range], |x| (x as f64).abs().to_bits()),
         ArrayData::U64(values) => largest(&values[range], |x| (x as f64).to_bits()),
     }
@@ -81,6 +85,10 @@ mod tests {
             floats(vec![-0.0]),
             floats(vec![]),
             Array::new(vec![3], ArrayData::F32(vec![1.5f32, -7.0, 0.1].into())),
+            Array::new(
+                vec![2],
+                ArrayData::F16(vec![F16(0xc500), F16(0x0001)].into()),
+            ),
             Array::new(vec![2], ArrayData::I64(vec![i64::MIN, 5].into())),
             Array::new(vec![2], ArrayData::U64(vec![3, u64::MAX].into())),
             floats(vec![f64::MIN_POSITIVE / 4.0, -f64::MAX]),
@@ -94,6 +102,7 @@ mod tests {
                 0.0,
                 0.0,
                 7.0,
+                5.0,
                 2f64.powi(63),
                 u64::MAX as f64,
                 f64::MAX
@@ -113,12 +122,22 @@ mod tests {
                 ArrayData::F32(vec![f32::NAN, f32::INFINITY].into()),
             ),
             Array::new(vec![1], ArrayData::F32(vec![f32::NEG_INFINITY].into())),
+            Array::new(
+                vec![2],
+                ArrayData::F16(vec![F16(0x7e00), F16(0xfc00)].into()),
+            ),
+            Array::new(
+                vec![2],
+                ArrayData::F16(vec![F16(0x3c00), F16(0xfc00)].into()),
+            ),
         ];
         let refs: Vec<&Array<'_>> = arrays.iter().collect();
         let result = max_abs(&refs);
         assert_eq!(result[0], f64::INFINITY);
         assert!(result[1].is_nan() && result[2].is_nan() && result[3].is_nan());
         assert_eq!(result[4], f64::INFINITY);
+        assert!(result[5].is_nan());
+        assert_eq!(result[6], f64::INFINITY);
     }
 
     #[test]

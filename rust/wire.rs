@@ -8,7 +8,7 @@
 //! u64 entry count
 //! per entry, keys in ascending order of their UTF-8 bytes:
 //!   u64 key length, key (UTF-8)
-//!   u64 dtype name length, dtype name ("F64", "F32", "I64" or "U64")
+//!   u64 dtype name length, dtype name ("F64", "F32", "F16", "I64" or "U64")
 //!   u64 number of dimensions, u64 per dimension
 //!   u64 data length in bytes, data (row-major, little-endian)
 //! ```
@@ -19,7 +19,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::array::{Array, ArrayData};
+use crate::array::{Array, ArrayData, F16};
 use crate::hash::hex;
 use crate::key::Key;
 
@@ -45,6 +45,7 @@ pub fn wire_digest(mut entries: Vec<(Key<'_>, Array<'_>)>) -> String {
         match array.data() {
             ArrayData::F64(values) => put_values(&mut hasher, values),
             ArrayData::F32(values) => put_values(&mut hasher, values),
+            ArrayData::F16(values) => put_values(&mut hasher, values),
             ArrayData::I64(values) => put_values(&mut hasher, values),
             ArrayData::U64(values) => put_values(&mut hasher, values),
         }
@@ -57,6 +58,7 @@ fn dtype_name(data: &ArrayData<'_>) -> &'static [u8] {
     match data {
         ArrayData::F64(_) => b"F64",
         ArrayData::F32(_) => b"F32",
+        ArrayData::F16(_) => b"F16",
         ArrayData::I64(_) => b"I64",
         ArrayData::U64(_) => b"U64",
     }
@@ -92,6 +94,15 @@ macro_rules! little_endian {
 
 little_endian!(f64, f32, i64, u64);
 
+impl LittleEndian for F16 {
+    const SIZE: usize = 2;
+
+    #[inline(always)]
+    fn write_le(self, out: &mut [u8]) {
+        out.copy_from_slice(&self.0.to_le_bytes());
+    }
+}
+
 /// The data length, then the values' little-endian bytes.
 fn put_values<T: LittleEndian>(hasher: &mut Sha256, values: &[T]) {
     put_len(hasher, values.len() * T::SIZE);
@@ -126,7 +137,8 @@ mod tests {
         layout.extend_from_slice(data);
     }
 
-    /// The layout of `{"b": float32 [[1.5, -2.0]], "a": uint64 7 (0-D)}`, byte by byte.
+    /// The layout of `{"b": float32 [[1.5, -2.0]], "a": uint64 7 (0-D), "c": float16 [-2.0]}`,
+    /// byte by byte.
     #[test]
     fn the_digest_is_sha256_of_the_specified_layout() {
         let entries = vec![
@@ -138,9 +150,13 @@ mod tests {
                 Key::from("a"),
                 Array::new(vec![], ArrayData::U64(vec![7].into())),
             ),
+            (
+                Key::from("c"),
+                Array::new(vec![1], ArrayData::F16(vec![F16(0xc000)].into())),
+            ),
         ];
         let mut layout = b"aumai-fedtrain/wire-digest/v1\n".to_vec();
-        layout.extend_from_slice(&2u64.to_le_bytes());
+        layout.extend_from_slice(&3u64.to_le_bytes());
         entry(&mut layout, "a", "U64", &[], &[7, 0, 0, 0, 0, 0, 0, 0]);
         entry(
             &mut layout,
@@ -149,6 +165,7 @@ mod tests {
             &[1, 2],
             &[0, 0, 0xC0, 0x3F, 0, 0, 0, 0xC0],
         );
+        entry(&mut layout, "c", "F16", &[1], &[0, 0xC0]);
         assert_eq!(MAGIC.len(), 30);
         assert_eq!(wire_digest(entries), hex(&Sha256::digest(&layout)));
     }
@@ -161,6 +178,10 @@ mod tests {
         let base = digest(vec![2], ArrayData::F64(vec![1.0, 2.0].into()));
         let others = [
             digest(vec![2], ArrayData::F32(vec![1.0, 2.0].into())),
+            digest(
+                vec![2],
+                ArrayData::F16(vec![F16(0x3c00), F16(0x4000)].into()),
+            ),
             digest(vec![1, 2], ArrayData::F64(vec![1.0, 2.0].into())),
             digest(vec![2], ArrayData::F64(vec![1.0, -2.0].into())),
             digest(vec![2], ArrayData::I64(vec![1, 2].into())),

@@ -2,14 +2,15 @@
 
 The contract (``_fallback.weighted_average``): per element, ``acc = 0.0``, then for each
 carrier in update order ``acc = acc + (w_i * x_i)``, and the result is ``acc / W`` with ``W``
-the carriers' weights summed in update order. The reference below writes that sequence out
-with NumPy; results must have the same bytes, not merely be close. Error cases must raise the
+the carriers' weights summed in update order, rounded once to the carriers' widest float type
+(float16, float32, else float64). The reference below writes that sequence out with NumPy;
+results must have the same dtype and bytes, not merely be close. Error cases must raise the
 same exception type and name the key or node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -45,7 +46,8 @@ def reference_average(
     """Per key, the contract's sequence over the updates with a non-empty value.
 
     ``acc = 0.0; acc = acc + (w_i * x_i)`` in update order, then ``acc / W`` with ``W`` summed
-    in update order from ``0.0`` (not ``sum``, which compensates).
+    in update order from ``0.0`` (not ``sum``, which compensates), rounded once to the
+    carriers' widest float type (:func:`result_dtype`).
     """
     keys = list(dict.fromkeys(key for update in updates for key in update))
     result = {}
@@ -63,33 +65,55 @@ def reference_average(
         for weight, value in carriers:
             acc = acc + weight * value
             total = total + weight
-        result[key] = acc / total
+        dtype = result_dtype(
+            update[key] for update in updates if key in update and np.asarray(update[key]).size
+        )
+        result[key] = (acc / total).astype(dtype)
     return result
 
 
+def result_dtype(values: Iterable[Any]) -> np.dtype:
+    """The average's dtype: float16 when every carrier is a float16 array, float32 when they
+    are float32 or float16 arrays, else float64 (lists, scalars and ints are float64)."""
+    sizes = [
+        value.dtype.itemsize
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.dtype.itemsize <= 8
+        else 8
+        for value in values
+    ]
+    return np.dtype(f"f{max(sizes)}")
+
+
 def assert_same_average(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
-    """Same keys in the same order, each a float64 array of the same shape and bytes."""
+    """Same keys in the same order, each an array of the same dtype, shape and bytes."""
     assert list(actual) == list(expected)
     for key, value in expected.items():
         assert type(actual[key]) is np.ndarray
-        assert actual[key].dtype == np.float64
+        assert actual[key].dtype == value.dtype, key
         assert actual[key].shape == value.shape, key
         assert actual[key].tobytes() == value.tobytes(), key
 
 
 @st.composite
 def node_values(draw: st.DrawFn, shape: tuple[int, ...]) -> Any:
-    """One node's value of a given shape, as a float64/float32/int array, list or scalar."""
+    """One node's value of a given shape, as a float64/float32/float16/int array (float32 and
+    float16 weighted up: a federation in one of them averages in it), list or scalar."""
     form = draw(
         st.sampled_from(
-            ["float64", "float32", "int32", "int64", "uint64", "strided", "list", "scalar"]
+            [
+                *("float64", "float32", "float32", ">f4", "float16", "float16", ">f2"),
+                *("int32", "int64", "uint64", "strided", "list", "scalar"),
+            ]
         )
     )
     elements = st.floats(min_value=-1e6, max_value=1e6, width=32)
     if form == "float64":
         return draw(hnp.arrays(np.float64, shape, elements=elements))
-    if form == "float32":
-        return draw(hnp.arrays(np.float32, shape, elements=elements))
+    if form in ("float32", ">f4"):
+        return draw(hnp.arrays(np.dtype(form), shape, elements=elements))
+    if form in ("float16", ">f2"):
+        halves = st.floats(min_value=-65504, max_value=65504, width=16)
+        return draw(hnp.arrays(np.dtype(form), shape, elements=halves))
     if form in ("int32", "int64", "uint64"):
         return draw(hnp.arrays(np.dtype(form), shape))  # the whole range: 64-bit ints round
     if form == "strided":
@@ -289,6 +313,54 @@ def test_average_is_the_specified_sequence_of_roundings(
 
     # Assert
     assert result["w"].tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "expected"),
+    [
+        (["float16", "float16"], "float16"),
+        (["float32", "float32"], "float32"),
+        (["float16", "float32"], "float32"),
+        ([">f2", "float32"], "float32"),
+        (["float32", "float64"], "float64"),
+        (["float16", "int64"], "float64"),
+        (["float32", "list"], "float64"),
+    ],
+)
+def test_the_average_takes_the_widest_float_type_of_its_carriers(
+    backend: Backend, dtypes: list[str], expected: str
+) -> None:
+    # Prepare: values every dtype holds exactly
+    values = [[0.5, -2.0], [1.0, 4.0]]
+    updates = [
+        {"w": value if dtype == "list" else np.array(value, dtype=dtype)}
+        for dtype, value in zip(dtypes, values, strict=True)
+    ]
+
+    # Execute
+    result = backend.weighted_average(updates, [1.0, 3.0])
+
+    # Assert
+    assert result["w"].dtype == np.dtype(expected)
+    assert result["w"].tolist() == [(0.5 + 3 * 1.0) / 4, (-2.0 + 12.0) / 4]
+
+
+def test_a_16_bit_average_is_rounded_once_from_the_float64_result(backend: Backend) -> None:
+    # Prepare: two neighbouring halves, 1 and 1 + 2^-10, weighted so that the float64 mean is
+    # 1 + 2^-11 + 2^-29 * 2^-10: just above the midpoint. Rounded once it is 1 + 2^-10; a detour
+    # through float32 would land on the midpoint and round (to even) down to 1.
+    delta = 2.0**-28
+    updates = [{"w": np.array([1.0], np.float16)}, {"w": np.array([1.0 + 2**-10], np.float16)}]
+    weights = [1.0 - delta, 1.0 + delta]
+    mean = ((1.0 - delta) * 1.0 + (1.0 + delta) * (1.0 + 2**-10)) / 2.0
+    assert np.float16(np.float32(mean)) == 1.0
+
+    # Execute
+    result = backend.weighted_average(updates, weights)
+
+    # Assert
+    assert result["w"].dtype == np.float16
+    assert result["w"][0] == np.float16(1.0 + 2**-10) == np.float16(mean)
 
 
 def test_non_contiguous_and_unusual_layouts(backend: Backend) -> None:

@@ -57,3 +57,17 @@ def test_robust_benchmark_prints_every_rule_side_by_side() -> None:
     assert "| CenteredClip (3 it.), N=3 x P=1,000 |" in output
     assert "| multi-Krum and CenteredClip, N=20 x P=1,000 | skipped" in output
     assert output.count("load average") == 2
+
+
+def test_dtype_benchmark_prints_both_dtypes_side_by_side() -> None:
+    output = run_bench(str(BENCHES / "bench_dtypes.py"), "--quick")
+
+    expected = [
+        "| bytes to the nodes | 0.24 MB | 0.12 MB | 0.50",
+        "| updates held at the average | 0.24 MB | 0.12 MB | 0.500 |",
+        "records equal the lengths of really encoded safetensors bodies: yes",
+        "weighted_average, N=4 x P=10,000 (1 runs per dtype)",
+        "| input read, best |",
+        "load average",
+    ]
+    assert [text for text in expected if text not in output] == [], output

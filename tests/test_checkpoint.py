@@ -18,7 +18,13 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from aumai_fedtrain import CheckpointError, DiLoCoCoordinator, FederatedNode, TrainingConfig
+from aumai_fedtrain import (
+    CheckpointError,
+    DiLoCoCoordinator,
+    FederatedNode,
+    GlobalState,
+    TrainingConfig,
+)
 from aumai_fedtrain.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -479,3 +485,87 @@ def test_a_failed_write_is_a_one_line_error_that_keeps_the_previous_checkpoint(
 
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE, METRICS_FILE]
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
+
+
+def test_tensors_keep_their_dtype_and_bytes_and_the_digest_covers_it(tmp_path: Path) -> None:
+    # Prepare: a float32 model with its float32 outer state, float16 and float64 provider state
+    awkward = np.array([0.1, -0.0, 3.4028235e38, 1e-45], dtype=np.float32)
+    state = GlobalState(
+        round_id=1,
+        parameters={"w": awkward, "b": np.float32([2.5])},
+        momentum={"w": awkward[::-1].copy(), "b": np.float32([0.0])},
+        global_weights={"w": awkward / 2, "b": np.float32([1.0])},
+    )
+    provider_state = {"node/a/h": np.float16([65504.0, 6e-8]), "node/a/count": np.array([3.0])}
+    checkpoint = Checkpoint(
+        config=CONFIG, node_ids=["a"], state=state, credits={"a": 1}, history=[], elapsed=0.5,
+        provider_state=provider_state,
+    )  # fmt: skip
+
+    # Execute
+    save_checkpoint(tmp_path, checkpoint)
+    restored = load_checkpoint(tmp_path)
+
+    # Assert: the same dtypes and bytes, F32/F16/F64 in the file, and the documented digest
+    assert restored is not None and restored.state.parameters is not None
+    for group in ("parameters", "momentum", "global_weights"):
+        for key, value in getattr(state, group).items():
+            held = getattr(restored.state, group)[key]
+            assert held.dtype == np.float32 and held.tobytes() == value.tobytes(), (group, key)
+    for key, value in provider_state.items():
+        assert restored.provider_state[key].dtype == value.dtype
+        assert restored.provider_state[key].tobytes() == value.tobytes()
+    with safe_open(str(tmp_path / CHECKPOINT_FILE), framework="np") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    names = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+    digest = hashlib.sha256(
+        json.dumps(["aumai-fedtrain/checkpoint", "2", metadata["run"]]).encode("utf-8")
+    )
+    for name in sorted(tensors):
+        described: list[Any] = [name, list(tensors[name].shape)]
+        dtype = next(label for label, kind in names.items() if tensors[name].dtype == kind)
+        if dtype != "F64":
+            described.append(dtype)
+        digest.update(json.dumps(described).encode("utf-8"))
+        digest.update(tensors[name].tobytes())
+    assert metadata["sha256"] == digest.hexdigest()
+    assert tensors["provider/node/a/h"].dtype == np.float16
+    assert tensors["momentum/w"].dtype == np.float32
+
+
+def test_a_checkpoint_whose_dtype_was_changed_is_corruption(tmp_path: Path) -> None:
+    # Prepare: relabel a float32 tensor as float16 of twice the length (same bytes)
+    state = GlobalState(round_id=1, global_weights={"w": np.float32([1.0, 2.0])})
+    save_checkpoint(
+        tmp_path,
+        Checkpoint(config=CONFIG, node_ids=["a"], state=state, credits={}, history=[], elapsed=0),
+    )
+    path = tmp_path / CHECKPOINT_FILE
+    body = path.read_bytes()
+    length = int.from_bytes(body[:8], "little")
+    header = body[8 : 8 + length].replace(
+        b'"dtype":"F32","shape":[2]', b'"dtype":"F16","shape":[4]'
+    )
+    path.write_bytes(body[:8] + header + body[8 + length :])
+
+    # Execute / Assert
+    with pytest.raises(CheckpointError, match="is corrupt: its contents do not match"):
+        load_checkpoint(tmp_path)
+
+
+def test_resuming_a_checkpoint_of_another_dtype_is_a_clear_error(tmp_path: Path) -> None:
+    # Prepare: a float64 run checkpointed, then resumed by a run whose model is float32
+    train(CONFIG.model_copy(update={"global_rounds": 1}), tmp_path)
+    nodes, targets = quadratic_nodes()
+
+    class Float32Quadratic(QuadraticProvider):
+        def initial_parameters(self, config: TrainingConfig) -> dict[str, np.ndarray]:
+            return {"theta": np.zeros(3, dtype=np.float32)}
+
+    # Execute / Assert
+    expected = "'theta' are float64, this run's model keeps float32"
+    with pytest.raises(CheckpointError, match=expected):
+        DiLoCoCoordinator().run_training(
+            CONFIG, nodes, Float32Quadratic(targets), checkpoint_dir=tmp_path, resume=True
+        )

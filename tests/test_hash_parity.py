@@ -204,6 +204,20 @@ def test_ints_of_any_size_are_written_exactly(backend: Backend, value: int) -> N
     assert digest == reference_hash(gradients)
 
 
+def test_every_float16_is_written_as_the_double_it_widens_to(backend: Backend) -> None:
+    # Prepare: all 65,536 bit patterns (zeros, subnormals, normals, infinities, NaNs), read in
+    # place and through a big-endian copy, and a float32 of the same values
+    halves = np.arange(2**16, dtype=np.uint16).view(np.float16)
+    gradients = {"h": halves, "big_endian": halves.astype(">f2"), "f32": halves.astype(np.float32)}
+
+    # Execute
+    digest = backend.canonical_hash(gradients)
+
+    # Assert: json.dumps of .tolist(), the widened doubles
+    assert digest == reference_hash(gradients)
+    assert digest == backend.canonical_hash({key: halves.tolist() for key in gradients})
+
+
 def test_integer_arrays_of_every_width_are_written_as_ints(backend: Backend) -> None:
     # Prepare
     gradients = {

@@ -29,17 +29,49 @@ def make_update(**overrides: object) -> LocalUpdate:
     return LocalUpdate.model_validate(fields)
 
 
-def test_gradients_become_float64_arrays_from_lists_and_arrays() -> None:
+def test_lists_and_integer_arrays_become_float64_arrays() -> None:
     # Prepare / Execute
     from_lists = make_update(gradients={"w": [[1, 2], [3, 4]]})
-    from_array = make_update(gradients={"w": np.array([[1, 2], [3, 4]], dtype=np.float32)})
+    from_ints = make_update(gradients={"w": np.array([[1, 2], [3, 4]], dtype=np.int32)})
 
     # Assert
-    for update in (from_lists, from_array):
+    for update in (from_lists, from_ints):
         assert isinstance(update.gradients["w"], np.ndarray)
         assert update.gradients["w"].dtype == np.float64
         assert update.gradients["w"].shape == (2, 2)
-    assert from_lists == from_array
+    assert from_lists == from_ints
+
+
+@pytest.mark.parametrize("dtype", ["<f8", "<f4", "<f2", ">f8", ">f4", ">f2"])
+def test_float_arrays_keep_their_dtype_in_native_byte_order(dtype: str) -> None:
+    # Prepare
+    array = np.array([[0.1, -2.5], [3.0, 65504.0]], dtype=dtype)
+
+    # Execute
+    update = make_update(gradients={"w": array})
+    state = GlobalState(parameters={"w": array}, momentum={"w": array})
+
+    # Assert: the same values in the same width, shared when nothing needs converting
+    for held in (update.gradients["w"], state.parameters["w"], state.momentum["w"]):
+        assert held.dtype == np.dtype(dtype).newbyteorder("=")
+        assert held.dtype.isnative
+        assert np.array_equal(held, array)
+        assert np.shares_memory(held, array) == np.dtype(dtype).isnative
+    # JSON holds the values as doubles, which read back as float64
+    restored = LocalUpdate.model_validate_json(update.model_dump_json())
+    assert restored.gradients["w"].dtype == np.float64
+    assert restored == update
+    assert restored.gradients["w"].tolist() == array.tolist()
+
+
+def test_long_doubles_and_numpy_scalars_become_float64() -> None:
+    update = make_update(
+        gradients={"w": np.array([0.5], dtype=np.longdouble), "b": np.float32(0.25)}
+    )
+
+    assert update.gradients["w"].dtype == np.float64
+    assert update.gradients["b"].dtype == np.float64
+    assert update.gradients["b"].tolist() == 0.25
 
 
 def test_json_form_is_nested_lists_of_floats() -> None:

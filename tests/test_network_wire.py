@@ -33,12 +33,15 @@ from aumai_fedtrain.network.wire import (
     MAX_HEADER_BYTES,
     MAX_TENSORS,
     ModelMismatchError,
+    TensorShape,
     decode_nonce,
     decode_request,
     decode_update,
     encode_request,
     encode_update,
+    expected_tensors,
     max_update_bytes,
+    request_body_bytes,
     response_media_type,
 )
 
@@ -90,17 +93,51 @@ def test_the_guides_json_request_is_accepted() -> None:
     assert nested.global_weights["w"].tolist() == [[1.0, 2.0], [3.0, 4.0]]
 
 
-def test_safetensors_bodies_may_hold_float32_tensors() -> None:
-    body = save(
-        {"w": np.array([0.5, 1.5], dtype=np.float32)},
-        metadata={"aumai-fedtrain": "train-request/1", "round_id": "7"},
-    )
+def test_safetensors_bodies_keep_each_tensor_dtype() -> None:
+    # Prepare: a model of float32, float16 and float64 tensors (safetensors lays them out
+    # widest first, then by name, which the computed size must follow)
+    weights = {
+        "a.w": np.array([[0.1, -2.5]], dtype=np.float32),
+        "b.h": np.array([1e-3, 65504.0, -0.0], dtype=np.float16),
+        "c.d": np.array([0.1 + 0.2]),
+        "z.w": np.arange(5, dtype=np.float32),
+    }
+    request = TrainRequest(round_id=7, global_weights=weights)
 
+    # Execute
+    body = encode_request(request, SAFETENSORS)
     decoded = decode_request(body, SAFETENSORS)
 
-    assert decoded.round_id == 7
-    assert decoded.global_weights["w"].dtype == np.float64
-    assert decoded.global_weights["w"].tolist() == [0.5, 1.5]
+    # Assert: the same dtypes and bytes both ways, and the size computed without the body
+    header = json.loads(body[8 : 8 + int.from_bytes(body[:8], "little")])
+    assert {name: header[name]["dtype"] for name in weights} == {
+        "a.w": "F32", "b.h": "F16", "c.d": "F64", "z.w": "F32"
+    }  # fmt: skip
+    for name, value in weights.items():
+        assert decoded.global_weights[name].dtype == value.dtype
+        assert decoded.global_weights[name].tobytes() == value.tobytes()
+    assert len(body) == request_body_bytes(7, expected_tensors(weights))
+
+
+def test_a_float32_models_bodies_are_about_half_a_float64_models() -> None:
+    # Prepare
+    weights64 = {"w": np.linspace(-1.0, 1.0, 10_000).reshape(100, 100), "b": np.zeros(100)}
+    weights32 = {name: value.astype(np.float32) for name, value in weights64.items()}
+    update = make_update(gradients=weights32)
+
+    # Execute
+    sizes = [len(encode_request(TrainRequest(round_id=1, global_weights=w), SAFETENSORS))
+             for w in (weights64, weights32)]  # fmt: skip
+    body = encode_update(update, SAFETENSORS)
+
+    # Assert
+    assert sizes[1] - sizes[0] / 2 < 200  # the header is the same size; the values half
+    assert len(body) <= max_update_bytes(expected_tensors(weights32), SAFETENSORS)
+    assert max_update_bytes(expected_tensors(weights32), SAFETENSORS) < max_update_bytes(
+        expected_tensors(weights64), SAFETENSORS
+    )
+    decoded = decode_update(body, SAFETENSORS, expected_tensors(weights32))
+    assert decoded == update and decoded.gradients["w"].dtype == np.float32
 
 
 def request_body(**metadata: str) -> bytes:
@@ -419,6 +456,7 @@ def test_unreadable_and_non_json_nodes_files_are_named(tmp_path: Path) -> None:
 
 
 MODEL_SHAPES = {"w": (7, 1), "b": (), "e": (0,)}
+FLOAT32_MODEL = {**MODEL_SHAPES, "w": TensorShape((7, 1), "F32")}
 
 
 def test_honest_updates_fit_the_bound_of_their_model() -> None:
@@ -464,7 +502,8 @@ def test_safetensors_headers_are_bounded_before_anything_is_decoded(
                    metadata={"aumai-fedtrain": "local-update/1"})  # fmt: skip
     mismatches = [
         (body, wrong_shape, "gradient 'w' has shape (7, 1), the model's is (1, 7)"),
-        (float32, MODEL_SHAPES, "tensor 'w' has dtype 'F32'; updates carry F64 values"),
+        (float32, MODEL_SHAPES, "tensor 'w' has dtype 'F32'; this model's updates carry F64"),
+        (body, FLOAT32_MODEL, "tensor 'w' has dtype 'F64'; this model's updates carry F32"),
     ]
     for data, expected, needle in cases:
         with pytest.raises(WireError, match=re.escape(needle)):

@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from aumai_fedtrain.checkpoint import CheckpointError, load_checkpoint
+from aumai_fedtrain.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from aumai_fedtrain.observability import METRICS_FILE, read_metrics
 
 TIMEOUT = 300
+REPO = Path(__file__).resolve().parent.parent
 CONFIG = {
     "model_name": "resume-test",
     "learning_rate": 0.002,
@@ -67,6 +69,30 @@ def kill_after_round(args: list[str], checkpoint_dir: Path, rounds: int) -> int:
     return completed_round(checkpoint_dir)
 
 
+def reference_and_resumed(
+    tmp_path: Path, config: str, extra: list[str], kill_at: int
+) -> tuple[Checkpoint, Checkpoint, int, str]:
+    """Run ``run --config <config text> <extra>`` from the repository root twice: once
+    uninterrupted, and once SIGKILLed when ``kill_at`` rounds are checkpointed, then resumed.
+    Returns both final checkpoints, the round the killed run had checkpointed, and the resumed
+    run's output."""
+    path = tmp_path / "config.json"
+    path.write_text(config)
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(
+        [*run_args(path, reference_dir), *extra],
+        cwd=REPO, capture_output=True, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    reached = kill_after_round([*run_args(path, killed_dir), *extra], killed_dir, kill_at)
+    resumed = subprocess.run(
+        [*run_args(path, killed_dir, "--resume"), *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    expected, actual = load_checkpoint(reference_dir), load_checkpoint(killed_dir)
+    assert expected is not None and actual is not None
+    return expected, actual, reached, resumed.stdout
+
+
 @pytest.mark.parametrize("kill_at", [0, 3])
 def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, kill_at: int) -> None:
     # Prepare: an uninterrupted reference run
@@ -107,3 +133,30 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path: Path, kill_at: int) -> N
         assert actual_line.model_dump(exclude=timing) == expected_line.model_dump(exclude=timing)
         assert actual_line.node_times is not None
         assert sorted(actual_line.node_times.per_node) == sorted(expected_line.participants)
+
+
+def test_a_float32_run_killed_with_sigkill_resumes_bit_identically(tmp_path: Path) -> None:
+    # Prepare / Execute: a float32 model whose nodes keep float32 state, run without
+    # interruption, and killed after round 2 then resumed
+    float32_run = [
+        "--trainer", "tests.float32_trainers:make_trainer",
+        "--model-init", "tests.float32_trainers:initial_model",
+    ]  # fmt: skip
+    config = json.dumps({**CONFIG, "local_steps": 10, "num_nodes": 4})
+    expected, actual, reached, _ = reference_and_resumed(tmp_path, config, float32_run, 2)
+
+    # Assert: the same float32 model, momentum, last average and node state, bit for bit
+    assert 2 <= reached < CONFIG["global_rounds"]
+    assert actual.state.round_id == CONFIG["global_rounds"]
+    pairs = [
+        (actual.state.parameters, expected.state.parameters),
+        (actual.state.momentum, expected.state.momentum),
+        (actual.state.global_weights, expected.state.global_weights),
+        (actual.provider_state, expected.provider_state),
+    ]
+    for held, wanted in pairs:
+        assert held is not None and wanted is not None and sorted(held) == sorted(wanted)
+        for key, value in wanted.items():
+            assert held[key].dtype == value.dtype == np.float32, key
+            assert held[key].tobytes() == value.tobytes(), key
+    assert actual.state == expected.state and actual.credits == expected.credits

@@ -200,3 +200,106 @@ def test_a_diverging_cli_run_names_the_setting_in_one_line(
     for needle in needles:
         assert needle in lines[-1]
     assert "Eval loss" not in completed.stdout
+
+
+def float32_round(
+    max_abs_update: float, gradients: dict[str, np.ndarray]
+) -> tuple[DiLoCoCoordinator, Any, list[LocalUpdate]]:
+    """A coordinator of a float32 model of one tensor, its round-0 state and two updates:
+    node "a"'s of ``gradients`` and node "b"'s of 0.5 (float64, as JSON bodies decode)."""
+    config = CONFIG.model_copy(update={"max_abs_update": max_abs_update})
+    coordinator = DiLoCoCoordinator()
+    state = coordinator.initialize(
+        config, nodes(), parameters={"w": np.array([1.0, 2.0], dtype=np.float32)}
+    )
+    updates = [
+        LocalUpdate(node_id="a", round_id=1, gradients=gradients, loss=0.5, samples_used=12),
+        LocalUpdate(
+            node_id="b", round_id=1, gradients={"w": [0.5, 0.5]}, loss=0.5, samples_used=12
+        ),
+    ]
+    return coordinator, state, updates
+
+
+def test_updates_are_cast_to_the_model_dtype_and_the_outer_state_keeps_it() -> None:
+    # Prepare: a float64 update whose value rounds in float32
+    coordinator, state, updates = float32_round(1e4, {"w": np.array([0.1, -0.25])})
+
+    # Execute
+    accepted, dropped = coordinator.screen(state, updates)
+    after = coordinator.run_round(state, updates)
+
+    # Assert: the updates that count hold float32, and so does everything the round made
+    assert dropped == {}
+    assert all(update.gradients["w"].dtype == np.float32 for update in accepted)
+    assert accepted[0].gradients["w"].tolist() == np.float32([0.1, -0.25]).tolist()
+    assert updates[0].gradients["w"].dtype == np.float64  # the node's update is left alone
+    assert after.parameters is not None and after.momentum is not None
+    for tensors in (after.parameters, after.momentum, after.global_weights):
+        assert tensors["w"].dtype == np.float32
+    expected = (np.float64(np.float32(0.1)) * 12 + 0.5 * 12) / 24
+    assert after.global_weights["w"][0] == np.float32(expected)
+
+
+def test_a_value_beyond_the_model_dtype_range_is_a_clean_drop() -> None:
+    # Prepare: finite in float64, infinite in float32, within a generous max_abs_update
+    coordinator, state, updates = float32_round(1e300, {"w": np.array([1e39, 0.0])})
+
+    # Execute
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow in a cast
+        accepted, dropped = coordinator.screen(state, updates)
+        after = coordinator.run_round(state, updates[1:])
+
+    # Assert
+    assert [update.node_id for update in accepted] == ["b"]
+    assert dropped == {
+        "a": "gradient 'w' has values beyond the range of float32, the model's dtype (up to 1e+39)"
+    }
+    assert after.parameters is not None and np.isfinite(after.parameters["w"]).all()
+
+
+def test_an_infinity_sent_to_a_float32_model_is_named_non_finite() -> None:
+    coordinator, state, updates = float32_round(1e300, {"w": np.array([np.inf, 0.0])})
+
+    _, dropped = coordinator.screen(state, updates)
+
+    assert dropped == {"a": "gradient 'w' has non-finite values"}
+
+
+def test_the_largest_value_that_rounds_to_a_finite_float32_passes() -> None:
+    # Prepare: just below the float32 overflow threshold (max + half a step): rounds to max
+    threshold = float(np.finfo(np.float32).max) * (1 + 2.0**-25)
+    below = float(np.nextafter(threshold, 0))
+    coordinator, state, updates = float32_round(1e300, {"w": np.array([below, threshold])})
+    updates[0] = updates[0].model_copy(update={"gradients": {"w": np.array([below, 0.0])}})
+
+    # Execute
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accepted, dropped = coordinator.screen(state, updates)
+
+    # Assert
+    assert dropped == {}
+    assert accepted[0].gradients["w"][0] == np.finfo(np.float32).max
+
+
+def test_a_16_bit_model_keeps_its_outer_state_in_float32() -> None:
+    # Prepare
+    coordinator = DiLoCoCoordinator()
+    initial = {"w": np.array([1.0, 2.0], dtype=np.float16)}
+
+    # Execute
+    state = coordinator.initialize(CONFIG, nodes(), parameters=initial)
+    update = LocalUpdate(
+        node_id="a", round_id=1, gradients={"w": np.float16([0.5, 1e-3])}, loss=0.5,
+        samples_used=12,
+    )  # fmt: skip
+    after = coordinator.run_round(state, [update])
+
+    # Assert: float32 outer state, the 16-bit update widened exactly
+    assert state.parameters is not None and state.momentum is not None
+    assert state.parameters["w"].dtype == state.momentum["w"].dtype == np.float32
+    assert after.parameters is not None and after.parameters["w"].dtype == np.float32
+    assert after.momentum is not None and after.momentum["w"].dtype == np.float32
+    assert after.global_weights["w"].tolist() == np.float16([0.5, 1e-3]).tolist()

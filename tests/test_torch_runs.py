@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 from aumai_fedtrain import DiLoCoCoordinator, FederatedNode, TrainingConfig
-from aumai_fedtrain.checkpoint import load_checkpoint
 from aumai_fedtrain.network import HttpUpdateProvider, LocalNode
 from aumai_fedtrain.providers import InProcessProvider
 from aumai_fedtrain.simulation import simulated_nodes
 from tests import torch_models
 from tests.test_network_nodes import REQUEST_TIMEOUT, Deployment, running
-from tests.test_resume import TIMEOUT, kill_after_round, run_args
+from tests.test_resume import REPO, reference_and_resumed
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = TrainingConfig(
     model_name="torch-runs",
     learning_rate=0.01,
@@ -37,36 +34,29 @@ def in_process() -> InProcessProvider:
 
 
 def test_a_torch_run_killed_with_sigkill_resumes_bit_identically(tmp_path: Path) -> None:
-    # Prepare: an uninterrupted reference run of three torch nodes (inner AdamW state kept)
-    config = tmp_path / "config.json"
-    config.write_text(CONFIG.model_dump_json())
-    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(
-        [*run_args(config, reference_dir), *TORCH_RUN],
-        cwd=REPO, capture_output=True, timeout=TIMEOUT, check=True,
-    )  # fmt: skip
-
-    # Execute: kill a second run after round 2, then resume it
-    reached = kill_after_round([*run_args(config, killed_dir), *TORCH_RUN], killed_dir, 2)
-    resumed = subprocess.run(
-        [*run_args(config, killed_dir, "--resume"), *TORCH_RUN],
-        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, check=True,
-    )  # fmt: skip
+    # Prepare / Execute: an uninterrupted reference run of three torch nodes (inner AdamW
+    # state kept), and one killed after round 2 then resumed
+    config = CONFIG.model_dump_json()
+    expected, actual, reached, resumed = reference_and_resumed(tmp_path, config, TORCH_RUN, 2)
 
     # Assert: the same global model, nodes' inner state and history, bit for bit
     assert 2 <= reached < CONFIG.global_rounds
-    expected, actual = load_checkpoint(reference_dir), load_checkpoint(killed_dir)
-    assert expected is not None and actual is not None
     assert actual.state.round_id == CONFIG.global_rounds
     assert expected.state.parameters is not None and actual.state.parameters is not None
     for key, value in expected.state.parameters.items():
         assert actual.state.parameters[key].tobytes() == value.tobytes(), key
+    # a float32 model: its checkpointed global copy, momentum and inner state stay float32
+    # (the integer BatchNorm counter travels as float64)
+    assert actual.state.momentum is not None
+    for tensors in (actual.state.parameters, actual.state.momentum, actual.provider_state):
+        counters = ("tracked", "batches")
+        assert {str(v.dtype) for k, v in tensors.items() if not k.endswith(counters)} == {"float32"}
     assert sorted(actual.provider_state) == sorted(expected.provider_state)
     assert any("/optimizer/" in name for name in actual.provider_state)
     for key, value in expected.provider_state.items():
         assert actual.provider_state[key].tobytes() == value.tobytes(), key
     assert [r.eval_loss for r in actual.history] == [r.eval_loss for r in expected.history]
-    assert json.loads(resumed.stdout)["credits"] == expected.credits
+    assert json.loads(resumed)["credits"] == expected.credits
 
 
 def test_torch_nodes_over_http_restarted_from_their_state_dirs_match_in_process(

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional
 
 from aumai_fedtrain import DiLoCoCoordinator, FederatedNode, TrainingConfig
+from aumai_fedtrain.models import to_tensor
 from aumai_fedtrain.providers import InProcessProvider
 from aumai_fedtrain.torch import (
     TorchTrainer,
@@ -100,6 +101,11 @@ def test_one_worker_with_plain_averaging_is_local_training(
         ulp = torch.maximum(ulp, (want.abs() * torch.finfo(dtype).eps).double())
         assert bool(((got - want).abs() <= ulp).all()), name
         assert not torch.equal(want, start), name  # it did train
+    # the coordinator holds the global copy and momentum of every such model in float32
+    state = result.final_state
+    for tensors in (state.parameters, state.momentum, state.global_weights):
+        assert tensors is not None
+        assert {value.dtype for value in tensors.values()} == {np.dtype(np.float32)}
 
 
 def trainer(node_id: str = "node-000", **options: Any) -> TorchTrainer:
@@ -114,13 +120,17 @@ def trainer(node_id: str = "node-000", **options: Any) -> TorchTrainer:
     )
 
 
-def as_checkpointed(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A trainer state as a checkpoint gives it back today: float64 copies."""
-    return {name: np.array(value, dtype=np.float64) for name, value in state.items()}
+def as_checkpointed(state: dict[str, np.ndarray], stored: str) -> dict[str, np.ndarray]:
+    """A trainer state as a checkpoint gives it back: copies in their own float dtype (integers
+    as float64), or, from a checkpoint of an older version, all in float64."""
+    if stored == "float64":
+        return {name: np.array(value, dtype=np.float64) for name, value in state.items()}
+    return {name: to_tensor(value).copy() for name, value in state.items()}
 
 
+@pytest.mark.parametrize("stored", ["own dtype", "float64"])
 @pytest.mark.parametrize("buffers", ["local", "average"])
-def test_a_restored_trainer_continues_exactly(buffers: str) -> None:
+def test_a_restored_trainer_continues_exactly(buffers: str, stored: str) -> None:
     # Prepare: two rounds (10 of the node's 6 batches: the data is mid-pass), then a new
     # trainer that takes up the state, and one that does not
     first = trainer(buffers=buffers)
@@ -129,7 +139,7 @@ def test_a_restored_trainer_continues_exactly(buffers: str) -> None:
         delta, _, _ = first.train(round_id, parameters)
         parameters = {k: v - 0.5 * delta[k].astype(np.float64) for k, v in parameters.items()}
     restored, fresh = trainer(buffers=buffers), trainer(buffers=buffers)
-    restored.load_state_dict(as_checkpointed(first.state_dict()))
+    restored.load_state_dict(as_checkpointed(first.state_dict(), stored))
 
     # Execute
     expected = first.train(3, parameters)
@@ -177,7 +187,8 @@ def test_buffers_are_averaged_or_kept_local() -> None:
     np.testing.assert_allclose(averaged["norm.running_mean"], np.mean(node_means, axis=0), 1e-6)
     assert averaged["norm.num_batches_tracked"].item() == config.local_steps
     for name in ("norm.running_mean", "norm.running_var", "norm.num_batches_tracked"):
-        assert kept[name].tobytes() == initial[name].astype(np.float64).tobytes(), name
+        assert kept[name].dtype == to_tensor(initial[name]).dtype, name  # float32, or float64
+        assert kept[name].tobytes() == to_tensor(initial[name]).tobytes(), name  # for the count
     state = providers["local"].state_dict()
     assert state["node/a/buffers/norm.num_batches_tracked"].item() == config.local_steps
     assert "node/a/buffers/norm.running_mean" not in providers["average"].state_dict()
@@ -249,7 +260,7 @@ def test_an_optimizer_without_state_keeps_none() -> None:
 
     plain_sgd.train(1, {})
     state = plain_sgd.state_dict()
-    plain_sgd.load_state_dict(as_checkpointed(state))
+    plain_sgd.load_state_dict(as_checkpointed(state, "own dtype"))
 
     assert sorted(state) == [
         "buffers/norm.num_batches_tracked", "buffers/norm.running_mean",

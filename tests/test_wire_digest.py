@@ -30,14 +30,14 @@ def backend(backend_name: str) -> Backend:
 
 
 # The specification's dtype table: NumPy kind (and size) -> little-endian dtype, name.
-WIRE_TYPES = {"F32": "<f4", "F64": "<f8", "I64": "<i8", "U64": "<u8"}
+WIRE_TYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I64": "<i8", "U64": "<u8"}
 
 
 def wire_type(value: Any) -> str:
     if isinstance(value, np.ndarray):
         kind = value.dtype.kind
         if kind == "f":
-            return "F32" if value.dtype.itemsize == 4 else "F64"
+            return {2: "F16", 4: "F32"}.get(value.dtype.itemsize, "F64")
         return {"i": "I64", "u": "U64"}[kind]
     return "F64"
 
@@ -109,6 +109,7 @@ def test_dtype_shape_values_and_keys_each_change_the_digest(backend: Backend) ->
     base = {"w": np.array([1.0, 2.0])}
     variants = [
         {"w": np.array([1.0, 2.0], dtype=np.float32)},
+        {"w": np.array([1.0, 2.0], dtype=np.float16)},
         {"w": np.array([[1.0, 2.0]])},
         {"w": np.array([1.0, -2.0])},
         {"w": np.array([1, 2])},

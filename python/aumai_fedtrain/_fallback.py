@@ -8,7 +8,8 @@ reproduces, and serve as the fallback when the extension is unavailable:
   :func:`canonical_hashes` is the same for many maps at once.
 - :func:`weighted_average` is the per-key weighted mean over the updates that carry a
   non-empty value for the key, computed in float64 by one specified sequence of roundings
-  (see the function), which the native core reproduces bit for bit.
+  (see the function) and given in the inputs' float type, which the native core reproduces
+  bit for bit.
 - :func:`wire_digest` is the SHA-256 of a binary layout of the map (its keys, dtypes, shapes
   and little-endian bytes, :mod:`aumai_fedtrain.digest`), what update signatures cover.
 - :func:`max_abs` is the largest magnitude of each value of many maps, what screening bounds.
@@ -21,7 +22,7 @@ import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -105,13 +106,24 @@ def canonical_hashes(maps: Sequence[Mapping[str, Any]]) -> list[str]:
     return [canonical_hash(gradients) for gradients in maps]
 
 
+# Float dtypes an array keeps (by item size): float16, float32, float64.
+_KEPT_FLOAT_SIZES = frozenset((2, 4, 8))
+
+
 def _as_float_array(key: str, value: Any, label: str | None = None) -> np.ndarray:
-    """``value`` as ``np.asarray(value, dtype=np.float64)`` reads it; errors name the update."""
+    """``value`` as a float array; errors name the update.
+
+    float64, float32 and float16 arrays are returned as they are (their values are read as the
+    doubles they widen to exactly); anything else as ``np.asarray(value, dtype=np.float64)``
+    reads it.
+    """
     prefix = f"{label}: " if label is not None else ""
     try:
         _check_value(key, value)
     except TypeError as exc:
         raise TypeError(f"{prefix}{exc}") from None
+    if _kept_float(value):
+        return value
     try:
         return np.asarray(value, dtype=np.float64)
     except ValueError:  # ragged nested lists
@@ -119,6 +131,25 @@ def _as_float_array(key: str, value: Any, label: str | None = None) -> np.ndarra
         raise ValueError(
             f"{site}: not a rectangular array (the nested lists have different lengths)"
         ) from None
+
+
+def _kept_float(value: Any) -> TypeGuard[np.ndarray]:
+    """Whether ``value`` is an array of a float dtype that keeps its type (float16/32/64)."""
+    return (
+        isinstance(value, np.ndarray)
+        and value.dtype.kind == "f"
+        and value.dtype.itemsize in _KEPT_FLOAT_SIZES
+    )
+
+
+def result_dtype(arrays: Sequence[np.ndarray]) -> np.dtype:
+    """The dtype of an average of ``arrays``: the widest of their float types.
+
+    All float16 gives float16; float32 (with or without float16) float32; any float64 (or
+    integer or list, read as float64) float64, as does no array at all.
+    """
+    size = max((array.dtype.itemsize if _kept_float(array) else 8 for array in arrays), default=8)
+    return np.dtype(f"f{size}")
 
 
 def _entries(gradients: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -162,6 +193,7 @@ WIRE_DIGEST_MAGIC = b"aumai-fedtrain/wire-digest/v1\n"
 
 # The wire layout's element types: NumPy dtype -> (little-endian dtype, safetensors name).
 _WIRE_TYPES = {
+    "f2": ("<f2", b"F16"),
     "f4": ("<f4", b"F32"),
     "f": ("<f8", b"F64"),
     "i": ("<i8", b"I64"),
@@ -172,13 +204,14 @@ _WIRE_TYPES = {
 def _wire_array(key: str, value: Any) -> tuple[np.ndarray, bytes]:
     """The C-ordered little-endian array the wire layout holds for ``value``, and its type.
 
-    Arrays keep their kind: float32 stays float32, other floats become float64, signed ints
-    int64, unsigned ints uint64; anything else is read as float64 (as the average reads it).
+    Arrays keep their kind: float32 stays float32, float16 float16, other floats become
+    float64, signed ints int64, unsigned ints uint64; anything else is read as float64 (as the
+    average reads it).
     """
     if isinstance(value, np.ndarray):
         _check_value(key, value)
-        kind = value.dtype.kind
-        dtype, name = _WIRE_TYPES["f4" if kind == "f" and value.dtype.itemsize == 4 else kind]
+        kind, size = value.dtype.kind, value.dtype.itemsize
+        dtype, name = _WIRE_TYPES[f"f{size}" if kind == "f" and size in (2, 4) else kind]
         return np.asarray(value, dtype=dtype, order="C"), name
     return np.asarray(_as_float_array(key, value), dtype="<f8", order="C"), b"F64"
 
@@ -236,17 +269,20 @@ def weighted_average(
     weights: Sequence[float],
     labels: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-key weighted mean of gradient maps, in float64.
+    """Per-key weighted mean of gradient maps, accumulated in float64.
 
     For every key in the union of the updates' keys (in order of first appearance), the result
     is ``sum(w_i * x_i) / sum(w_i)`` over the updates that carry a non-empty value for that
-    key. A key that no update carries non-empty maps to an empty array.
+    key. A key that no update carries non-empty maps to an empty float64 array. The result has
+    the carriers' widest float type (:func:`result_dtype`): float32 carriers give float32,
+    float16 ones float16, float64, integer and list carriers float64.
 
     The arithmetic is one specified sequence, which both backends follow bit for bit: per
     element, ``acc = 0.0``, then for each carrier in update order ``acc = acc + (w_i * x_i)``
     (a rounded product, then a rounded sum), and the result is ``acc / W`` with ``W`` the
-    carriers' weights summed in update order from ``0.0``. Values are read as
-    ``np.asarray(value, dtype=np.float64)`` reads them.
+    carriers' weights summed in update order from ``0.0``, rounded once (to nearest, ties to
+    even) to the result's type. float16 and float32 values are read as the doubles they
+    widen to; others as ``np.asarray(value, dtype=np.float64)`` reads them.
 
     Raises
     ------
@@ -296,7 +332,7 @@ def weighted_average(
         # Non-finite values and overflowing products propagate silently, as in the native core.
         with np.errstate(over="ignore", invalid="ignore"):
             for _, weight, array in entries:
-                acc += weight * array
+                acc += np.multiply(weight, array, dtype=np.float64)
             acc /= total
-        result[key] = acc
+            result[key] = acc.astype(result_dtype([array for _, _, array in entries]), copy=False)
     return result

@@ -2,8 +2,8 @@
 
 Same contract, signatures and exception types as :mod:`aumai_fedtrain._fallback`. Every
 function releases the GIL while it works (so calls from several Python threads run side by
-side), reads NumPy float64, float32, int64 and uint64 arrays in place, and spreads large inputs
-over the available cores; the canonical hash never builds the whole JSON text.
+side), reads NumPy float64, float32, float16, int64 and uint64 arrays in place, and spreads
+large inputs over the available cores; the canonical hash never builds the whole JSON text.
 """
 
 from collections.abc import Mapping, Sequence
@@ -56,9 +56,10 @@ def wire_digest(gradients: Mapping[str, Any]) -> str:
     """SHA-256 hex digest of the binary wire layout of ``gradients`` (one pass of SHA-256).
 
     The layout (:mod:`aumai_fedtrain.digest` gives it byte by byte): keys sorted by their
-    UTF-8 bytes, and per key its name, dtype (``F64``, ``F32``, ``I64`` or ``U64``), shape and
-    row-major little-endian bytes. Arrays keep their kind (float32 stays float32, other floats
-    become float64, ints int64 or uint64); lists and scalars are read as float64.
+    UTF-8 bytes, and per key its name, dtype (``F64``, ``F32``, ``F16``, ``I64`` or ``U64``),
+    shape and row-major little-endian bytes. Arrays keep their kind (float32 stays float32,
+    float16 float16, other floats become float64, ints int64 or uint64); lists and scalars
+    are read as float64.
 
     Raises
     ------
@@ -82,17 +83,20 @@ def weighted_average(
     weights: Sequence[float],
     labels: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per-key weighted mean of gradient maps, in float64.
+    """Per-key weighted mean of gradient maps, accumulated in float64.
 
     For every key in the union of the updates' keys (in order of first appearance), the result
     is ``sum(w_i * x_i) / sum(w_i)`` over the updates that carry a non-empty value for that
-    key. A key that no update carries non-empty maps to an empty array.
+    key. A key that no update carries non-empty maps to an empty float64 array.
 
     The arithmetic is the fallback's, bit for bit: per element, ``acc = 0.0``, then for each
     carrier in update order ``acc = acc + (w_i * x_i)`` (a rounded product, then a rounded sum:
     no fused multiply-add, no reordering across nodes, whatever the number of threads), and the
-    result is ``acc / W`` with ``W`` the carriers' weights summed in update order from ``0.0``.
-    Values are read as ``np.asarray(value, dtype=np.float64)`` reads them.
+    result is ``acc / W`` with ``W`` the carriers' weights summed in update order from ``0.0``,
+    rounded once (to nearest, ties to even) to the carriers' widest float type: float16 when
+    all are float16 arrays, float32 when they are float32 or float16 arrays, else float64.
+    float32 and float16 values are read as the doubles they widen to, in place; others as
+    ``np.asarray(value, dtype=np.float64)`` reads them.
 
     Parameters
     ----------
@@ -107,7 +111,7 @@ def weighted_average(
     Returns
     -------
     dict[str, numpy.ndarray]
-        Key to a new float64 array of the carriers' shape.
+        Key to a new array of the carriers' shape, in their widest float type.
 
     Raises
     ------

@@ -1,7 +1,8 @@
 """Checkpoints of a run: one safetensors file, replaced atomically after every round.
 
 Tensors (global parameters, outer momentum, last averaged update, the provider's state such as
-the nodes' inner optimizers) are stored as float64 safetensors entries; everything else
+the nodes' inner optimizers) are stored as safetensors entries in their own dtype (``F64``,
+``F32`` or ``F16``; other numbers as ``F64``), so a run resumes bit for bit; everything else
 (config, node ids, round, credits, history, elapsed time) is JSON in the file's metadata. A
 SHA-256 over the metadata and the tensors detects any corruption of either. Writing goes to a
 temporary file that is fsynced and renamed over the old checkpoint, so a run killed at any
@@ -36,7 +37,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aumai_fedtrain.inputs import describe_validation_error
-from aumai_fedtrain.models import GlobalState, RoundRecord, TensorMap, TrainingConfig
+from aumai_fedtrain.models import (
+    GlobalState,
+    RoundRecord,
+    TensorMap,
+    TrainingConfig,
+    as_stored,
+    stored_name,
+)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 LOCK_FILE = "checkpoint.lock"
@@ -192,8 +200,13 @@ def _digest(tensors: dict[str, np.ndarray], run: str | None) -> str:
     if run is not None:
         digest.update(json.dumps([FORMAT_NAME, FORMAT_VERSION, run]).encode("utf-8"))
     for name in sorted(tensors):
-        array = np.asarray(tensors[name], dtype="<f8", order="C")
-        digest.update(json.dumps([name, list(array.shape)]).encode("utf-8"))
+        array = as_stored(tensors[name])
+        # A float64 tensor is described as before dtypes were kept (older checkpoints still
+        # verify); any other names its dtype, so that the digest covers it.
+        described = [name, list(array.shape)]
+        if array.dtype.itemsize != 8:
+            described.append(stored_name(array.dtype))
+        digest.update(json.dumps(described).encode("utf-8"))
         digest.update(array.reshape(-1).data)
     return digest.hexdigest()
 
@@ -202,7 +215,7 @@ def _flatten(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
     groups = {group: getattr(checkpoint.state, group) or {} for group in _TENSOR_GROUPS}
     groups[_PROVIDER_GROUP] = checkpoint.provider_state
     return {
-        f"{group}/{key}": np.asarray(value, dtype="<f8", order="C")
+        f"{group}/{key}": as_stored(value)
         for group, tensors in groups.items()
         for key, value in tensors.items()
     }
@@ -326,7 +339,8 @@ def _finish_releases() -> None:
 
 
 def _write_safetensors(fd: int, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """Write C-ordered little-endian float64 ``tensors`` to ``fd`` in the safetensors layout.
+    """Write ``tensors`` (C-ordered little-endian floats, :func:`~aumai_fedtrain.models.as_stored`)
+    to ``fd`` in the safetensors layout.
 
     The layout (https://huggingface.co/docs/safetensors): an unsigned 64-bit little-endian
     header size, a JSON header (``__metadata__`` first, with ``sha256`` its first entry; then
@@ -340,7 +354,7 @@ def _write_safetensors(fd: int, tensors: dict[str, np.ndarray], metadata: dict[s
     for name in sorted(tensors):
         end = offset + tensors[name].nbytes
         header[name] = {
-            "dtype": "F64",
+            "dtype": stored_name(tensors[name].dtype),
             "shape": list(tensors[name].shape),
             "data_offsets": [offset, end],
         }
@@ -441,7 +455,7 @@ def _parse(path: Path, run_text: str | None, tensors: dict[str, np.ndarray]) -> 
 
 
 def _group(tensors: dict[str, np.ndarray], group: str, keys: list[str]) -> TensorMap:
-    return {key: tensors[f"{group}/{key}"].astype(np.float64, copy=False) for key in keys}
+    return {key: tensors[f"{group}/{key}"] for key in keys}
 
 
 def _provider_state_by_node_id(path: Path, checkpoint: Checkpoint) -> TensorMap:

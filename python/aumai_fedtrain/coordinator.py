@@ -35,7 +35,7 @@ from aumai_fedtrain.models import (
     to_tensor,
 )
 from aumai_fedtrain.observability.metrics_file import METRICS_FILE, MetricsFile
-from aumai_fedtrain.outer import outer_step, zero_momentum
+from aumai_fedtrain.outer import outer_dtype, outer_step, zero_momentum
 from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
 from aumai_fedtrain.robust import RobustAggregator
 from aumai_fedtrain.screening import screen_updates
@@ -473,13 +473,21 @@ def _inconsistency(checkpoint: Checkpoint, start: GlobalState) -> str | None:
         shapes = {key: value.shape for key, value in saved.items()}
         if shapes != {key: value.shape for key, value in start.parameters.items()}:
             return f"its {name} do not have the keys and shapes of this run's model"
+        for key, value in start.parameters.items():
+            if saved[key].dtype != value.dtype:
+                return (
+                    f"its {name} {key!r} are {saved[key].dtype}, this run's model keeps "
+                    f"{value.dtype}"
+                )
         if not all(np.isfinite(value).all() for value in saved.values()):
             return f"its {name} hold non-finite values"
     return None
 
 
 def _initial_parameters(parameters: TensorMap) -> TensorMap:
-    """Own, checked float64 copies of the initial model; ``ValueError`` naming a bad one."""
+    """Own, checked copies of the initial model in its outer dtype (float64 stays float64,
+    float32 float32, float16 becomes float32: :func:`~aumai_fedtrain.outer.outer_dtype`);
+    ``ValueError`` naming a bad parameter."""
     if not isinstance(parameters, Mapping):
         raise ValueError(
             f"the initial model must be a mapping name -> array, got {type(parameters).__name__}"
@@ -489,7 +497,8 @@ def _initial_parameters(parameters: TensorMap) -> TensorMap:
         if not isinstance(key, str):
             raise ValueError(f"the initial model has a parameter name that is not a str: {key!r}")
         try:
-            tensor = to_tensor(value).copy()
+            tensor = to_tensor(value)
+            tensor = tensor.astype(outer_dtype(tensor.dtype), copy=True)
         except ValueError as exc:
             raise ValueError(f"the initial model's parameter {key!r} {exc}") from None
         if not np.isfinite(tensor).all():

@@ -19,14 +19,15 @@ Layout, version 1. Every ``u64`` is an unsigned 64-bit little-endian integer::
             8      u64 length of the key's UTF-8 bytes (lone surrogates as "surrogatepass")
             k      the key's UTF-8 bytes
             8      u64 length of the dtype name (3)
-            3      dtype name: b"F64", b"F32", b"I64" or b"U64" (safetensors names)
+            3      dtype name: b"F64", b"F32", b"F16", b"I64" or b"U64" (safetensors names)
             8      u64 number of dimensions d (0 for a scalar)
             8*d    u64 per dimension, outermost first
-            8      u64 length n of the data in bytes (element count times 8, or 4 for F32)
+            8      u64 length n of the data in bytes (element count times 8, 4 for F32,
+                   2 for F16)
             n      the values in row-major (C) order, each little-endian
 
-The dtype is the array's kind, kept: float32 arrays are ``F32``, other float arrays ``F64``
-(float16 widened exactly, long double rounded), signed int arrays ``I64``, unsigned ``U64``;
+The dtype is the array's kind, kept: float32 arrays are ``F32``, float16 arrays ``F16``, other
+float arrays ``F64`` (long double rounded), signed int arrays ``I64``, unsigned ``U64``;
 lists and numbers are read as ``np.asarray(value, dtype=np.float64)`` and are ``F64``. For
 example ``{"w": np.array([1.5], dtype=np.float32)}`` is the 30-byte prefix, then
 ``01 00 00 00 00 00 00 00`` (one entry), ``01 00 .. 00 77`` (the key), ``03 00 .. 00 46 33 32``

@@ -1,7 +1,9 @@
 """Pydantic data model of a federated run.
 
 Tensor-valued fields (gradients, weights, parameters, optimizer state) accept lists, nested
-lists and NumPy arrays and hold float64 NumPy arrays; their JSON form is nested lists of
+lists and NumPy arrays and hold NumPy arrays in their own float type: float64, float32 and
+float16 arrays keep their dtype (in native byte order), integer arrays, other floats, lists
+and numbers become float64 (see :func:`to_tensor`); their JSON form is nested lists of
 floats (``NaN``/``Infinity`` written as ``json.dumps`` writes them), so
 ``Model.model_validate_json(m.model_dump_json())`` gives back an equal model. Models compare
 equal by value.
@@ -28,6 +30,7 @@ __all__ = [
     "MAX_LISTED_NODES",
     "PHASES",
     "AggregationConfig",
+    "TENSOR_DTYPES",
     "FederatedNode",
     "GlobalState",
     "LocalUpdate",
@@ -50,13 +53,20 @@ _NOT_NUMBERS = {
 }
 
 
-def to_tensor(value: Any) -> np.ndarray:
-    """Convert a number, (nested) list or array to a float64 array (no copy for float64 input).
+TENSOR_DTYPES = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16))
+"""The dtypes a :data:`Tensor` keeps; every other numeric input becomes float64."""
 
-    Raises ``ValueError`` for strings, booleans, objects and ragged nested lists.
+
+def to_tensor(value: Any) -> np.ndarray:
+    """Convert a number, (nested) list or array to a float array, keeping float32 and float16.
+
+    float64, float32 and float16 arrays keep their dtype (no copy in native byte order; other
+    byte orders are converted to the native one); integer arrays, long doubles, NumPy
+    scalars, lists and numbers become float64, as JSON lists always are. Raises
+    ``ValueError`` for strings, booleans, objects and ragged nested lists.
     """
-    if isinstance(value, np.ndarray) and value.dtype == np.float64:
-        return value
+    if isinstance(value, np.ndarray) and value.dtype.newbyteorder("=") in TENSOR_DTYPES:
+        return value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("="))
     if isinstance(value, str | bytes):
         raise ValueError(_NOT_NUMBERS["U" if isinstance(value, str) else "S"])
     if isinstance(value, Mapping):
@@ -72,6 +82,24 @@ def to_tensor(value: Any) -> np.ndarray:
     return array.astype(np.float64, copy=False)
 
 
+def stored_dtype(dtype: np.dtype) -> np.dtype:
+    """The little-endian dtype the wire and checkpoints hold values of ``dtype`` in: its own
+    float type (float64, float32 or float16), or float64 for any other number."""
+    size = dtype.itemsize if dtype.kind == "f" and dtype.itemsize <= 8 else 8
+    return np.dtype(f"<f{size}")
+
+
+def stored_name(dtype: np.dtype) -> str:
+    """The safetensors name of :func:`stored_dtype`: ``F64``, ``F32`` or ``F16``."""
+    return f"F{8 * stored_dtype(dtype).itemsize}"
+
+
+def as_stored(value: Any) -> np.ndarray:
+    """``value`` as a C-ordered array of its :func:`stored_dtype` (no copy when it is one)."""
+    array = np.asarray(value)
+    return np.asarray(array, dtype=stored_dtype(array.dtype), order="C")
+
+
 def _tensor_to_json(array: np.ndarray) -> Any:
     return array.tolist()
 
@@ -82,7 +110,8 @@ Tensor = Annotated[
     PlainSerializer(_tensor_to_json, when_used="json"),
     WithJsonSchema({"type": "array", "items": {}}),
 ]
-"""A float64 NumPy array; nested lists of floats in JSON."""
+"""A float64, float32 or float16 NumPy array (see :func:`to_tensor`); nested lists of floats in
+JSON, which read back as float64."""
 
 TensorMap = dict[str, Tensor]
 """Parameter name -> tensor."""

@@ -1,8 +1,9 @@
 """Byzantine-robust aggregation rules: pure functions over the round's updates.
 
 Each rule takes every screened update of a round (gradient maps with the same keys and shapes)
-and returns one float64 gradient map, like the weighted mean of
-:mod:`aumai_fedtrain.aggregation`:
+and returns one gradient map in the updates' widest float type, like the weighted mean of
+:mod:`aumai_fedtrain.aggregation` (float32 updates give a float32 result; every rule computes
+in float64 and rounds once at the end):
 
 - :func:`median`: the coordinate-wise median;
 - :func:`trimmed_mean`: per coordinate, drop the ``floor(beta * N)`` largest and smallest
@@ -48,6 +49,7 @@ from typing import Protocol, cast
 import numpy as np
 
 from aumai_fedtrain import _fallback
+from aumai_fedtrain._fallback import result_dtype
 from aumai_fedtrain.aggregation import GradientAverager, update_weights
 from aumai_fedtrain.backend import Backend, get_backend
 from aumai_fedtrain.models import AggregationConfig, LocalUpdate, TensorMap, TrainingConfig
@@ -228,7 +230,7 @@ def _checked(
 def median(
     updates: Sequence[Mapping[str, np.ndarray]], backend: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Coordinate-wise median of ``updates`` (unweighted), in float64.
+    """Coordinate-wise median of ``updates`` (unweighted).
 
     Raises
     ------
@@ -236,7 +238,8 @@ def median(
         No updates, keys or shapes that differ between updates, or non-finite values.
     """
     chosen = get_backend(backend)
-    return kernels(chosen).median(_checked("median", updates, chosen))
+    maps = _checked("median", updates, chosen)
+    return _in_carriers_dtype(kernels(chosen).median(maps), maps)
 
 
 def check_trim_fraction(trim_fraction: float, count: int) -> int:
@@ -255,7 +258,7 @@ def trimmed_mean(
     backend: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Per coordinate, the mean after dropping the ``floor(trim_fraction * N)`` largest and
-    smallest values (unweighted), in float64.
+    smallest values (unweighted).
 
     Raises
     ------
@@ -265,7 +268,8 @@ def trimmed_mean(
     """
     chosen = get_backend(backend)
     trim = check_trim_fraction(trim_fraction, len(updates))
-    return kernels(chosen).trimmed_mean(_checked("trimmed_mean", updates, chosen), trim)
+    maps = _checked("trimmed_mean", updates, chosen)
+    return _in_carriers_dtype(kernels(chosen).trimmed_mean(maps, trim), maps)
 
 
 def check_krum(count: int, f: int, m: int | None) -> int:
@@ -328,7 +332,7 @@ def krum(
     maps = _checked("krum", updates, chosen)
     chosen_indices = krum_selection(kernels(chosen).pairwise_squared_distances(maps), f, m)
     picked = [maps[i] for i in chosen_indices]
-    return _mean(chosen, picked, [1.0] * len(picked))
+    return _in_carriers_dtype(_mean(chosen, picked, [1.0] * len(picked)), maps)
 
 
 def _mean(
@@ -337,6 +341,16 @@ def _mean(
     """The backend's weighted mean of ``maps``, in their shapes (empty values keep theirs)."""
     mean = backend.weighted_average(maps, weights)
     return {key: mean[key].reshape(np.shape(value)) for key, value in maps[0].items()}
+
+
+def _in_carriers_dtype(
+    result: Mapping[str, np.ndarray], maps: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """``result`` rounded once to the widest float type of each key's carriers (as the mean)."""
+    return {
+        key: value.astype(result_dtype([update[key] for update in maps]), copy=False)
+        for key, value in result.items()
+    }
 
 
 def _median_value(values: Sequence[float]) -> float:
@@ -387,7 +401,7 @@ def centered_clip(
         for weight in weights:
             kept = kept + weight
         center = _mean(chosen, [*maps, center], [*weights, max(0.0, count - kept)])
-    return center
+    return _in_carriers_dtype(center, maps)
 
 
 def clip_norms(

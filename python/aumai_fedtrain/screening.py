@@ -6,7 +6,10 @@ weighted by samples, at most the samples its node can process in a round
 (:attr:`FederatedNode.max_samples`, by default ``local_steps * batch_size``), exactly the
 model's keys and shapes, and finite pseudo-gradient values of at most ``config.max_abs_update``
 in magnitude (checked for all updates of a round in one pass of the backend's ``max_abs``,
-native on every core). These bounds keep a node that holds a valid key from
+native on every core) that the model's dtype can hold. An update that counts is cast to the
+model's dtype (a float64 JSON update of a float32 model becomes float32), so a value that is
+finite in float64 but beyond float32's range is a dropped update, never an infinity in the
+model. These bounds keep a node that holds a valid key from
 overflowing the weights, the average or the outer step; they do not make a plausible but wrong
 update harmless (that is what robust aggregation is for).
 """
@@ -17,10 +20,19 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, TensorMap, TrainingConfig
 
-__all__ = ["max_samples_of", "model_mismatch", "screen_update", "screen_updates"]
+__all__ = [
+    "in_model_dtype",
+    "max_samples_of",
+    "model_mismatch",
+    "overflow_threshold",
+    "screen_update",
+    "screen_updates",
+]
 
 
 def max_samples_of(node: FederatedNode, config: TrainingConfig) -> int:
@@ -50,13 +62,45 @@ def _names(names: Iterable[str], shown: int = 10) -> str:
     return f"{ordered[:shown]}" + (f" (and {more} more)" if more > 0 else "")
 
 
-def _value_problem(key: str, magnitude: float, bound: float) -> str | None:
-    """Why values whose largest magnitude is ``magnitude`` (NaN: a NaN among them) fail."""
+def overflow_threshold(dtype: np.dtype) -> float:
+    """The smallest magnitude that rounds to infinity in the float ``dtype`` (its largest
+    finite value plus half a step), as a float64."""
+    info = np.finfo(dtype)
+    return math.ldexp(1.0 - math.ldexp(1.0, -(info.nmant + 2)), info.maxexp)
+
+
+def _value_problem(
+    key: str, magnitude: float, bound: float, dtype: np.dtype | None = None
+) -> str | None:
+    """Why values whose largest magnitude is ``magnitude`` (NaN: a NaN among them) fail, when
+    they must be at most ``bound`` and finite in ``dtype`` (the model's)."""
+    if (
+        dtype is not None
+        and dtype.itemsize < 8
+        and math.isfinite(magnitude)  # an infinity sent is named below, as non-finite
+        and magnitude >= overflow_threshold(dtype)
+    ):
+        return (
+            f"gradient {key!r} has values beyond the range of {dtype}, the model's dtype "
+            f"(up to {magnitude:.3g})"
+        )
     if magnitude <= bound:  # NaN fails the comparison
         return None
     if not math.isfinite(magnitude):
         return f"gradient {key!r} has non-finite values"
     return f"gradient {key!r} has values beyond max_abs_update={bound:g} (up to {magnitude:.3g})"
+
+
+def in_model_dtype(update: LocalUpdate, dtypes: Mapping[str, np.dtype]) -> LocalUpdate:
+    """``update`` with each gradient cast to its parameter's dtype in ``dtypes`` (rounded to
+    nearest); ``update`` itself when every gradient already has it."""
+    differ = [key for key, value in update.gradients.items() if value.dtype != dtypes[key]]
+    if not differ:
+        return update
+    gradients = dict(update.gradients)
+    for key in differ:
+        gradients[key] = gradients[key].astype(dtypes[key])
+    return update.model_copy(update={"gradients": gradients})
 
 
 def screen_update(
@@ -67,13 +111,15 @@ def screen_update(
     shapes: Mapping[str, tuple[int, ...]] | None,
     config: TrainingConfig,
     magnitudes: Sequence[float] | None = None,
+    dtypes: Mapping[str, np.dtype] | None = None,
 ) -> str | None:
     """Why ``update`` must not count, or None when it passes.
 
     ``node`` is the run's node of that id (None: unknown); ``shapes`` are the model's
-    parameter shapes (None: the run has no model, any keys and shapes pass). ``magnitudes``
-    are the largest ``|x|`` of each gradient, in the map's order (the backend's ``max_abs``),
-    when the caller has them; else they are computed here.
+    parameter shapes (None: the run has no model, any keys and shapes pass) and ``dtypes``
+    its dtypes, whose range each value must fit (None: float64). ``magnitudes`` are the
+    largest ``|x|`` of each gradient, in the map's order (the backend's ``max_abs``), when
+    the caller has them; else they are computed here.
     """
     if node is None:
         return "unknown node: not a node of this run"
@@ -101,7 +147,8 @@ def screen_update(
     if magnitudes is None:
         magnitudes = get_backend().max_abs([update.gradients])[0]
     for key, magnitude in zip(update.gradients, magnitudes, strict=True):
-        problem = _value_problem(key, magnitude, config.max_abs_update)
+        dtype = dtypes.get(key) if dtypes is not None else None
+        problem = _value_problem(key, magnitude, config.max_abs_update, dtype)
         if problem is not None:
             return problem
     return None
@@ -117,14 +164,16 @@ def screen_updates(
 ) -> tuple[list[LocalUpdate], dict[str, str]]:
     """Split ``updates`` into those that count and ``{node_id: reason}`` for those that don't.
 
-    A node that sent more than one update has none counted. Without ``parameters`` (a run
-    without a model) updates may carry different keys, but a key's non-empty values must have
+    A node that sent more than one update has none counted. Those that count are cast to the
+    dtypes of ``parameters`` (:func:`in_model_dtype`). Without ``parameters`` (a run without a
+    model) updates may carry different keys and dtypes, but a key's non-empty values must have
     the shape of the first update that passed with it.
     """
     counts = Counter(update.node_id for update in updates)
-    shapes = (
-        {key: value.shape for key, value in parameters.items()} if parameters is not None else None
-    )
+    shapes = dtypes = None
+    if parameters is not None:
+        shapes = {key: value.shape for key, value in parameters.items()}
+        dtypes = {key: value.dtype for key, value in parameters.items()}
     seen_shapes: dict[str, tuple[int, ...]] = {}
     accepted: list[LocalUpdate] = []
     dropped: dict[str, str] = {}
@@ -141,13 +190,14 @@ def screen_updates(
             shapes=shapes,
             config=config,
             magnitudes=update_magnitudes,
+            dtypes=dtypes,
         )
         if reason is None and shapes is None:
             reason = _shape_conflict(update.gradients, seen_shapes)
         if reason is not None:
             dropped[update.node_id] = reason
             continue
-        accepted.append(update)
+        accepted.append(in_model_dtype(update, dtypes) if dtypes is not None else update)
     return accepted, dropped
 
 

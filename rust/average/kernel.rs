@@ -11,7 +11,7 @@
 use std::mem;
 use std::ops::Range;
 
-use crate::array::ArrayData;
+use crate::array::{ArrayData, F16};
 
 /// Output elements per block (128 KiB), kept in the core's cache while every carrier is added.
 pub(super) const BLOCK: usize = 16 * 1024;
@@ -65,12 +65,35 @@ pub(super) fn accumulate(
     }
 }
 
+/// [`accumulate`] for a result narrower than float64: each block is computed in a float64
+/// scratch block as [`accumulate`] computes it, then rounded once into `out` by `narrow`.
+#[inline(always)]
+pub(super) fn accumulate_into<N>(
+    out: &mut [N],
+    offset: usize,
+    terms: &[Term<'_>],
+    groups: &[Range<usize>],
+    total: f64,
+    narrow: impl Fn(f64) -> N,
+) {
+    let mut scratch = vec![0.0; out.len().min(BLOCK)];
+    for (index, block) in out.chunks_mut(BLOCK).enumerate() {
+        let acc = &mut scratch[..block.len()];
+        acc.fill(0.0);
+        accumulate(acc, offset + index * BLOCK, terms, groups, total);
+        for (o, &x) in block.iter_mut().zip(acc.iter()) {
+            *o = narrow(x);
+        }
+    }
+}
+
 /// Add 1 to [`FUSE`] terms of one element type into `out`, from element `start` of each.
 #[inline(always)]
 fn add_group(out: &mut [f64], start: usize, terms: &[Term<'_>], divide: Option<f64>) {
     match terms[0].values {
         ArrayData::F64(_) => add_typed::<f64>(out, start, terms, divide),
         ArrayData::F32(_) => add_typed::<f32>(out, start, terms, divide),
+        ArrayData::F16(_) => add_typed::<F16>(out, start, terms, divide),
         ArrayData::I64(_) => add_typed::<i64>(out, start, terms, divide),
         ArrayData::U64(_) => add_typed::<u64>(out, start, terms, divide),
     }
@@ -127,13 +150,11 @@ pub(crate) trait Element: Copy {
 }
 
 macro_rules! element {
-    ($t:ty, $variant:ident) => {
+    ($t:ty, $variant:ident, $widen:expr) => {
         impl Element for $t {
-            // f32 widens exactly; i64 and u64 round to the nearest double, ties to even, as
-            // NumPy's cast does (that is what Rust's `as` does).
             #[inline(always)]
             fn widen(self) -> f64 {
-                self as f64
+                $widen(self)
             }
 
             #[inline(always)]
@@ -147,10 +168,13 @@ macro_rules! element {
     };
 }
 
-element!(f64, F64);
-element!(f32, F32);
-element!(i64, I64);
-element!(u64, U64);
+// f32 and f16 widen exactly; i64 and u64 round to the nearest double, ties to even, as
+// NumPy's cast does (that is what Rust's `as` does).
+element!(f64, F64, |x| x);
+element!(f32, F32, f64::from);
+element!(F16, F16, F16::to_f64);
+element!(i64, I64, |x| x as f64);
+element!(u64, U64, |x| x as f64);
 
 #[cfg(test)]
 mod tests {

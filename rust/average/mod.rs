@@ -8,17 +8,21 @@
 //! reordering across nodes), and the result is `acc / W`, where `W` is the carriers' weights
 //! summed in update order from `0.0`.
 //!
+//! The result keeps the inputs' precision: the carriers of a key that are all float16, or all
+//! float32, or float16 and float32, give the widest of them, rounded once (to nearest, ties to
+//! even) from the float64 result; any float64, integer or list carrier gives float64.
+//!
 //! The output is produced in one fused pass ([`kernel`]): block by cache-sized block, several
 //! carriers at a time are added in while the block stays in cache, so the result's memory is
-//! written once. Large inputs are split across threads by work: large keys by element range,
+//! written once (a float32 or float16 result through a float64 block, each block rounded into
+//! the result as it is done: no float64 copy of the whole result is made). Large inputs are split across threads by work: large keys by element range,
 //! small keys whole, each element's sum over the nodes staying in update order.
 
 mod kernel;
 
 use std::collections::HashMap;
-use std::mem;
 
-use crate::array::Array;
+use crate::array::{Array, ArrayData, F16};
 use crate::error::AverageError;
 use crate::key::Key;
 use crate::{parallel, simd};
@@ -42,8 +46,36 @@ pub struct Average {
     pub entry: usize,
     /// Shape of the carriers' values; `[0]` when no update carries the key non-empty.
     pub shape: Vec<usize>,
-    /// The averaged values, row-major.
-    pub values: Vec<f64>,
+    /// The averaged values, row-major, in the carriers' widest float type (see the module).
+    pub values: ArrayData<'static>,
+}
+
+/// The float types a result can take, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Precision {
+    Half,
+    Single,
+    Double,
+}
+
+impl Precision {
+    /// The precision of a result that `data` contributes to.
+    fn of(data: &ArrayData<'_>) -> Self {
+        match data {
+            ArrayData::F16(_) => Precision::Half,
+            ArrayData::F32(_) => Precision::Single,
+            ArrayData::F64(_) | ArrayData::I64(_) | ArrayData::U64(_) => Precision::Double,
+        }
+    }
+
+    /// `len` zeros of this precision: a result to fill.
+    fn zeros(self, len: usize) -> ArrayData<'static> {
+        match self {
+            Precision::Double => ArrayData::F64(vec![0.0; len].into()),
+            Precision::Single => ArrayData::F32(vec![0.0; len].into()),
+            Precision::Half => ArrayData::F16(vec![F16::default(); len].into()),
+        }
+    }
 }
 
 /// Check the weights before any value is looked at, in the reference's order: an empty
@@ -107,7 +139,8 @@ fn average_on(
     for group in &groups {
         plans.push(plan(group, updates, weights)?);
     }
-    let mut outputs: Vec<Vec<f64>> = plans.iter().map(|p| vec![0.0; p.len]).collect();
+    let mut outputs: Vec<ArrayData<'static>> =
+        plans.iter().map(|p| p.precision.zeros(p.len)).collect();
     let threads =
         threads.unwrap_or_else(|| parallel::threads_for(plans.iter().map(Plan::work).sum()));
     let items = work_items(&plans, &mut outputs, threads);
@@ -165,6 +198,8 @@ struct Plan<'t> {
     groups: Vec<std::ops::Range<usize>>,
     /// `W`, the carriers' weights summed in update order.
     total: f64,
+    /// The result's float type: the carriers' widest.
+    precision: Precision,
 }
 
 impl Plan<'_> {
@@ -187,6 +222,7 @@ fn plan<'t>(
             terms: Vec::new(),
             groups: Vec::new(),
             total: 0.0,
+            precision: Precision::Double,
         });
     };
     for &(node, array) in &group.carriers[1..] {
@@ -218,6 +254,11 @@ fn plan<'t>(
         shape: first.shape().to_vec(),
         len: first.len(),
         groups: fused_groups(&terms),
+        precision: terms
+            .iter()
+            .map(|term| Precision::of(term.values))
+            .max()
+            .unwrap_or(Precision::Double),
         terms,
         total,
     })
@@ -229,9 +270,46 @@ const ALIGN: usize = 64;
 
 /// A range of one key's output, computed from the same range of every term.
 struct WorkItem<'o, 't> {
-    out: &'o mut [f64],
+    out: Out<'o>,
     offset: usize,
     plan: &'o Plan<'t>,
+}
+
+/// A range of a result, in the result's float type.
+enum Out<'o> {
+    F64(&'o mut [f64]),
+    F32(&'o mut [f32]),
+    F16(&'o mut [F16]),
+}
+
+impl<'o> Out<'o> {
+    /// The whole of a result made by [`Precision::zeros`].
+    fn of(result: &'o mut ArrayData<'static>) -> Self {
+        match result {
+            ArrayData::F64(values) => Out::F64(values.to_mut()),
+            ArrayData::F32(values) => Out::F32(values.to_mut()),
+            ArrayData::F16(values) => Out::F16(values.to_mut()),
+            ArrayData::I64(_) | ArrayData::U64(_) => unreachable!("results are floats"),
+        }
+    }
+
+    /// The first `mid` elements and the rest.
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        match self {
+            Out::F64(values) => {
+                let (head, tail) = values.split_at_mut(mid);
+                (Out::F64(head), Out::F64(tail))
+            }
+            Out::F32(values) => {
+                let (head, tail) = values.split_at_mut(mid);
+                (Out::F32(head), Out::F32(tail))
+            }
+            Out::F16(values) => {
+                let (head, tail) = values.split_at_mut(mid);
+                (Out::F16(head), Out::F16(tail))
+            }
+        }
+    }
 }
 
 /// Split the outputs into items: whole keys on one thread; else, by work (elements times
@@ -239,15 +317,15 @@ struct WorkItem<'o, 't> {
 /// evenly whether the model has one large tensor or hundreds of small ones.
 fn work_items<'o, 't>(
     plans: &'o [Plan<'t>],
-    outputs: &'o mut [Vec<f64>],
+    outputs: &'o mut [ArrayData<'static>],
     threads: usize,
 ) -> Vec<WorkItem<'o, 't>> {
     let total: usize = plans.iter().map(Plan::work).sum();
     let mut items = Vec::new();
     for (plan, out) in plans.iter().zip(outputs.iter_mut()) {
-        let mut rest = &mut out[..];
+        let mut rest = Out::of(out);
         for range in parallel::pieces(plan.len, plan.terms.len(), total, threads, ALIGN) {
-            let (piece, tail) = mem::take(&mut rest).split_at_mut(range.len());
+            let (piece, tail) = rest.split_at(range.len());
             rest = tail;
             items.push(WorkItem {
                 out: piece,
@@ -271,7 +349,12 @@ fn accumulate(item: WorkItem<'_, '_>) {
 #[inline(always)]
 fn accumulate_portable(item: WorkItem<'_, '_>) {
     let plan = item.plan;
-    kernel::accumulate(item.out, item.offset, &plan.terms, &plan.groups, plan.total);
+    let (offset, terms, groups, total) = (item.offset, &plan.terms, &plan.groups[..], plan.total);
+    match item.out {
+        Out::F64(out) => kernel::accumulate(out, offset, terms, groups, total),
+        Out::F32(out) => kernel::accumulate_into(out, offset, terms, groups, total, |x| x as f32),
+        Out::F16(out) => kernel::accumulate_into(out, offset, terms, groups, total, F16::from_f64),
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +375,25 @@ mod tests {
                 .into_iter()
                 .map(|(k, a)| (Key::from(k), a))
                 .collect(),
+        }
+    }
+
+    /// Element `i` of `data` as a double.
+    fn element(data: &ArrayData<'_>, i: usize) -> f64 {
+        match data {
+            ArrayData::F64(d) => d[i],
+            ArrayData::F32(d) => f64::from(d[i]),
+            ArrayData::F16(d) => d[i].to_f64(),
+            ArrayData::I64(d) => d[i] as f64,
+            ArrayData::U64(d) => d[i] as f64,
+        }
+    }
+
+    /// The values of a float64 result.
+    fn doubles(average: &Average) -> &[f64] {
+        match &average.values {
+            ArrayData::F64(values) => values,
+            other => panic!("expected a float64 result, got {other:?}"),
         }
     }
 
@@ -322,10 +424,10 @@ mod tests {
         assert_eq!(result.len(), 2);
         assert_eq!((result[0].node, result[0].entry), (0, 0));
         assert_eq!(result[0].shape, [2]);
-        assert_eq!(result[0].values, [2.5, 5.0]);
+        assert_eq!(doubles(&result[0]), [2.5, 5.0]);
         assert_eq!((result[1].node, result[1].entry), (1, 0));
         assert_eq!(result[1].shape, Vec::<usize>::new());
-        assert_eq!(result[1].values, [4.0]);
+        assert_eq!(doubles(&result[1]), [4.0]);
     }
 
     #[test]
@@ -334,8 +436,8 @@ mod tests {
         // coefficients w / W (which would give 0.1 exactly).
         let updates = vec![update("a", vec![("w", f64_array(&[1], vec![0.1]))])];
         let result = weighted_average(&updates, &[3.0]).unwrap();
-        assert_eq!(result[0].values, [specified(&[(3.0, 0.1)])]);
-        assert_ne!(result[0].values, [0.1]);
+        assert_eq!(doubles(&result[0]), [specified(&[(3.0, 0.1)])]);
+        assert_ne!(doubles(&result[0]), [0.1]);
 
         let values = [0.1, 0.7, -0.3];
         let weights = [0.3, 1e-3, 7.0];
@@ -345,7 +447,10 @@ mod tests {
             .collect();
         let result = weighted_average(&updates, &weights).unwrap();
         let terms: Vec<_> = weights.iter().copied().zip(values).collect();
-        assert_eq!(result[0].values[0].to_bits(), specified(&terms).to_bits());
+        assert_eq!(
+            doubles(&result[0])[0].to_bits(),
+            specified(&terms).to_bits()
+        );
     }
 
     #[test]
@@ -361,9 +466,9 @@ mod tests {
             update("b", vec![("w", f64_array(&[1], vec![5.0]))]),
         ];
         let result = weighted_average(&updates, &[0.0, 2.0]).unwrap();
-        assert_eq!(result[0].values, [5.0]);
+        assert_eq!(doubles(&result[0]), [5.0]);
         assert_eq!(result[1].shape, [0]);
-        assert!(result[1].values.is_empty());
+        assert!(doubles(&result[1]).is_empty());
     }
 
     #[test]
@@ -405,10 +510,50 @@ mod tests {
                 uints[i] as f64,
             ];
             let terms: Vec<_> = weights.iter().copied().zip(xs).collect();
-            assert_eq!(result[0].values[i].to_bits(), specified(&terms).to_bits());
+            assert_eq!(
+                doubles(&result[0])[i].to_bits(),
+                specified(&terms).to_bits()
+            );
         }
         // Ties round to even: 2^53 + 1 is halfway between 2^53 and 2^53 + 2.
         assert_eq!(ints[3] as f64, 9007199254740992.0);
+    }
+
+    #[test]
+    fn the_result_takes_the_carriers_widest_float_type_rounded_once() {
+        let halves = ArrayData::F16(vec![F16::from_f64(0.1), F16::from_f64(-3.0)].into());
+        let singles = ArrayData::F32(vec![0.7f32, 1e-3].into());
+        let doubles = ArrayData::F64(vec![0.3, 2.5].into());
+        let ints = ArrayData::I64(vec![1, -2].into());
+        let average = |carriers: &[&ArrayData<'static>]| {
+            let updates: Vec<_> = carriers
+                .iter()
+                .map(|&data| update("n", vec![("w", Array::new(vec![2], data.clone()))]))
+                .collect();
+            let weights: Vec<f64> = (0..carriers.len()).map(|n| 1.0 + n as f64 / 3.0).collect();
+            let result = weighted_average(&updates, &weights).unwrap().remove(0);
+            let terms = |i: usize| -> Vec<(f64, f64)> {
+                weights
+                    .iter()
+                    .zip(carriers)
+                    .map(|(&w, data)| (w, element(data, i)))
+                    .collect()
+            };
+            let exact: Vec<f64> = (0..2).map(|i| specified(&terms(i))).collect();
+            (result.values, exact)
+        };
+        let (values, exact) = average(&[&halves, &halves]);
+        let rounded: Vec<F16> = exact.iter().map(|&x| F16::from_f64(x)).collect();
+        assert_eq!(values, ArrayData::F16(rounded.into()));
+        let (values, exact) = average(&[&singles, &halves]);
+        assert_eq!(
+            values,
+            ArrayData::F32(vec![exact[0] as f32, exact[1] as f32].into())
+        );
+        let (values, exact) = average(&[&halves, &singles, &doubles]);
+        assert_eq!(values, ArrayData::F64(exact.into()));
+        let (values, exact) = average(&[&halves, &ints]);
+        assert_eq!(values, ArrayData::F64(exact.into()));
     }
 
     #[test]
@@ -448,11 +593,61 @@ mod tests {
                 .zip(data.iter().map(|d| d[i]))
                 .collect();
             assert_eq!(
-                single[0].values[i].to_bits(),
+                doubles(&single[0])[i].to_bits(),
                 specified(&terms).to_bits(),
                 "index {i}"
             );
         }
+    }
+
+    #[test]
+    fn narrow_results_are_split_across_threads_block_by_block() {
+        // A float32 key and a float16 key of several blocks, carried by enough nodes to be
+        // split across threads: the threads' pieces round exactly as one thread does.
+        let len = 2 * BLOCK + 77;
+        let nodes = PARALLEL_MIN_WORK / len + 3;
+        let x = |n: usize, i: usize| (((i * 13 + n * 5) % 89) as f64 - 44.0) / 9.0;
+        let singles: Vec<Vec<f32>> = (0..nodes)
+            .map(|n| (0..len).map(|i| x(n, i) as f32).collect())
+            .collect();
+        let halves: Vec<Vec<F16>> = (0..nodes)
+            .map(|n| (0..len).map(|i| F16::from_f64(x(n, i))).collect())
+            .collect();
+        let updates: Vec<NodeUpdate<'_>> = (0..nodes)
+            .map(|n| NodeUpdate {
+                label: format!("n{n}"),
+                entries: vec![
+                    (
+                        Key::from("s"),
+                        Array::new(vec![len], ArrayData::F32(singles[n][..].into())),
+                    ),
+                    (
+                        Key::from("h"),
+                        Array::new(vec![len], ArrayData::F16(halves[n][..].into())),
+                    ),
+                ],
+            })
+            .collect();
+        let weights: Vec<f64> = (0..nodes).map(|n| 1.0 + n as f64 / 7.0).collect();
+        let single = average_on(&updates, &weights, Some(1), accumulate).unwrap();
+        assert_eq!(
+            average_on(&updates, &weights, Some(3), accumulate).unwrap(),
+            single
+        );
+        for i in [0, BLOCK - 1, BLOCK, len - 1] {
+            let terms = |key: usize| -> Vec<(f64, f64)> {
+                updates
+                    .iter()
+                    .zip(&weights)
+                    .map(|(u, &w)| (w, element(u.entries[key].1.data(), i)))
+                    .collect()
+            };
+            let (s, h) = (specified(&terms(0)), specified(&terms(1)));
+            assert_eq!(element(&single[0].values, i), f64::from(s as f32));
+            assert_eq!(element(&single[1].values, i), F16::from_f64(h).to_f64());
+        }
+        assert!(matches!(single[0].values, ArrayData::F32(_)));
+        assert!(matches!(single[1].values, ArrayData::F16(_)));
     }
 
     /// Values of every element type for node `n`, key `k`: a deterministic mixture of
@@ -462,9 +657,15 @@ mod tests {
             let scale = [1e-8, 1.0, 3e5, 0.1][(i * 7 + n + k) % 4];
             ((((i * 31 + n * 17 + k * 5) % 97) as f64) - 48.0) / 7.0 * scale
         };
-        let data = match (n + k) % 5 {
+        let data = match (n + k) % 6 {
             0 | 1 => ArrayData::F64((0..len).map(x).collect::<Vec<_>>().into()),
             2 => ArrayData::F32((0..len).map(|i| x(i) as f32).collect::<Vec<_>>().into()),
+            5 => ArrayData::F16(
+                (0..len)
+                    .map(|i| F16::from_f64(x(i) / 64.0))
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
             3 => ArrayData::I64(
                 (0..len)
                     .map(|i| (x(i) * 1e3) as i64)
@@ -515,19 +716,17 @@ mod tests {
                     let terms: Vec<_> = updates
                         .iter()
                         .zip(&weights)
-                        .map(|(u, &w)| {
-                            let x = match u.entries[k].1.data() {
-                                ArrayData::F64(d) => d[i],
-                                ArrayData::F32(d) => f64::from(d[i]),
-                                ArrayData::I64(d) => d[i] as f64,
-                                ArrayData::U64(d) => d[i] as f64,
-                            };
-                            (w, x)
-                        })
+                        .map(|(u, &w)| (w, element(u.entries[k].1.data(), i)))
                         .collect();
+                    let exact = specified(&terms);
+                    let expected = match &average.values {
+                        ArrayData::F32(_) => f64::from(exact as f32),
+                        ArrayData::F16(_) => F16::from_f64(exact).to_f64(),
+                        _ => exact,
+                    };
                     assert_eq!(
-                        average.values[i].to_bits(),
-                        specified(&terms).to_bits(),
+                        element(&average.values, i).to_bits(),
+                        expected.to_bits(),
                         "{nodes} nodes, key {k}, index {i}"
                     );
                 }
@@ -542,10 +741,15 @@ mod tests {
             .iter()
             .map(|group| plan(group, updates, &weights).unwrap())
             .collect();
-        let mut outputs: Vec<Vec<f64>> = plans.iter().map(|p| vec![0.0; p.len]).collect();
+        let mut outputs: Vec<ArrayData<'static>> =
+            plans.iter().map(|p| p.precision.zeros(p.len)).collect();
         work_items(&plans, &mut outputs, threads)
             .iter()
-            .map(|item| item.out.len())
+            .map(|item| match &item.out {
+                Out::F64(out) => out.len(),
+                Out::F32(out) => out.len(),
+                Out::F16(out) => out.len(),
+            })
             .collect()
     }
 
@@ -617,7 +821,7 @@ mod tests {
             Err(AverageError::WeightsOverflow)
         );
         assert_eq!(
-            weighted_average(&two, &[f64::MAX, 0.0]).unwrap()[0].values,
+            doubles(&weighted_average(&two, &[f64::MAX, 0.0]).unwrap()[0]),
             [1.0]
         );
     }

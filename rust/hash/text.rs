@@ -10,7 +10,7 @@
 
 use super::float_repr::{copy_short, write_float, MAX_FLOAT_LEN};
 use super::Value;
-use crate::array::{Array, ArrayData};
+use crate::array::{Array, ArrayData, F16};
 use crate::key::Key;
 
 /// A growable buffer of text, reused from block to block.
@@ -76,6 +76,16 @@ impl JsonNumber for f32 {
     #[inline]
     fn write_json(self, out: &mut [u8]) -> usize {
         write_float(f64::from(self), out)
+    }
+}
+
+/// `float16` values are written as the double of the same value, as `.tolist()` gives them.
+impl JsonNumber for F16 {
+    const MAX_LEN: usize = MAX_FLOAT_LEN;
+
+    #[inline]
+    fn write_json(self, out: &mut [u8]) -> usize {
+        write_float(self.to_f64(), out)
     }
 }
 
@@ -249,6 +259,7 @@ impl<'t> RangeWriter<'t> {
         match array.data() {
             ArrayData::F64(data) => self.array_of(shape, data),
             ArrayData::F32(data) => self.array_of(shape, data),
+            ArrayData::F16(data) => self.array_of(shape, data),
             ArrayData::I64(data) => self.array_of(shape, data),
             ArrayData::U64(data) => self.array_of(shape, data),
         }
@@ -450,6 +461,13 @@ pub(super) mod tests {
         assert_eq!(
             single(array(&[2], ArrayData::F32(vec![0.1f32, -2.0].into()))),
             r#"{"k": [0.10000000149011612, -2.0]}"#
+        );
+        assert_eq!(
+            single(array(
+                &[2],
+                ArrayData::F16(vec![F16(0x2e66), F16(0x0001)].into())
+            )),
+            r#"{"k": [0.0999755859375, 5.960464477539063e-08]}"#
         );
     }
 

@@ -15,6 +15,8 @@ mod lists;
 mod robust;
 mod source;
 
+use std::borrow::Cow;
+
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::PyArray;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -22,7 +24,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyType};
 
-use crate::array::Array;
+use crate::array::{Array, ArrayData};
 use crate::average::{self, NodeUpdate};
 use crate::error::AverageError;
 use crate::hash::{self, Entries};
@@ -105,7 +107,8 @@ fn take_entries<'s, 'py: 's, S: Take>(
         .collect()
 }
 
-/// Per-key weighted mean of gradient maps, in float64 (see ``_fallback.weighted_average``).
+/// Per-key weighted mean of gradient maps, accumulated in float64 and given in the carriers'
+/// widest float type (see ``_fallback.weighted_average``).
 #[pyfunction]
 #[pyo3(signature = (updates, weights, labels = None))]
 fn weighted_average<'py>(
@@ -155,11 +158,27 @@ fn weighted_average<'py>(
     let result = PyDict::new(py);
     for averaged in averages {
         let key = &nodes[averaged.node][averaged.entry].0;
-        let values = ArrayD::from_shape_vec(IxDyn(&averaged.shape), averaged.values)
-            .expect("the core returns as many values as the shape holds");
-        result.set_item(key, PyArray::from_owned_array(py, values))?;
+        let shape = IxDyn(&averaged.shape);
+        let array = match averaged.values {
+            ArrayData::F64(values) => owned_array(py, shape, values)?,
+            ArrayData::F32(values) => owned_array(py, shape, values)?,
+            ArrayData::F16(values) => owned_array(py, shape, values)?,
+            ArrayData::I64(_) | ArrayData::U64(_) => unreachable!("averages are floats"),
+        };
+        result.set_item(key, array)?;
     }
     Ok(result)
+}
+
+/// A new NumPy array of `shape` holding `values`.
+fn owned_array<'py, T: numpy::Element + Clone>(
+    py: Python<'py>,
+    shape: IxDyn,
+    values: Cow<'_, [T]>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let values = ArrayD::from_shape_vec(shape, values.into_owned())
+        .expect("the core returns as many values as the shape holds");
+    Ok(PyArray::from_owned_array(py, values).into_any())
 }
 
 /// Weight #`index` as `float(obj)`, exactly as the reference converts weights: a real number

@@ -6,20 +6,22 @@ use std::fmt;
 use std::mem;
 
 use numpy::{
-    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArrayDescr, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyFloat, PyInt, PyString};
 
 use super::input::{classify, gradient_entries, type_name, Kind, Site};
 use super::lists::{int_value, plain_sequence, Rectangle};
-use crate::array::{Array, ArrayData};
+use crate::array::{Array, ArrayData, F16};
 use crate::hash::Value;
 
 /// A NumPy array as one of the core's element types, referenced for as long as the view lives:
-/// read in place when it is float64, float32, int64 or uint64 (native byte order, aligned),
-/// else a copy converted by NumPy (smaller ints widen exactly; other byte orders and unaligned
-/// data keep their type: float32 stays float32; float16 becomes float64 exactly, long double is
+/// read in place when it is float64, float32, float16, int64 or uint64 (native byte order,
+/// aligned), else a copy converted by NumPy (smaller ints widen exactly; other byte orders and
+/// unaligned data keep their type: float32 stays float32, float16 float16; long double is
 /// rounded to float64). The wire digest covers the type, so the fallback reads arrays alike.
 ///
 /// The arrays are read without rust-numpy's borrow tracking (a global registry whose updates
@@ -28,6 +30,7 @@ use crate::hash::Value;
 pub(super) enum ArrayView<'py> {
     F64(Bound<'py, PyArrayDyn<f64>>),
     F32(Bound<'py, PyArrayDyn<f32>>),
+    F16(Bound<'py, PyArrayDyn<F16>>),
     I64(Bound<'py, PyArrayDyn<i64>>),
     U64(Bound<'py, PyArrayDyn<u64>>),
 }
@@ -46,6 +49,7 @@ impl<'py> ArrayView<'py> {
             (b'i', _) => ArrayView::I64(array_as(array)?),
             (b'u', _) => ArrayView::U64(array_as(array)?),
             (_, 4) => ArrayView::F32(array_as(array)?),
+            (_, 2) => ArrayView::F16(array_as(array)?),
             _ => ArrayView::F64(array_as(array)?),
         })
     }
@@ -55,9 +59,32 @@ impl<'py> ArrayView<'py> {
         match self {
             ArrayView::F64(a) => Array::new(a.shape().to_vec(), ArrayData::F64(row_major(a))),
             ArrayView::F32(a) => Array::new(a.shape().to_vec(), ArrayData::F32(row_major(a))),
+            ArrayView::F16(a) => Array::new(a.shape().to_vec(), ArrayData::F16(row_major(a))),
             ArrayView::I64(a) => Array::new(a.shape().to_vec(), ArrayData::I64(row_major(a))),
             ArrayView::U64(a) => Array::new(a.shape().to_vec(), ArrayData::U64(row_major(a))),
         }
+    }
+}
+
+// SAFETY: `F16` is `repr(transparent)` over the `u16` bits of an IEEE half, the layout of
+// NumPy's float16 (`NPY_HALF`), and holds no Python objects.
+unsafe impl Element for F16 {
+    const IS_COPY: bool = true;
+
+    fn get_dtype(py: Python<'_>) -> Bound<'_, PyArrayDescr> {
+        static FLOAT16: PyOnceLock<Py<PyArrayDescr>> = PyOnceLock::new();
+        FLOAT16
+            .get_or_init(py, || {
+                PyArrayDescr::new(py, "float16")
+                    .expect("NumPy has float16")
+                    .unbind()
+            })
+            .bind(py)
+            .clone()
+    }
+
+    fn clone_ref(&self, _py: Python<'_>) -> Self {
+        *self
     }
 }
 

@@ -24,7 +24,7 @@ mod trimmed_mean;
 use std::fmt;
 use std::ops::Range;
 
-use crate::array::{Array, ArrayData};
+use crate::array::{Array, ArrayData, F16};
 use crate::{parallel, simd};
 
 pub use clip::squared_distances;
@@ -132,6 +132,7 @@ fn read<'b>(data: &'b ArrayData<'_>, range: Range<usize>, buffer: &'b mut [f64])
     match data {
         ArrayData::F64(values) => return &values[range],
         ArrayData::F32(values) => widen(&values[range], out, f64::from),
+        ArrayData::F16(values) => widen(&values[range], out, F16::to_f64),
         ArrayData::I64(values) => widen(&values[range], out, |x| x as f64),
         ArrayData::U64(values) => widen(&values[range], out, |x| x as f64),
     }

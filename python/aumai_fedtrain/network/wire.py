@@ -3,13 +3,15 @@
 A request carries the round id and the global model weights the node starts from; a response is
 a :class:`LocalUpdate`. Both travel either as JSON (``application/json``: the request is
 ``{"round_id": ..., "global_weights": {...}}``, the response is the update's JSON form) or as a
-safetensors file (``application/x-safetensors``: float64 tensors, with the scalar fields as
-strings in the file's ``__metadata__``). Binary bodies cost a memory copy per tensor instead of
-JSON's printing and parsing of every float; both round-trip float64 values exactly.
+safetensors file (``application/x-safetensors``: tensors in their own dtype, ``F64``, ``F32``
+or ``F16``, with the scalar fields as strings in the file's ``__metadata__``). Binary bodies
+cost a memory copy per tensor instead of JSON's printing and parsing of every float, and a
+float32 model's bodies are half a float64 model's; both formats round-trip the values exactly
+(JSON's lists read back as float64, which screening casts to the model's dtype).
 
 Decoding is bounded before anything is decoded: a safetensors header may hold at most
 :data:`MAX_TENSORS` tensors in :data:`MAX_HEADER_BYTES` bytes, and when the receiver knows the
-model (``expected``), the header must list exactly its tensors, with its shapes, as float64;
+model (``expected``), the header must list exactly its tensors, with its shapes and dtypes;
 :func:`max_update_bytes` is the largest body an update of a model can need.
 """
 
@@ -17,14 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aumai_fedtrain.inputs import describe_validation_error
-from aumai_fedtrain.models import LocalUpdate, TensorMap
+from aumai_fedtrain.models import LocalUpdate, TensorMap, as_stored, stored_name
 from aumai_fedtrain.screening import model_mismatch
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "Expected",
     "ModelMismatchError",
     "NonceAnswer",
+    "TensorShape",
     "TrainRequest",
     "WireError",
     "body_media_type",
@@ -65,17 +68,31 @@ MAX_TENSORS = 65_536
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 """Largest safetensors header accepted when the receiver does not know the model."""
 
+
+class TensorShape(tuple[int, ...]):
+    """A tensor's shape that also names the dtype its values travel in (``F64``, ``F32`` or
+    ``F16``); it compares equal to the plain tuple of its dimensions."""
+
+    dtype: str
+
+    def __new__(cls, shape: Iterable[int], dtype: str = "F64") -> TensorShape:
+        made = super().__new__(cls, shape)
+        made.dtype = dtype
+        return made
+
+
 Expected = Mapping[str, tuple[int, ...]]
-"""The model an update must match: tensor name -> shape (values travel as float64)."""
+"""The model an update must match: tensor name -> shape; a :class:`TensorShape` also names
+the dtype (a plain tuple: float64)."""
 
 _FORMAT_KEY = "aumai-fedtrain"
 _REQUEST_KIND = "train-request/1"
 _UPDATE_KIND = "local-update/1"
 _RESERVED_NAME = "__metadata__"
 _HEADER_LENGTH_BYTES = 8
-_WIRE_DTYPE = "<f8"
-_WIRE_DTYPE_NAME = "F64"
-_ITEM_BYTES = 8
+_DEFAULT_DTYPE_NAME = "F64"
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2}
+_ALIGNMENT = 8
 # Bounds of an honest body beyond its values: metadata, and per tensor its header entry (name
 # escaped as \uXXXX at worst, dtype, offsets, one number per dimension) or its JSON brackets.
 _METADATA_SLACK_BYTES = 64 * 1024
@@ -181,24 +198,34 @@ def _update_metadata(update: LocalUpdate) -> dict[str, str]:
 
 
 def safetensors_body_bytes(shapes: Expected, metadata: Mapping[str, str]) -> int:
-    """The exact size of the safetensors body of float64 tensors of ``shapes`` with ``metadata``.
+    """The exact size of the safetensors body of tensors of ``shapes`` (and their dtypes, see
+    :class:`TensorShape`) with ``metadata``.
 
     Computed without building the body: 8 bytes of header length, the JSON header (its tensors
-    in name order with their data offsets, padded with spaces to a multiple of 8 bytes), then
-    8 bytes per value.
+    in the order safetensors lays them out, widest dtype first then by name, with their data
+    offsets, padded with spaces to a multiple of 8 bytes), then the values' bytes.
     """
     header: dict[str, object] = {_RESERVED_NAME: dict(metadata)}
     offset = 0
-    for name in sorted(shapes):
-        end = offset + math.prod(shapes[name]) * _ITEM_BYTES
+    for name in sorted(shapes, key=lambda name: (-_item_bytes(shapes[name]), name)):
+        end = offset + math.prod(shapes[name]) * _item_bytes(shapes[name])
         header[name] = {
-            "dtype": _WIRE_DTYPE_NAME,
+            "dtype": _dtype_of(shapes[name]),
             "shape": list(shapes[name]),
             "data_offsets": [offset, end],
         }
         offset = end
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return _HEADER_LENGTH_BYTES + len(text) + (-len(text)) % _ITEM_BYTES + offset
+    return _HEADER_LENGTH_BYTES + len(text) + (-len(text)) % _ALIGNMENT + offset
+
+
+def _dtype_of(shape: tuple[int, ...]) -> str:
+    """The dtype name the values of a tensor of ``shape`` travel in (a plain tuple: F64)."""
+    return shape.dtype if isinstance(shape, TensorShape) else _DEFAULT_DTYPE_NAME
+
+
+def _item_bytes(shape: tuple[int, ...]) -> int:
+    return _ITEM_BYTES[_dtype_of(shape)]
 
 
 def request_body_bytes(round_id: int, shapes: Expected) -> int:
@@ -217,7 +244,7 @@ def decode_update(body: bytes, content_type: str, expected: Expected | None = No
     """Parse a local update; :class:`WireError` names what is wrong.
 
     With ``expected``, a safetensors body whose header does not list exactly the model's
-    tensors, shapes and float64 is refused before any tensor is decoded, and a JSON body with
+    tensors, shapes and dtypes is refused before any tensor is decoded, and a JSON body with
     more numbers or lists than an update of the model (counted in one pass over its bytes)
     before it is parsed; a JSON body has no header, so the caller compares its keys and shapes
     after decoding.
@@ -243,8 +270,11 @@ def _check_format(fmt: str, status: int = 400) -> str:
 
 
 def expected_tensors(weights: TensorMap) -> Expected:
-    """The model ``weights`` as :data:`Expected`: name -> shape."""
-    return {name: tuple(value.shape) for name, value in weights.items()}
+    """The model ``weights`` as :data:`Expected`: name -> :class:`TensorShape` (shape and
+    the dtype its values travel in, :func:`~aumai_fedtrain.models.as_stored`)."""
+    return {
+        name: TensorShape(value.shape, stored_name(value.dtype)) for name, value in weights.items()
+    }
 
 
 def max_update_bytes(expected: Expected, fmt: str) -> int:
@@ -260,7 +290,7 @@ def max_update_bytes(expected: Expected, fmt: str) -> int:
         if _check_format(fmt) == JSON:
             total += count * (_JSON_FLOAT_BYTES + _JSON_NESTING_BYTES * len(shape))
         else:
-            total += count * _ITEM_BYTES
+            total += count * _item_bytes(shape)
     return total
 
 
@@ -290,9 +320,7 @@ def _pack(tensors: TensorMap, metadata: dict[str, str]) -> bytes:
 
     if _RESERVED_NAME in tensors:
         raise WireError(f"tensor name {_RESERVED_NAME!r} is reserved by safetensors")
-    arrays = {
-        name: np.asarray(value, dtype=_WIRE_DTYPE, order="C") for name, value in tensors.items()
-    }
+    arrays = {name: as_stored(value) for name, value in tensors.items()}
     return save(arrays, metadata=metadata)
 
 
@@ -337,7 +365,7 @@ def _read_header(body: bytes, expected: Expected | None) -> dict[str, Any]:
 
 
 def _values_bytes(expected: Expected) -> int:
-    return sum(math.prod(shape) for shape in expected.values()) * _ITEM_BYTES
+    return sum(math.prod(shape) * _item_bytes(shape) for shape in expected.values())
 
 
 def _check_header(header: dict[str, Any], expected: Expected | None) -> dict[str, str]:
@@ -352,10 +380,11 @@ def _check_header(header: dict[str, Any], expected: Expected | None) -> dict[str
             shape = entry.get("shape") if isinstance(entry, dict) else None
             if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
                 raise WireError(f"malformed safetensors body (tensor {name!r}: no valid shape)")
-            if entry.get("dtype") != _WIRE_DTYPE_NAME:
+            wanted = _dtype_of(expected[name]) if name in expected else entry.get("dtype")
+            if entry.get("dtype") != wanted:
                 raise ModelMismatchError(
-                    f"tensor {name!r} has dtype {entry.get('dtype')!r}; updates carry "
-                    f"{_WIRE_DTYPE_NAME} values"
+                    f"tensor {name!r} has dtype {entry.get('dtype')!r}; this model's updates "
+                    f"carry {wanted} values"
                 )
             shapes[name] = tuple(shape)
         problem = model_mismatch(shapes, expected)
