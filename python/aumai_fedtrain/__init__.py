@@ -13,6 +13,7 @@ from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.coordinator import DiLoCoCoordinator
 from aumai_fedtrain.credits import CreditTracker
 from aumai_fedtrain.models import (
+    AggregationConfig,
     FederatedNode,
     GlobalState,
     LocalUpdate,
@@ -30,6 +31,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AggregationConfig",
     "CheckpointError",
     "CreditTracker",
     "DiLoCoCoordinator",

@@ -29,8 +29,8 @@ from pydantic import (
 __all__ = [
     "MAX_LISTED_NODES",
     "PHASES",
-    "AggregationConfig",
     "TENSOR_DTYPES",
+    "AggregationConfig",
     "FederatedNode",
     "GlobalState",
     "LocalUpdate",

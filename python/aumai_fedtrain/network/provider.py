@@ -67,6 +67,7 @@ from aumai_fedtrain.network.wire import (
     count_values,
     decode_nonce,
     decode_update,
+    decoded_bytes,
     encode_request,
     expected_tensors,
     max_update_bytes,
@@ -110,7 +111,6 @@ _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 _JSON_BYTES_PER_BODY_BYTE = 3
 _JSON_BYTES_PER_ITEM = 96
 _JSON_BYTES_PER_BODY_BYTE_UNKNOWN_MODEL = 64
-_VALUE_BYTES = 8
 
 
 class _Dropped(Exception):
@@ -566,7 +566,7 @@ class HttpUpdateProvider(UpdateProvider):
             else:
                 need = size * _JSON_BYTES_PER_BODY_BYTE + (values + lists) * _JSON_BYTES_PER_ITEM
         else:
-            need = size + values * _VALUE_BYTES if expected is not None else 2 * size
+            need = size + decoded_bytes(expected) if expected is not None else 2 * size
         return need
 
     def _unreachable(

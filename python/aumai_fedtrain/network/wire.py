@@ -47,6 +47,7 @@ __all__ = [
     "decode_nonce",
     "decode_request",
     "decode_update",
+    "decoded_bytes",
     "encode_request",
     "encode_update",
     "expected_tensors",
@@ -301,6 +302,11 @@ def count_values(expected: Expected) -> tuple[int, int]:
         values += math.prod(shape)
         lists += sum(math.prod(shape[:depth]) for depth in range(len(shape)))
     return values, lists
+
+
+def decoded_bytes(expected: Expected) -> int:
+    """Bytes the arrays of an update of the ``expected`` model take once decoded (its dtypes)."""
+    return sum(math.prod(shape) * _item_bytes(shape) for shape in expected.values())
 
 
 def _check_json_counts(body: bytes, expected: Expected) -> None:
