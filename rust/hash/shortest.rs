@@ -193,66 +193,160 @@ fn eight_digits(x: u64) -> u64 {
     tens | (v - tens * 10) << 8
 }
 
-/// The 16 digits of `x < 10^16` (leading zeros included) as byte values 0..=9, the first
-/// digit in the lowest byte.
-#[inline(always)]
-fn sixteen_digits(x: u64) -> u128 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        sixteen_digits_sse2(x)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        u128::from(eight_digits(x / 100_000_000)) | u128::from(eight_digits(x % 100_000_000)) << 64
-    }
-}
-
-/// [`sixteen_digits`] with SSE2 (zmij's `to_digits_64`): the four 4-digit quarters side by
-/// side in 32-bit lanes, split into 2-digit halves and digits as [`eight_digits`] does.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn sixteen_digits_sse2(x: u64) -> u128 {
-    use std::arch::x86_64::{
-        _mm_add_epi64, _mm_cvtsi128_si64, _mm_mul_epu32, _mm_mulhi_epu16, _mm_mullo_epi16,
-        _mm_or_si128, _mm_set1_epi16, _mm_set1_epi32, _mm_set1_epi64x, _mm_set_epi64x,
-        _mm_shuffle_epi32, _mm_slli_epi16, _mm_slli_epi32, _mm_srli_epi16, _mm_srli_epi64,
-        _mm_srli_si128, _mm_sub_epi16,
-    };
-    debug_assert!(x < 10_000_000_000_000_000);
-    let (high, low) = (x / 100_000_000, x % 100_000_000);
-    // SAFETY: SSE2 is part of every x86-64 CPU (the target's baseline); no memory is accessed.
-    unsafe {
-        // Each 64-bit lane n (< 10^8) becomes (n / 10^4) << 32 | n % 10^4: n + (2^32 - 10^4)
-        // * floor(n / 10^4), the quotient by multiply and shift (exact below 10^8).
-        let halves = _mm_set_epi64x(low as i64, high as i64);
-        let quotients = _mm_srli_epi64::<40>(_mm_mul_epu32(
-            halves,
-            _mm_set1_epi64x((1i64 << 40) / 10_000 + 1),
-        ));
-        let split = _mm_add_epi64(
-            halves,
-            _mm_mul_epu32(quotients, _mm_set1_epi64x((1 << 32) - 10_000)),
-        );
-        // The quarters in text order: high / 10^4, high % 10^4, low / 10^4, low % 10^4.
-        let quarters = _mm_shuffle_epi32::<0b10_11_00_01>(split);
-        // Per 32-bit lane q < 10^4: (q % 100) << 16 | q / 100 (q * 5243 >> 19 = q / 100).
-        let div100 = _mm_srli_epi16::<3>(_mm_mulhi_epu16(quarters, _mm_set1_epi32(5243)));
-        let mod100 = _mm_sub_epi16(quarters, _mm_mullo_epi16(div100, _mm_set1_epi32(100)));
-        let pairs = _mm_or_si128(_mm_slli_epi32::<16>(mod100), div100);
-        // Per 16-bit lane p < 100: (p % 10) << 8 | p / 10 = (p << 8) - 2559 * (p / 10).
-        let tens = _mm_mulhi_epu16(pairs, _mm_set1_epi16(6554));
-        let digits = _mm_sub_epi16(
-            _mm_slli_epi16::<8>(pairs),
-            _mm_mullo_epi16(tens, _mm_set1_epi16(2559)),
-        );
-        let first = _mm_cvtsi128_si64(digits) as u64;
-        let second = _mm_cvtsi128_si64(_mm_srli_si128::<8>(digits)) as u64;
-        u128::from(first) | u128::from(second) << 64
+use std::arch::x86_64::{
+    __m128i, _mm_add_epi64, _mm_and_si128, _mm_andnot_si128, _mm_cmpgt_epi8, _mm_cvtsi128_si32,
+    _mm_cvtsi32_si128, _mm_movemask_epi8, _mm_mul_epu32, _mm_mulhi_epu16, _mm_mullo_epi16,
+    _mm_or_si128, _mm_set1_epi16, _mm_set1_epi32, _mm_set1_epi64x, _mm_set1_epi8, _mm_set_epi64x,
+    _mm_setzero_si128, _mm_shuffle_epi32, _mm_slli_epi16, _mm_slli_epi32, _mm_slli_si128,
+    _mm_srli_epi16, _mm_srli_epi64, _mm_srli_si128, _mm_storeu_si128, _mm_sub_epi16,
+};
+
+/// Sixteen bytes (digits or text), the first in the lowest byte: an SSE2 register on x86-64
+/// (SSE2 is part of every x86-64 CPU, the target's baseline), a `u128` elsewhere. Each
+/// operation is a few instructions without branches; kept in a vector register, the digits
+/// need no moves to and from general registers.
+#[derive(Clone, Copy)]
+struct Bytes16(
+    #[cfg(target_arch = "x86_64")] __m128i,
+    #[cfg(not(target_arch = "x86_64"))] u128,
+);
+
+#[cfg(target_arch = "x86_64")]
+impl Bytes16 {
+    /// The 16 digits of `x < 10^16` (leading zeros included) as byte values 0..=9 (zmij's
+    /// SSE2 `to_digits_64`): the four 4-digit quarters side by side in 32-bit lanes, split into
+    /// 2-digit halves and digits as `eight_digits` does.
+    #[inline(always)]
+    fn digits(x: u64) -> Self {
+        debug_assert!(x < 10_000_000_000_000_000);
+        let (high, low) = (x / 100_000_000, x % 100_000_000);
+        // SAFETY: SSE2 is available (see the type); no memory is accessed.
+        unsafe {
+            // Each 64-bit lane n (< 10^8) becomes (n / 10^4) << 32 | n % 10^4: n + (2^32 - 10^4)
+            // * floor(n / 10^4), the quotient by multiply and shift (exact below 10^8).
+            let halves = _mm_set_epi64x(low as i64, high as i64);
+            let quotients = _mm_srli_epi64::<40>(_mm_mul_epu32(
+                halves,
+                _mm_set1_epi64x((1i64 << 40) / 10_000 + 1),
+            ));
+            let split = _mm_add_epi64(
+                halves,
+                _mm_mul_epu32(quotients, _mm_set1_epi64x((1 << 32) - 10_000)),
+            );
+            // The quarters in text order: high / 10^4, high % 10^4, low / 10^4, low % 10^4.
+            let quarters = _mm_shuffle_epi32::<0b10_11_00_01>(split);
+            // Per 32-bit lane q < 10^4: (q % 100) << 16 | q / 100 (q * 5243 >> 19 = q / 100).
+            let div100 = _mm_srli_epi16::<3>(_mm_mulhi_epu16(quarters, _mm_set1_epi32(5243)));
+            let mod100 = _mm_sub_epi16(quarters, _mm_mullo_epi16(div100, _mm_set1_epi32(100)));
+            let pairs = _mm_or_si128(_mm_slli_epi32::<16>(mod100), div100);
+            // Per 16-bit lane p < 100: (p % 10) << 8 | p / 10 = (p << 8) - 2559 * (p / 10).
+            let tens = _mm_mulhi_epu16(pairs, _mm_set1_epi16(6554));
+            Bytes16(_mm_sub_epi16(
+                _mm_slli_epi16::<8>(pairs),
+                _mm_mullo_epi16(tens, _mm_set1_epi16(2559)),
+            ))
+        }
+    }
+
+    /// How many bytes there are up to the last nonzero one (16 minus the trailing zero bytes).
+    #[inline(always)]
+    fn used(self) -> u32 {
+        // SAFETY: as in `digits`.
+        let nonzero = unsafe { _mm_movemask_epi8(_mm_cmpgt_epi8(self.0, _mm_setzero_si128())) };
+        32 - (nonzero as u32).leading_zeros()
+    }
+
+    /// `'0'` added to every byte (digit values to their text).
+    #[inline(always)]
+    fn text(self) -> Self {
+        // SAFETY: as in `digits`.
+        Bytes16(unsafe { _mm_or_si128(self.0, _mm_set1_epi8(b'0' as i8)) })
+    }
+
+    /// Bytes 1..16, then `last`.
+    #[inline(always)]
+    fn shift_in(self, last: u8) -> Self {
+        // SAFETY: as in `digits`.
+        Bytes16(unsafe {
+            _mm_or_si128(
+                _mm_srli_si128::<1>(self.0),
+                _mm_slli_si128::<15>(_mm_cvtsi32_si128(i32::from(last))),
+            )
+        })
+    }
+
+    /// `self` if `condition`, else `other`.
+    #[inline(always)]
+    fn or_else(self, condition: bool, other: Self) -> Self {
+        // SAFETY: as in `digits`.
+        Bytes16(unsafe {
+            let mask = _mm_set1_epi8(-i8::from(condition));
+            _mm_or_si128(_mm_and_si128(mask, self.0), _mm_andnot_si128(mask, other.0))
+        })
+    }
+
+    /// The first byte.
+    #[inline(always)]
+    fn first(self) -> u8 {
+        // SAFETY: as in `digits`.
+        unsafe { _mm_cvtsi128_si32(self.0) as u8 }
+    }
+
+    /// The bytes.
+    #[inline(always)]
+    fn bytes(self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        // SAFETY: as in `digits`; the store writes the 16 bytes of `bytes`.
+        unsafe { _mm_storeu_si128(bytes.as_mut_ptr().cast(), self.0) };
+        bytes
     }
 }
 
-/// `'0'` in every byte.
-const ZEROS: u128 = 0x3030_3030_3030_3030_3030_3030_3030_3030;
+#[cfg(not(target_arch = "x86_64"))]
+impl Bytes16 {
+    #[inline(always)]
+    fn digits(x: u64) -> Self {
+        Bytes16(
+            u128::from(eight_digits(x / 100_000_000))
+                | u128::from(eight_digits(x % 100_000_000)) << 64,
+        )
+    }
+
+    #[inline(always)]
+    fn used(self) -> u32 {
+        16 - self.0.leading_zeros() / 8
+    }
+
+    #[inline(always)]
+    fn text(self) -> Self {
+        Bytes16(self.0 | u128::from_le_bytes([b'0'; 16]))
+    }
+
+    #[inline(always)]
+    fn shift_in(self, last: u8) -> Self {
+        Bytes16(self.0 >> 8 | u128::from(last) << 120)
+    }
+
+    #[inline(always)]
+    fn or_else(self, condition: bool, other: Self) -> Self {
+        if condition {
+            self
+        } else {
+            other
+        }
+    }
+
+    #[inline(always)]
+    fn first(self) -> u8 {
+        self.0 as u8
+    }
+
+    #[inline(always)]
+    fn bytes(self) -> [u8; 16] {
+        self.0.to_le_bytes()
+    }
+}
 
 /// Write `x` (normal, with a nonzero significand field) as Python's `repr` does at the start
 /// of `out`; return the length.
@@ -268,22 +362,20 @@ pub fn write_normal(x: f64, out: &mut [u8; ROOM]) -> usize {
     let dec = to_decimal((bits & ((1 << 52) - 1)) | 1 << 52, raw_exp);
 
     // Branch-free below: which of these hold varies from value to value without a pattern.
-    let extra = u32::from(dec.sig >= 1_000_000_000_000_000);
-    let has_last = u32::from(dec.has_last_digit);
+    let extra = dec.sig >= 1_000_000_000_000_000;
     // The decimal exponent of the first digit, as in `d.ddd * 10^exp`.
-    let exp = dec.exp + 15 + extra as i32;
-    // The 16 digit places of `sig`, first digit in the lowest byte (without the extra digit,
-    // the first place is a padding zero), as digit values.
-    let places = sixteen_digits(dec.sig);
+    let exp = dec.exp + 15 + i32::from(extra);
+    // The 16 digit places of `sig` (without the extra digit, the first is a padding zero).
+    let places = Bytes16::digits(dec.sig);
     // How many digits the text has: all of `sig` and the last digit, or `sig` without its
     // trailing zeros.
-    let trailing_zeros = places.leading_zeros() / 8;
-    let digits = (15 + extra + has_last - trailing_zeros * (1 - has_last)) as usize;
+    let (extra_digit, has_last) = (usize::from(extra), usize::from(dec.has_last_digit));
+    let digits =
+        has_last * (16 + extra_digit) + (1 - has_last) * (places.used() as usize - 1 + extra_digit);
     let last = b'0' + dec.last_digit as u8 * has_last as u8;
     // The first 16 digits (`'0'` after the last), and the 17th.
-    let first16 =
-        (places | ZEROS) >> (8 * (1 - extra)) | u128::from(last * (1 - extra) as u8) << 120;
-    let seventeenth = b'0' + (last - b'0') * extra as u8;
+    let first16 = places.text().or_else(extra, places.text().shift_in(last));
+    let seventeenth = if extra { last } else { b'0' };
 
     // Python's fixed notation (for 1e-4 <= |x| < 1e16) is `0.000ddd`, `d.ddd` or `ddd.ddd`;
     // its exponent notation starts with `d.ddd`. The text is written with a few overlapping
@@ -295,8 +387,9 @@ pub fn write_normal(x: f64, out: &mut [u8; ROOM]) -> usize {
     let len = if fixed && exp > 0 {
         // `ddd.ddd`: the point after the first `point` digits.
         let point = exp as usize + 1;
-        out[..16].copy_from_slice(&first16.to_le_bytes());
-        let after = (first16 >> (8 * point - 8)) >> 8;
+        let first16 = first16.bytes();
+        out[..16].copy_from_slice(&first16);
+        let after = (u128::from_le_bytes(first16) >> (8 * point - 8)) >> 8;
         out[point + 1..point + 17].copy_from_slice(&after.to_le_bytes());
         out[point] = b'.';
         out[17] = seventeenth;
@@ -305,13 +398,9 @@ pub fn write_normal(x: f64, out: &mut [u8; ROOM]) -> usize {
         // `d.ddd` or `0.000ddd`: the digits after `zeros` zeros, the point after the first.
         let zeros = if fixed { -exp as usize } else { 0 };
         out[..8].copy_from_slice(b"0.000000");
-        let (first, rest) = if zeros == 0 {
-            (first16 as u8, first16 >> 8)
-        } else {
-            (b'0', first16)
-        };
-        out[0] = first;
-        out[1 + zeros.max(1)..17 + zeros.max(1)].copy_from_slice(&rest.to_le_bytes());
+        out[0] = if zeros == 0 { first16.first() } else { b'0' };
+        let rest = first16.shift_in(0).or_else(zeros == 0, first16);
+        out[1 + zeros.max(1)..17 + zeros.max(1)].copy_from_slice(&rest.bytes());
         out[17 + zeros] = seventeenth;
         (zeros + digits).max(2) + 1
     };
@@ -344,13 +433,13 @@ mod tests {
         let samples = (0..200_000u64).map(|_| xorshift(&mut state) % 100_000_000);
         let edges = [0, 1, 9, 10, 99, 100, 9_999, 10_000, 10_001, 99_999_999];
         for x in samples.chain(edges).chain((0..100_000_000).step_by(9_973)) {
-            let bytes = (eight_digits(x) | ZEROS as u64).to_le_bytes();
+            let bytes = (eight_digits(x) | u64::from_le_bytes([b'0'; 8])).to_le_bytes();
             assert_eq!(std::str::from_utf8(&bytes).unwrap(), format!("{x:08}"));
         }
     }
 
     #[test]
-    fn sixteen_digits_are_the_eight_digits_of_both_halves() {
+    fn bytes16_operations_match_their_u128_definitions() {
         let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
         let samples = (0..200_000u64).map(|_| xorshift(&mut state) % 10_000_000_000_000_000);
         let edges = [
@@ -362,9 +451,24 @@ mod tests {
             9_999_999_999_999_999,
         ];
         for x in samples.chain(edges) {
+            let digits = Bytes16::digits(x);
             let halves = u128::from(eight_digits(x / 100_000_000))
                 | u128::from(eight_digits(x % 100_000_000)) << 64;
-            assert_eq!(sixteen_digits(x), halves, "{x}");
+            let value = |bytes: Bytes16| u128::from_le_bytes(bytes.bytes());
+            assert_eq!(value(digits), halves, "{x}");
+            assert_eq!(digits.used(), 16 - halves.leading_zeros() / 8, "{x}");
+            let text = halves | u128::from_le_bytes([b'0'; 16]);
+            assert_eq!(value(digits.text()), text);
+            assert_eq!(digits.text().first(), text as u8);
+            let last = b'0' + (x % 10) as u8;
+            assert_eq!(
+                value(digits.text().shift_in(last)),
+                text >> 8 | u128::from(last) << 120
+            );
+            for condition in [false, true] {
+                let chosen = digits.or_else(condition, digits.text());
+                assert_eq!(value(chosen), if condition { halves } else { text });
+            }
         }
     }
 
