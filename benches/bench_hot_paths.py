@@ -145,10 +145,40 @@ def reference_hash(gradients: dict[str, Any]) -> str:
     return hashlib.sha256(json_text(gradients)).hexdigest()
 
 
-def bench_hash(size: int, repeats: int) -> list[Row]:
+def cpu_medians(contenders: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median CPU time (s, all threads of the process) per call of each contender.
+
+    Unlike wall time, it hardly depends on the load of the machine: it measures the work, and
+    on idle cores a call on two threads takes about half of its CPU time.
+    """
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            start = time.process_time()
+            run()
+            times[name].append(time.process_time() - start)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def bench_hash(size: int, repeats: int) -> tuple[list[Row], str]:
+    """The hash rows, and a line on the CPU time of the array hash against the floor's."""
     native = get_backend("native")
     values = np.random.default_rng(0).standard_normal(size)
     text = json_text({"w": values})
+    array = {"w": values}
+    cpu = cpu_medians(
+        {
+            "floor": lambda: hashlib.sha256(text).hexdigest(),
+            "native": lambda: native.canonical_hash(array),
+        },
+        max(repeats, 15),
+    )
+    cpu_line = (
+        f"- canonical_hash, {count(size)} float64 as array: {milliseconds(cpu['native'])} ms "
+        f"of CPU time (all threads) against {milliseconds(cpu['floor'])} ms for the floor, "
+        f"{cpu['native'] / cpu['floor']:.2f}x: on two idle cores, with the work split evenly "
+        f"between two threads, the wall-time ratio would be {cpu['native'] / cpu['floor'] / 2:.2f}x"
+    )
     rows = []
     for form, data in [("array", values), ("list", values.tolist())]:
         gradients = {"w": data}
@@ -183,7 +213,7 @@ def bench_hash(size: int, repeats: int) -> list[Row]:
                 (25.0 if form == "array" else 8.0) if full else None,
             )
         )
-    return rows
+    return rows, cpu_line
 
 
 def bench_many_hashes(nodes: int, repeats: int) -> Row:
@@ -518,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Command: `{command}` (median of {repeats} interleaved repetitions)")
     print(f"Load average before: {load_average()}")
 
-    rows = bench_hash(hash_size, repeats)
+    rows, hash_cpu_line = bench_hash(hash_size, repeats)
     rows.append(bench_many_hashes(many, repeats))
     wire_row, wire_gbs = bench_wire_digest(hash_size, repeats)
     rows.append(wire_row)
@@ -586,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows))
     print()
+    print(hash_cpu_line)
     print(f"- wire_digest: {wire_gbs:.2f} GB/s of tensor bytes (target >= 1 GB/s)")
     print(
         f"- read bandwidth: a native scan of {scan_gib:g} GiB float64 on "

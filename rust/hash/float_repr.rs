@@ -5,22 +5,47 @@
 //! exponent notation otherwise, with a signed exponent of at least two digits (`1e-05`,
 //! `1e+16`). `json.dumps` spells the non-finite values `NaN`, `Infinity` and `-Infinity`.
 //!
-//! The shortest digits come from [`zmij`] (Schubfach family, closest-to-exact shortest
-//! output, as Python's `dtoa` mode 0). Its layout already equals Python's for every finite
-//! `|x| >= 1e-4` and zero; below `1e-4` it is re-laid out into Python's exponent form.
+//! Normal doubles with a nonzero significand field (nearly all values) take the fast path of
+//! [`shortest`]; the others (zero, subnormals, powers of two, non-finite values) the general
+//! path, zmij's text (Schubfach family, closest-to-exact shortest output, as Python's `dtoa`
+//! mode 0) re-laid out where Python's layout differs. Both give the same digits.
+
+use super::shortest::{self, ROOM};
 
 /// The longest text [`write_float`] writes: `-2.2250738585072014e-308`.
 pub const MAX_FLOAT_LEN: usize = 24;
 
+/// Bytes of `out` that [`write_float`] may overwrite, at least [`MAX_FLOAT_LEN`].
+pub const FLOAT_ROOM: usize = ROOM;
+
 /// Write the JSON text `json.dumps` writes for `x` at the start of `out` (at least
-/// [`MAX_FLOAT_LEN`] bytes long) and return its length.
+/// [`FLOAT_ROOM`] bytes long; bytes after the text may be overwritten) and return its length.
 #[inline]
 pub fn write_float(x: f64, out: &mut [u8]) -> usize {
+    let out: &mut [u8; ROOM] = (&mut out[..ROOM]).try_into().expect("the room was checked");
+    let len = if is_normal_non_power_of_two(x) {
+        shortest::write_normal(x, out)
+    } else {
+        write_general(x, out)
+    };
+    debug_assert!(len <= MAX_FLOAT_LEN);
+    len
+}
+
+/// Whether `x` is normal with a nonzero significand field: what [`shortest`] writes.
+#[inline(always)]
+fn is_normal_non_power_of_two(x: f64) -> bool {
+    x.is_normal() && x.to_bits() << 12 != 0
+}
+
+/// [`write_float`] by zmij, for any `x`.
+#[inline(never)]
+fn write_general(x: f64, out: &mut [u8]) -> usize {
     if !x.is_finite() {
         return copy_short(out, non_finite(x));
     }
     let mut buffer = zmij::Buffer::new();
-    let text = shortest(x, &mut buffer);
+    let text = buffer.format_finite(x).as_bytes();
     let magnitude = x.abs();
     // `1e-4` is the double nearest to 10^-4; every double at or above it has shortest digits
     // >= 10^-4, so zmij's fixed/exponent choice (exponent from 10^16 up) matches Python's.
@@ -29,13 +54,6 @@ pub fn write_float(x: f64, out: &mut [u8]) -> usize {
     } else {
         write_small(out, text)
     }
-}
-
-/// zmij's text of a finite `x`. Kept out of line: inlined into its callers, as the extension's
-/// build did, the hash of 10^6 normal float64 took 32 ms on one core instead of 26.
-#[inline(never)]
-fn shortest(x: f64, buffer: &mut zmij::Buffer) -> &[u8] {
-    buffer.format_finite(x).as_bytes()
 }
 
 /// Copy `text` (at most 32 bytes) to the start of `out` with a few fixed-size moves instead
@@ -121,17 +139,25 @@ pub fn float_repr(x: f64) -> String {
     if x.is_infinite() {
         return if x > 0.0 { "inf" } else { "-inf" }.to_owned();
     }
-    let mut out = [0; MAX_FLOAT_LEN];
+    let mut out = [0; FLOAT_ROOM];
     let len = write_float(x, &mut out);
     String::from_utf8_lossy(&out[..len]).into_owned()
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
+    /// The next number of a xorshift stream (`state` nonzero).
+    pub(in crate::hash) fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
     fn json(x: f64) -> String {
-        let mut out = [0; MAX_FLOAT_LEN];
+        let mut out = [0; FLOAT_ROOM];
         let len = write_float(x, &mut out);
         String::from_utf8(out[..len].to_vec()).unwrap()
     }
@@ -263,9 +289,7 @@ mod tests {
     fn random_doubles_round_trip_with_shortest_digits() {
         let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
         for _ in 0..200_000 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
+            xorshift(&mut state);
             let x = f64::from_bits(state);
             if x.is_finite() {
                 check(x);
@@ -274,5 +298,50 @@ mod tests {
             let scale = [1e-5, 1e-4, 1e15, 1e16, 1.0][(state % 5) as usize];
             check(scale * (state >> 11) as f64 / (1u64 << 53) as f64);
         }
+    }
+
+    /// Compare the fast path with the general path on `x` (when `x` takes the fast path).
+    fn fast_path_agrees(x: f64) {
+        if is_normal_non_power_of_two(x) {
+            let (mut fast, mut general) = ([0; FLOAT_ROOM], [0; FLOAT_ROOM]);
+            let len = shortest::write_normal(x, &mut fast);
+            let expected = write_general(x, &mut general);
+            assert_eq!(
+                std::str::from_utf8(&fast[..len]).unwrap(),
+                std::str::from_utf8(&general[..expected]).unwrap(),
+                "bits {:#x}",
+                x.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn fast_path_writes_what_the_general_path_writes() {
+        let mut state: u64 = 0x0123_4567_89AB_CDEF;
+        for _ in 0..300_000 {
+            let bits = xorshift(&mut state);
+            // Any double, a float32 widened, gradient-like magnitudes, few-digit decimals.
+            fast_path_agrees(f64::from_bits(bits));
+            fast_path_agrees(f64::from(f32::from_bits(bits as u32)));
+            let unit = (bits >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            fast_path_agrees(unit * 10f64.powi((bits % 40) as i32 - 20));
+            fast_path_agrees((bits % 100_000) as f64 / 10f64.powi((bits >> 40) as i32 % 23));
+        }
+        // Every power of ten, its neighbours, and the boundaries between layouts and lengths.
+        for exponent in -323..=308 {
+            let power: f64 = format!("1e{exponent}").parse().unwrap();
+            for x in [power, 2.5 * power, 9.5 * power, 1.2345678901234567 * power] {
+                for step in -3i64..=3 {
+                    let bits = x.to_bits().wrapping_add_signed(step);
+                    fast_path_agrees(f64::from_bits(bits));
+                    fast_path_agrees(-f64::from_bits(bits));
+                }
+            }
+        }
+        for integer in (1u64..=1 << 16).chain((1 << 53) - 5..(1 << 53) + 5) {
+            fast_path_agrees(integer as f64);
+        }
+        fast_path_agrees(f64::MAX);
+        fast_path_agrees(f64::MIN_POSITIVE * 1.5);
     }
 }

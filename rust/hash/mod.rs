@@ -9,6 +9,7 @@
 
 mod float_repr;
 mod ordered;
+mod shortest;
 mod text;
 
 use std::borrow::Cow;

@@ -8,7 +8,7 @@
 //! end's, when `end` is the last), so the texts of consecutive ranges concatenate to the whole
 //! text, and ranges can be written on different threads and hashed in order.
 
-use super::float_repr::{copy_short, write_float, MAX_FLOAT_LEN};
+use super::float_repr::{copy_short, write_float, FLOAT_ROOM, MAX_FLOAT_LEN};
 use super::Value;
 use crate::array::{Array, ArrayData, F16};
 use crate::key::Key;
@@ -55,13 +55,18 @@ pub trait JsonNumber: Copy {
     /// The longest text [`JsonNumber::write_json`] writes.
     const MAX_LEN: usize;
 
-    /// Write the number's JSON text at the start of `out` (at least `MAX_LEN` bytes long);
-    /// return its length.
+    /// Bytes of `out` that [`JsonNumber::write_json`] may overwrite (at least its longest
+    /// text).
+    const ROOM: usize;
+
+    /// Write the number's JSON text at the start of `out` (at least `ROOM` bytes long; bytes
+    /// after the text may be overwritten); return its length.
     fn write_json(self, out: &mut [u8]) -> usize;
 }
 
 impl JsonNumber for f64 {
     const MAX_LEN: usize = MAX_FLOAT_LEN;
+    const ROOM: usize = FLOAT_ROOM;
 
     #[inline]
     fn write_json(self, out: &mut [u8]) -> usize {
@@ -72,6 +77,7 @@ impl JsonNumber for f64 {
 /// `float32` values are written as the double of the same value, as `.tolist()` gives them.
 impl JsonNumber for f32 {
     const MAX_LEN: usize = MAX_FLOAT_LEN;
+    const ROOM: usize = FLOAT_ROOM;
 
     #[inline]
     fn write_json(self, out: &mut [u8]) -> usize {
@@ -93,6 +99,7 @@ macro_rules! json_integer {
     ($($t:ty),*) => {$(
         impl JsonNumber for $t {
             const MAX_LEN: usize = 20;
+            const ROOM: usize = 20;
 
             #[inline]
             fn write_json(self, out: &mut [u8]) -> usize {
@@ -165,7 +172,7 @@ impl<'t> RangeWriter<'t> {
     #[inline]
     fn number<T: JsonNumber>(&mut self, x: T) {
         if self.owns() {
-            let len = x.write_json(self.out.room(T::MAX_LEN));
+            let len = x.write_json(self.out.room(T::ROOM));
             self.out.len += len;
         }
         self.at += 1;
@@ -332,7 +339,7 @@ fn write_row<T: JsonNumber>(out: &mut Text, values: &[T]) {
     let Some((&first, rest)) = values.split_first() else {
         return;
     };
-    let free = out.room(T::MAX_LEN + rest.len() * (T::MAX_LEN + 2));
+    let free = out.room(rest.len() * (T::MAX_LEN + 2) + T::ROOM);
     let mut len = first.write_json(free);
     for &x in rest {
         free[len..len + 2].copy_from_slice(b", ");
