@@ -88,6 +88,7 @@ impl JsonNumber for f32 {
 /// `float16` values are written as the double of the same value, as `.tolist()` gives them.
 impl JsonNumber for F16 {
     const MAX_LEN: usize = MAX_FLOAT_LEN;
+    const ROOM: usize = FLOAT_ROOM;
 
     #[inline]
     fn write_json(self, out: &mut [u8]) -> usize {
