@@ -39,20 +39,10 @@ __all__ = ["InProcessProvider", "NodeProgress"]
 class InProcessProvider(HostedProvider):
     """Runs every node's trainer in this process (the simulation engine for any model).
 
-    Parameters
-    ----------
-    factory
-        ``factory(node_id, config) -> NodeTrainer`` (see :mod:`aumai_fedtrain.trainer`).
-    model_init
-        ``model_init(config) -> parameters``: the initial global model; None runs without one
-        (the coordinator then only averages the updates).
-    evaluator
-        ``evaluate(parameters) -> (loss, accuracy)`` of the global model, or None.
-    keep_state
-        Keep each node's trainer (and so its inner optimizer state) across rounds, as DiLoCo
-        does; with False every round makes a fresh trainer, which keeps no memory per node.
-    on_node_done
-        Optional progress hook, called after each node of a round.
+    ``InProcessProvider(factory, *, model_init=None, evaluator=None, keep_state=True,
+    on_node_done=None)``: the parameters of
+    :class:`~aumai_fedtrain.providers.hosting.HostedProvider`; ``on_node_done`` is called after
+    each node of a round.
     """
 
     _host: TrainerHost | None = None

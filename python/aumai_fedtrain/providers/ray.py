@@ -61,13 +61,12 @@ from aumai_fedtrain.models import (
 from aumai_fedtrain.providers.hosting import (
     HostedProvider,
     NodeOutcome,
-    NodeProgress,
     TrainerHost,
     split_node_state,
 )
 from aumai_fedtrain.simulation import SimulationTrainer, SyntheticTask, builtin_evaluator
 from aumai_fedtrain.simulation import initial_model as simulation_model
-from aumai_fedtrain.trainer import Evaluator, ModelInit, TrainerFactory
+from aumai_fedtrain.trainer import TrainerFactory
 
 __all__ = [
     "DEFAULT_ACTOR_CPUS",
@@ -143,12 +142,10 @@ class RayProvider(HostedProvider):
     factory
         ``factory(node_id, config) -> NodeTrainer``, pickled to the actors: a module-level
         function or class (imported by name on the workers), or any picklable callable.
-    model_init
-        ``model_init(config) -> parameters``, the initial global model (run in the driver).
-    evaluator
-        ``evaluate(parameters) -> (loss, accuracy)`` of the global model (run in the driver).
-    keep_state
-        Keep each node's trainer across rounds (DiLoCo); False makes a fresh one every round.
+    hosted
+        ``model_init``, ``evaluator`` (both run in the driver), ``keep_state`` and
+        ``on_node_done`` (called as an actor answers), as for
+        :class:`~aumai_fedtrain.providers.hosting.HostedProvider`.
     actors
         Number of actors (default: the Ray cluster's CPUs, at most the number of nodes).
     actor_cpus, actor_gpus
@@ -159,24 +156,19 @@ class RayProvider(HostedProvider):
         The round's deadline in seconds, or None to wait for every live actor.
     start_timeout
         Seconds to wait for the actors to start before saying Ray cannot place them.
-    on_node_done
-        Optional progress hook, called as ``(nodes_done, nodes_total)`` when an actor answers.
     """
 
     def __init__(
         self,
         factory: TrainerFactory,
         *,
-        model_init: ModelInit | None = None,
-        evaluator: Evaluator | None = None,
-        keep_state: bool = True,
         actors: int | None = None,
         actor_cpus: float = DEFAULT_ACTOR_CPUS,
         actor_gpus: float = 0.0,
         actor_options: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         start_timeout: float = 60.0,
-        on_node_done: NodeProgress | None = None,
+        **hosted: Any,
     ) -> None:
         if actors is not None and actors < 1:
             raise ValueError(f"actors must be at least 1, got {actors}")
@@ -186,13 +178,7 @@ class RayProvider(HostedProvider):
             raise ValueError(f"actor_gpus must be a finite number >= 0, got {actor_gpus}")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout}")
-        super().__init__(
-            factory,
-            model_init=model_init,
-            evaluator=evaluator,
-            keep_state=keep_state,
-            on_node_done=on_node_done,
-        )
+        super().__init__(factory, **hosted)
         self.actors = actors
         self.timeout = timeout
         self.start_timeout = start_timeout
