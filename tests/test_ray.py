@@ -277,7 +277,17 @@ def test_the_cli_on_a_ray_cluster_gives_the_in_process_output_and_resumes_in_pro
     assert expected.returncode == 0, expected.stderr
     ray_run = [*CLI_RUN[:4], "2", *CLI_RUN[5:], *sample, "--checkpoint-dir", str(tmp_path)]
 
-    on_ray = run_cli(*ray_run, "--engine", "ray", "--ray-address", cluster.address, "--actors", "2")
+    on_ray = run_cli(
+        *ray_run,
+        "--engine",
+        "ray",
+        "--ray-address",
+        cluster.address,
+        "--actors",
+        "2",
+        "--timeout",
+        "600",
+    )
     resumed = run_cli(*CLI_RUN, *sample, "--checkpoint-dir", str(tmp_path), "--resume")
 
     assert on_ray.returncode == 0, on_ray.stderr
@@ -300,6 +310,7 @@ def test_the_cli_starts_and_stops_an_embedded_ray_by_default() -> None:
     ("args", "message"),
     [
         (["--actors", "2"], "Error: --actors needs --engine ray"),
+        (["--timeout", "9"], "Error: --timeout needs --nodes-file or --engine ray"),
         (["--ray-address", "h:1"], "Error: --ray-address needs --engine ray"),
         (["--engine", "ray", "--nodes-file", "n.json"], "Error: --engine ray cannot go with"),
         (["--sample-nodes", "9"], "Error: --sample-nodes 9 exceeds the 5 nodes of the run"),

@@ -148,7 +148,9 @@ def run(
     aggregation = {name: options.pop(name) for name in AGGREGATION_OPTIONS}
     engine = {name: options.pop(name) for name in ENGINE_OPTIONS}
     network = options
-    on_ray = check_engine_options(engine, nodes_file=network.get("nodes_file") is not None)
+    on_ray = check_engine_options(
+        engine, nodes_file=network["nodes_file"] is not None, timeout=network["timeout"]
+    )
     ray_timeout = network.pop("timeout") if on_ray else None
     network.setdefault("timeout", None)
     show_logs(observe["log_format"])

@@ -80,9 +80,13 @@ def engine_options(command: CommandT) -> CommandT:
     return command
 
 
-def check_engine_options(engine: dict[str, Any], *, nodes_file: bool) -> bool:
+def check_engine_options(
+    engine: dict[str, Any], *, nodes_file: bool, timeout: float | None
+) -> bool:
     """Whether the run is on Ray; :class:`InputError` for options that do not fit the engine."""
     on_ray = bool(engine["engine"] == "ray")
+    if timeout is not None and not (on_ray or nodes_file):
+        raise InputError("--timeout needs --nodes-file or --engine ray")
     if on_ray and nodes_file:
         raise InputError(
             "--engine ray cannot go with --nodes-file (real nodes train where they run)"

@@ -301,8 +301,18 @@ class RayProvider(HostedProvider):
             self._pool[index].train_many.remote(ids, round_id, shared): index
             for index, ids in groups.items()
         }
+        outcomes, failures = self._answers(round_id, calls, groups, len(node_ids))
+        return self._finish_round(round_id, parameters, node_ids, outcomes, failures)
+
+    def _answers(
+        self, round_id: int, calls: dict[Any, int], groups: dict[int, list[str]], total: int
+    ) -> tuple[dict[str, NodeOutcome], dict[str, str]]:
+        """The actors' answers by the deadline: outcomes, and the nodes lost with why.
+
+        An actor that died or is late is replaced (:meth:`_replace`).
+        """
         outcomes: dict[str, NodeOutcome] = {}
-        failures: dict[str, str] = {}
+        lost: dict[str, str] = {}
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         pending = list(calls)
         while pending:
@@ -318,18 +328,18 @@ class RayProvider(HostedProvider):
                     raise RuntimeError(_cause(exc)) from None
                 except RayError as exc:  # the actor is gone (process killed, node lost)
                     reason = f"its Ray actor {index} died ({type(exc).__name__})"
-                    failures |= dict.fromkeys(groups[index], reason)
+                    lost |= dict.fromkeys(groups[index], reason)
                     logger.warning("round %d: Ray actor %d died; replacing it", round_id, index)
                     self._replace(index)
                     continue
                 outcomes |= {answer.node_id: answer for answer in answers}
                 if self.on_node_done is not None:
-                    self.on_node_done(len(outcomes), len(node_ids))
+                    self.on_node_done(len(outcomes), total)
         for call in pending:
             index = calls[call]
-            failures |= dict.fromkeys(groups[index], f"no answer within {self.timeout:g} s")
+            lost |= dict.fromkeys(groups[index], f"no answer within {self.timeout:g} s")
             self._replace(index)
-        return self._finish_round(round_id, parameters, node_ids, outcomes, failures)
+        return outcomes, lost
 
     # -- checkpoints --------------------------------------------------------------------------
 
