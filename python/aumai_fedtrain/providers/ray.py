@@ -121,8 +121,10 @@ def ray_session(
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         message = " ".join(str(exc).split())
         raise ConnectionError(
-            f"cannot connect to the Ray cluster at {address!r}: {message}; start one with "
-            "`ray start --head` or give the head's address as host:port"
+            f"cannot connect to the Ray cluster at {address!r}: {message}; is it the head's "
+            "host:port? A cluster with token authentication (Ray's default for a head started "
+            "on this machine) needs RAY_AUTH_MODE=token and its token here (RAY_AUTH_TOKEN, or "
+            "~/.ray/auth_token: `ray get-auth-token` on the head prints it)"
             if address is not None
             else f"cannot start a local Ray: {message}"
         ) from None
