@@ -248,6 +248,27 @@ def test_a_trainer_error_on_an_actor_ends_the_run_naming_the_node(cluster: Clust
     )
 
 
+def test_a_trainer_module_the_workers_cannot_import_is_named(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "driver_only_trainers.py").write_text(
+        "from aumai_fedtrain.simulation import SimulationTrainer\n\n\n"
+        "def make(node_id, config):\n"
+        "    return SimulationTrainer(node_id, config)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # this process only, not the Ray workers
+    import driver_only_trainers
+
+    provider = RayProvider(driver_only_trainers.make, actors=1)
+    with provider, pytest.raises(RuntimeError) as caught:
+        train(provider)
+
+    assert str(caught.value) == (
+        "a Ray actor cannot import 'driver_only_trainers', which the trainer factory needs: "
+        "install it on every Ray node (or, on one machine, run from its folder)"
+    )
+
+
 def test_the_provider_says_what_it_needs(cluster: Cluster) -> None:
     with pytest.raises(ValueError, match="actor_cpus must be a finite number >= 0"):
         RaySimulationProvider(actor_cpus=-1)

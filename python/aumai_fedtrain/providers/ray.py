@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -81,6 +82,7 @@ logger = logging.getLogger("aumai_fedtrain")
 DEFAULT_ACTOR_CPUS = 0.5
 """CPUs each actor asks Ray for by default (see the module's documentation for why)."""
 
+_MISSING_MODULE = re.compile(r"No module named ('[^']+')")
 _RemoteHost: Any = None  # ray.remote(TrainerHost), made on first use
 
 
@@ -201,6 +203,7 @@ class RayProvider(HostedProvider):
                 "RayProvider needs a running Ray: call ray.init() (or use ray_session()) first"
             )
         self.close()
+        self._checkpointed = {}
         count = self.actors
         if count is None:
             count = max(
@@ -220,7 +223,7 @@ class RayProvider(HostedProvider):
                 f"asks for {asked}, the cluster has {available} free; ask for fewer actors or "
                 "smaller resources per actor"
             )
-        ray.get(done)
+        _get(done)  # an actor that failed to start (its factory cannot be unpickled, say)
 
     def close(self) -> None:
         """Stop the actors (their trainers' state is lost; checkpoints keep it)."""
@@ -472,8 +475,15 @@ def _resources(query: Any) -> dict[str, float]:
 
 
 def _get(calls: list[Any]) -> list[Any]:
-    """``ray.get(calls)``, with a trainer's error as one ``RuntimeError``."""
+    """``ray.get(calls)``, with an actor's error as one ``RuntimeError``."""
     try:
         return list(ray.get(calls))
     except RayError as exc:
-        raise RuntimeError(f"a Ray actor failed: {_cause(exc)}") from None
+        cause = _cause(exc)
+        missing = _MISSING_MODULE.search(cause)
+        if missing is not None:
+            raise RuntimeError(
+                f"a Ray actor cannot import {missing.group(1)}, which the trainer factory needs: "
+                "install it on every Ray node (or, on one machine, run from its folder)"
+            ) from None
+        raise RuntimeError(f"a Ray actor failed: {cause}") from None
