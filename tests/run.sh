@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what the tests need into a virtualenv
-# (every extra, and Debian's chromium for the report's screenshot test), builds the Rust
-# extension, checks formatting, lints and types, runs cargo test and pytest (including
+# (every extra the tests use, ray included, and Debian's chromium for the report's screenshot
+# test), builds the Rust extension, checks formatting, lints and types, runs cargo test and pytest (including
 # tests/test_wheel.py, which builds the release wheel and installs it into a fresh
 # virtualenv from PyPI), then pytest once more where `import torch` fails (the torch extra's
 # tests skip there only; the wheel test, which installs no torch, is not repeated).
@@ -17,8 +17,8 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 python -m pip install --quiet --upgrade pip
-step "pip install -e .[dev,http,observability,torch] (builds the native extension with maturin)"
-python -m pip install --quiet -e ".[dev,http,observability,torch]"
+step "pip install -e .[dev,http,observability,torch,ray] (builds the native extension with maturin)"
+python -m pip install --quiet -e ".[dev,http,observability,torch,ray]"
 
 step "chromium (Debian's package) for the report's screenshot test"
 if ! command -v chromium >/dev/null 2>&1; then

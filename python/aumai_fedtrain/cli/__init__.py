@@ -22,6 +22,14 @@ from aumai_fedtrain.cli.aggregation import (
     aggregation_options,
     with_aggregation,
 )
+from aumai_fedtrain.cli.engines import (
+    ENGINE_OPTIONS,
+    check_engine_options,
+    engine_options,
+    engine_session,
+    ray_provider,
+    sampled,
+)
 from aumai_fedtrain.cli.errors import InputError, fail, one_line
 from aumai_fedtrain.cli.export import export_command
 from aumai_fedtrain.cli.network import (
@@ -111,6 +119,7 @@ def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Trainin
     help="Fewest updates that must count for a round to proceed (default 1).",
 )
 @aggregation_options
+@engine_options
 @nodes_file_options
 @observe_options
 def run(
@@ -127,7 +136,7 @@ def run(
     min_nodes: int | None,
     **options: Any,
 ) -> None:
-    """Train with DiLoCo: simulated nodes in this process, or real nodes (--nodes-file)."""
+    """Train with DiLoCo: simulated nodes (in process or on Ray), or real nodes (--nodes-file)."""
     from aumai_fedtrain.simulation import (
         SimulationProvider,
         builtin_evaluator,
@@ -137,7 +146,13 @@ def run(
 
     observe = {name: options.pop(name) for name in OBSERVE_OPTIONS}
     aggregation = {name: options.pop(name) for name in AGGREGATION_OPTIONS}
+    engine = {name: options.pop(name) for name in ENGINE_OPTIONS}
     network = options
+    on_ray = check_engine_options(
+        engine, nodes_file=network["nodes_file"] is not None, timeout=network["timeout"]
+    )
+    ray_timeout = network.pop("timeout") if on_ray else None
+    network.setdefault("timeout", None)
     show_logs(observe["log_format"])
     if resume and checkpoint_dir is None:
         raise InputError("--resume needs --checkpoint-dir")
@@ -174,21 +189,33 @@ def run(
         **network,
     )
     provider: UpdateProvider
+    pool = None
     if http_run is not None:
         if trainer_spec is not None:
             raise InputError("--trainer cannot go with --nodes-file (each node runs its own)")
         config, node_list, provider = http_run
     else:
         node_list = simulated_nodes(config.num_nodes)
-        if trainer_spec is None:
+        factory = load_trainer_factory(trainer_spec) if trainer_spec is not None else None
+        if on_ray:
+            provider = pool = ray_provider(
+                engine,
+                factory=factory,
+                model_init=model_init,
+                evaluator=evaluator,
+                timeout=ray_timeout,
+                on_node_done=progress.node_done,
+            )
+        elif factory is None:
             provider = SimulationProvider(on_node_done=progress.node_done)
         else:
             provider = InProcessProvider(
-                load_trainer_factory(trainer_spec),
+                factory,
                 model_init=model_init,
                 evaluator=evaluator,
                 on_node_done=progress.node_done,
             )
+    provider = sampled(provider, engine, node_list, min_nodes)
 
     def starting(state: GlobalState) -> None:
         progress.start(state)
@@ -202,7 +229,10 @@ def run(
 
     coordinator = DiLoCoCoordinator()
     try:
-        with run_observers(config, len(node_list), observe) as observers:
+        with (
+            engine_session(engine, pool),
+            run_observers(config, len(node_list), observe) as observers,
+        ):
             callbacks: list[Callable[[RoundRecord], None]] = [progress, *observers]
 
             def on_round(record: RoundRecord) -> None:

@@ -279,8 +279,8 @@ _RUN_OPTIONS: list[tuple[str, click.ParamType[Any], str]] = [
     (
         "--timeout",
         click.FloatRange(min=0, min_open=True),
-        "Deadline of a round in seconds, retries and transfers included (default 120, at most "
-        "86400).",
+        "Deadline of a round in seconds: with --nodes-file retries and transfers included "
+        "(default 120, at most 86400); with --engine ray an actor's answer (default none).",
     ),
     (
         "--memory-budget-mb",
