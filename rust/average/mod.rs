@@ -362,7 +362,7 @@ mod tests {
     use super::*;
     use crate::array::ArrayData;
     use crate::parallel::PARALLEL_MIN_WORK;
-    use kernel::BLOCK;
+    use kernel::{BLOCK, NARROW_BLOCK};
 
     fn f64_array(shape: &[usize], values: Vec<f64>) -> Array<'static> {
         Array::new(shape.to_vec(), ArrayData::F64(values.into()))
@@ -604,7 +604,7 @@ mod tests {
     fn narrow_results_are_split_across_threads_block_by_block() {
         // A float32 key and a float16 key of several blocks, carried by enough nodes to be
         // split across threads: the threads' pieces round exactly as one thread does.
-        let len = 2 * BLOCK + 77;
+        let len = 2 * NARROW_BLOCK + 77;
         let nodes = PARALLEL_MIN_WORK / len + 3;
         let x = |n: usize, i: usize| (((i * 13 + n * 5) % 89) as f64 - 44.0) / 9.0;
         let singles: Vec<Vec<f32>> = (0..nodes)
@@ -634,7 +634,7 @@ mod tests {
             average_on(&updates, &weights, Some(3), accumulate).unwrap(),
             single
         );
-        for i in [0, BLOCK - 1, BLOCK, len - 1] {
+        for i in [0, NARROW_BLOCK - 1, NARROW_BLOCK, len - 1] {
             let terms = |key: usize| -> Vec<(f64, f64)> {
                 updates
                     .iter()
