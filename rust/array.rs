@@ -1,6 +1,7 @@
 //! N-D arrays of numbers: the one array type that the hash writes and the average reads.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 /// An IEEE 754 half-precision number (NumPy's `float16`), held as its bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -85,6 +86,63 @@ impl ArrayData<'_> {
     /// Whether there are no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// An element type of [`ArrayData`], read as the double NumPy's `astype(float64)` gives.
+pub trait Element: Copy {
+    /// The value as a double.
+    fn widen(self) -> f64;
+    /// The values of `data`, which holds this type.
+    fn slice<'a>(data: &'a ArrayData<'_>) -> &'a [Self];
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident, $widen:expr) => {
+        impl Element for $t {
+            #[inline(always)]
+            fn widen(self) -> f64 {
+                $widen(self)
+            }
+
+            #[inline(always)]
+            fn slice<'a>(data: &'a ArrayData<'_>) -> &'a [Self] {
+                match data {
+                    ArrayData::$variant(values) => values,
+                    _ => unreachable!("the caller matched the element type of the data"),
+                }
+            }
+        }
+    };
+}
+
+// f32 and f16 widen exactly; i64 and u64 round to the nearest double, ties to even, as
+// NumPy's cast does (that is what Rust's `as` does).
+element!(f64, F64, |x| x);
+element!(f32, F32, f64::from);
+element!(F16, F16, F16::to_f64);
+element!(i64, I64, |x| x as f64);
+element!(u64, U64, |x| x as f64);
+
+impl ArrayData<'_> {
+    /// Values `range` as doubles ([`Element::widen`]): the values themselves for float64, else
+    /// widened into `buffer` (at least `range.len()` long).
+    #[inline(always)]
+    pub fn doubles<'b>(&'b self, range: Range<usize>, buffer: &'b mut [f64]) -> &'b [f64] {
+        fn widen<T: Element>(values: &[T], out: &mut [f64]) {
+            for (slot, &x) in out.iter_mut().zip(values) {
+                *slot = x.widen();
+            }
+        }
+        let out = &mut buffer[..range.len()];
+        match self {
+            ArrayData::F64(values) => return &values[range],
+            ArrayData::F32(values) => widen(&values[range], out),
+            ArrayData::F16(values) => widen(&values[range], out),
+            ArrayData::I64(values) => widen(&values[range], out),
+            ArrayData::U64(values) => widen(&values[range], out),
+        }
+        out
     }
 }
 

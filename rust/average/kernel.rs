@@ -12,7 +12,7 @@
 use std::mem;
 use std::ops::Range;
 
-use crate::array::{ArrayData, F16};
+use crate::array::{ArrayData, Element, F16};
 
 /// Output elements per block (128 KiB), kept in the core's cache while every carrier is added.
 pub(super) const BLOCK: usize = 16 * 1024;
@@ -181,41 +181,6 @@ fn fused<T: Element, const K: usize>(
         }
     }
 }
-
-/// An element type of [`ArrayData`], read as the double NumPy's `astype(float64)` gives.
-pub(crate) trait Element: Copy {
-    /// The value as a double.
-    fn widen(self) -> f64;
-    /// The values of `data`, which holds this type.
-    fn slice<'a>(data: &'a ArrayData<'_>) -> &'a [Self];
-}
-
-macro_rules! element {
-    ($t:ty, $variant:ident, $widen:expr) => {
-        impl Element for $t {
-            #[inline(always)]
-            fn widen(self) -> f64 {
-                $widen(self)
-            }
-
-            #[inline(always)]
-            fn slice<'a>(data: &'a ArrayData<'_>) -> &'a [Self] {
-                match data {
-                    ArrayData::$variant(values) => values,
-                    _ => unreachable!("a fused group holds one element type"),
-                }
-            }
-        }
-    };
-}
-
-// f32 and f16 widen exactly; i64 and u64 round to the nearest double, ties to even, as
-// NumPy's cast does (that is what Rust's `as` does).
-element!(f64, F64, |x| x);
-element!(f32, F32, f64::from);
-element!(F16, F16, F16::to_f64);
-element!(i64, I64, |x| x as f64);
-element!(u64, U64, |x| x as f64);
 
 #[cfg(test)]
 mod tests {

@@ -22,9 +22,8 @@ mod median;
 mod trimmed_mean;
 
 use std::fmt;
-use std::ops::Range;
 
-use crate::array::{Array, ArrayData, F16};
+use crate::array::{Array, ArrayData};
 use crate::{parallel, simd};
 
 pub use clip::squared_distances;
@@ -125,27 +124,6 @@ fn check(updates: &Updates<'_, '_>) -> Result<(), RobustError> {
     Ok(())
 }
 
-/// `data[range]` as doubles: the values themselves for float64, else widened into `buffer`.
-#[inline(always)]
-fn read<'b>(data: &'b ArrayData<'_>, range: Range<usize>, buffer: &'b mut [f64]) -> &'b [f64] {
-    let out = &mut buffer[..range.len()];
-    match data {
-        ArrayData::F64(values) => return &values[range],
-        ArrayData::F32(values) => widen(&values[range], out, f64::from),
-        ArrayData::F16(values) => widen(&values[range], out, F16::to_f64),
-        ArrayData::I64(values) => widen(&values[range], out, |x| x as f64),
-        ArrayData::U64(values) => widen(&values[range], out, |x| x as f64),
-    }
-    out
-}
-
-#[inline(always)]
-fn widen<T: Copy>(values: &[T], out: &mut [f64], cast: impl Fn(T) -> f64) {
-    for (slot, &x) in out.iter_mut().zip(values) {
-        *slot = cast(x);
-    }
-}
-
 /// Per key, `reduce(rows, len, out)` of blocks of `len` coordinates whose values across the
 /// updates are sorted: `rows[r * len + j]` is the `r`-th smallest value of coordinate `j`, each
 /// read as `x + 0.0`. Threaded over pieces of coordinates; within a block, a sorting network
@@ -178,7 +156,7 @@ fn coordinatewise(
             let (from, len) = (start + block * BLOCK, out.len());
             let rows = &mut rows[..count * len];
             for (u, update) in updates.iter().enumerate() {
-                let values = read(update[key].data(), from..from + len, &mut buffer);
+                let values = update[key].data().doubles(from..from + len, &mut buffer);
                 for (slot, &x) in rows[u * len..(u + 1) * len].iter_mut().zip(values) {
                     *slot = x + 0.0;
                 }
@@ -255,10 +233,10 @@ fn key_squared_distance(x: &ArrayData<'_>, y: Option<&ArrayData<'_>>) -> f64 {
     for start in (0..x.len()).step_by(BLOCK) {
         let range = start..(start + BLOCK).min(x.len());
         let len = range.len();
-        let xs = read(x, range.clone(), &mut x_buffer);
+        let xs = x.doubles(range.clone(), &mut x_buffer);
         // x - 0.0 is x, so the squared norm is the distance to zeros.
         let ys = match y {
-            Some(y) => read(y, range, &mut y_buffer),
+            Some(y) => y.doubles(range, &mut y_buffer),
             None => &ZEROS[..len],
         };
         simd::dispatch(
