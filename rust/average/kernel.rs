@@ -151,6 +151,10 @@ fn add_typed<T: Element>(out: &mut [f64], start: usize, terms: &[Term<'_>], divi
     }
 }
 
+/// Output elements computed together: each carrier is read [`LANES`] elements at a time, so
+/// that the loop over them is vectorised across elements (with no bounds check per element).
+const LANES: usize = 8;
+
 /// `out[i] = (((out[i] + w_0 x_0[i]) + w_1 x_1[i]) + ...)`, then `/ total` when dividing.
 #[inline(always)]
 fn fused<T: Element, const K: usize>(
@@ -161,24 +165,30 @@ fn fused<T: Element, const K: usize>(
 ) {
     let xs: [&[T]; K] = std::array::from_fn(|k| &T::slice(terms[k].values)[range.clone()]);
     let ws: [f64; K] = std::array::from_fn(|k| terms[k].weight);
-    let add = |i: usize, acc: f64| {
-        let mut acc = acc;
+    let whole = out.len() - out.len() % LANES;
+    let (body, tail) = out.split_at_mut(whole);
+    for (chunk, o) in body.chunks_exact_mut(LANES).enumerate() {
+        let start = chunk * LANES;
+        let mut acc: [f64; LANES] = std::array::from_fn(|lane| o[lane]);
         for k in 0..K {
-            acc += ws[k] * xs[k][i].widen();
-        }
-        acc
-    };
-    match divide {
-        None => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = add(i, *o);
+            let x: &[T; LANES] = xs[k][start..start + LANES].try_into().expect("LANES long");
+            for lane in 0..LANES {
+                acc[lane] += ws[k] * x[lane].widen();
             }
         }
-        Some(total) => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = add(i, *o) / total;
+        if let Some(total) = divide {
+            for value in &mut acc {
+                *value /= total;
             }
         }
+        o.copy_from_slice(&acc);
+    }
+    for (i, o) in tail.iter_mut().enumerate() {
+        let mut acc = *o;
+        for k in 0..K {
+            acc += ws[k] * xs[k][whole + i].widen();
+        }
+        *o = divide.map_or(acc, |total| acc / total);
     }
 }
 
