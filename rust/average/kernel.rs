@@ -6,8 +6,9 @@
 //! [`FUSE`] at a time ([`SINGLE_FUSE`] float32 carriers; consecutive carriers of one element
 //! type), and each element of the block goes through `acc = acc + w_i * x_i` for those
 //! carriers in a register before it is stored again: the same roundings in the same order as
-//! one carrier per pass, with a quarter (an eighth) of the loads and stores of the output. The block starts as `0.0` (the output is allocated
-//! zeroed) and is divided by `W` as the last carrier is added.
+//! one carrier per pass, with a quarter (an eighth) of the loads and stores of the output.
+//! The first pass over a block adds its carriers to `0.0` without reading the block (so a
+//! scratch block is never cleared), and the last pass divides by `W` as it adds.
 
 use std::mem;
 use std::ops::Range;
@@ -92,13 +93,11 @@ fn add_block(
     groups: &[Range<usize>],
     total: f64,
 ) {
-    let Some((last, rest)) = groups.split_last() else {
-        return;
-    };
-    for group in rest {
-        add_group(block, start, &terms[group.clone()], None);
+    let last = groups.len().saturating_sub(1);
+    for (index, group) in groups.iter().enumerate() {
+        let divide = (index == last).then_some(total);
+        add_group(block, start, &terms[group.clone()], divide, index == 0);
     }
-    add_group(block, start, &terms[last.clone()], Some(total));
 }
 
 /// [`accumulate`] for a result narrower than float64: each block of [`NARROW_BLOCK`]
@@ -116,7 +115,6 @@ pub(super) fn accumulate_into<N>(
     let mut scratch = vec![0.0; out.len().min(NARROW_BLOCK)];
     for (index, block) in out.chunks_mut(NARROW_BLOCK).enumerate() {
         let acc = &mut scratch[..block.len()];
-        acc.fill(0.0);
         add_block(acc, offset + index * NARROW_BLOCK, terms, groups, total);
         for (o, &x) in block.iter_mut().zip(acc.iter()) {
             *o = narrow(x);
@@ -124,30 +122,51 @@ pub(super) fn accumulate_into<N>(
     }
 }
 
-/// Add 1 to [`SINGLE_FUSE`] terms of one element type into `out`, from element `start` of each.
+/// Add 1 to [`SINGLE_FUSE`] terms of one element type into `out`, from element `start` of each;
+/// the `first` group of a block adds them to `0.0` instead of reading `out`.
 #[inline(always)]
-fn add_group(out: &mut [f64], start: usize, terms: &[Term<'_>], divide: Option<f64>) {
+fn add_group(out: &mut [f64], start: usize, terms: &[Term<'_>], divide: Option<f64>, first: bool) {
     match terms[0].values {
-        ArrayData::F64(_) => add_typed::<f64>(out, start, terms, divide),
-        ArrayData::F32(_) => add_typed::<f32>(out, start, terms, divide),
-        ArrayData::F16(_) => add_typed::<F16>(out, start, terms, divide),
-        ArrayData::I64(_) => add_typed::<i64>(out, start, terms, divide),
-        ArrayData::U64(_) => add_typed::<u64>(out, start, terms, divide),
+        ArrayData::F64(_) => add_typed::<f64>(out, start, terms, divide, first),
+        ArrayData::F32(_) => add_typed::<f32>(out, start, terms, divide, first),
+        ArrayData::F16(_) => add_typed::<F16>(out, start, terms, divide, first),
+        ArrayData::I64(_) => add_typed::<i64>(out, start, terms, divide, first),
+        ArrayData::U64(_) => add_typed::<u64>(out, start, terms, divide, first),
     }
 }
 
 #[inline(always)]
-fn add_typed<T: Element>(out: &mut [f64], start: usize, terms: &[Term<'_>], divide: Option<f64>) {
+fn add_typed<T: Element>(
+    out: &mut [f64],
+    start: usize,
+    terms: &[Term<'_>],
+    divide: Option<f64>,
+    first: bool,
+) {
+    if first {
+        add_counted::<T, true>(out, start, terms, divide);
+    } else {
+        add_counted::<T, false>(out, start, terms, divide);
+    }
+}
+
+#[inline(always)]
+fn add_counted<T: Element, const FIRST: bool>(
+    out: &mut [f64],
+    start: usize,
+    terms: &[Term<'_>],
+    divide: Option<f64>,
+) {
     let range = start..start + out.len();
     match terms.len() {
-        1 => fused::<T, 1>(out, terms, range, divide),
-        2 => fused::<T, 2>(out, terms, range, divide),
-        3 => fused::<T, 3>(out, terms, range, divide),
-        4 => fused::<T, 4>(out, terms, range, divide),
-        5 => fused::<T, 5>(out, terms, range, divide),
-        6 => fused::<T, 6>(out, terms, range, divide),
-        7 => fused::<T, 7>(out, terms, range, divide),
-        _ => fused::<T, SINGLE_FUSE>(out, terms, range, divide),
+        1 => fused::<T, 1, FIRST>(out, terms, range, divide),
+        2 => fused::<T, 2, FIRST>(out, terms, range, divide),
+        3 => fused::<T, 3, FIRST>(out, terms, range, divide),
+        4 => fused::<T, 4, FIRST>(out, terms, range, divide),
+        5 => fused::<T, 5, FIRST>(out, terms, range, divide),
+        6 => fused::<T, 6, FIRST>(out, terms, range, divide),
+        7 => fused::<T, 7, FIRST>(out, terms, range, divide),
+        _ => fused::<T, SINGLE_FUSE, FIRST>(out, terms, range, divide),
     }
 }
 
@@ -155,9 +174,10 @@ fn add_typed<T: Element>(out: &mut [f64], start: usize, terms: &[Term<'_>], divi
 /// that the loop over them is vectorised across elements (with no bounds check per element).
 const LANES: usize = 8;
 
-/// `out[i] = (((out[i] + w_0 x_0[i]) + w_1 x_1[i]) + ...)`, then `/ total` when dividing.
+/// `out[i] = (((out[i] + w_0 x_0[i]) + w_1 x_1[i]) + ...)`, then `/ total` when dividing;
+/// with `FIRST`, `0.0` stands for `out[i]`, which is not read (nor needs to be zero).
 #[inline(always)]
-fn fused<T: Element, const K: usize>(
+fn fused<T: Element, const K: usize, const FIRST: bool>(
     out: &mut [f64],
     terms: &[Term<'_>],
     range: Range<usize>,
@@ -169,7 +189,7 @@ fn fused<T: Element, const K: usize>(
     let (body, tail) = out.split_at_mut(whole);
     for (chunk, o) in body.chunks_exact_mut(LANES).enumerate() {
         let start = chunk * LANES;
-        let mut acc: [f64; LANES] = std::array::from_fn(|lane| o[lane]);
+        let mut acc: [f64; LANES] = std::array::from_fn(|lane| if FIRST { 0.0 } else { o[lane] });
         for k in 0..K {
             let x: &[T; LANES] = xs[k][start..start + LANES].try_into().expect("LANES long");
             for lane in 0..LANES {
@@ -184,7 +204,7 @@ fn fused<T: Element, const K: usize>(
         o.copy_from_slice(&acc);
     }
     for (i, o) in tail.iter_mut().enumerate() {
-        let mut acc = *o;
+        let mut acc = if FIRST { 0.0 } else { *o };
         for k in 0..K {
             acc += ws[k] * xs[k][whole + i].widen();
         }
