@@ -219,6 +219,20 @@ def test_an_actor_killed_mid_round_loses_only_its_nodes_and_comes_back(
     )
 
 
+def test_the_nodes_an_actor_answered_before_it_died_count(cluster: Cluster, tmp_path: Path) -> None:
+    # actor 1 trains node-001, answers it, then node-004 kills the actor's process in round 2
+    factory = FaultyTrainers("kill", {"node-004"}, round_id=2)
+    options = {"model_init": initial_model, "evaluator": builtin_evaluator(CONFIG)}
+
+    with RayProvider(factory, actors=3, **options) as provider:
+        result = train(provider, checkpoint_dir=tmp_path / "ray", min_nodes=3)
+
+    assert result.rounds_completed == CONFIG.global_rounds
+    assert result.history[1].dropped.keys() == {"node-004"}
+    assert "node-001" in result.history[1].participants
+    assert result.history[2].num_participants == CONFIG.num_nodes
+
+
 def test_an_actor_past_the_deadline_loses_its_nodes_for_the_round(
     cluster: Cluster, tmp_path: Path
 ) -> None:

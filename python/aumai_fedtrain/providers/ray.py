@@ -18,20 +18,23 @@ How it works
   node-id order to the actor holding the fewest nodes (the lowest index on ties). So with all
   ``N`` nodes in round 1, the ``i``-th node id in sorted order lives on actor ``i mod K``.
 - **A round.** The global parameters go into Ray's object store once (``ray.put``); every
-  actor gets the reference and the ids of its nodes in the round, trains them one after the
-  other and answers with their updates, which are put back in node-list order, so the average
-  (and so every number of the run) is the in-process engine's.
+  actor gets the reference and the ids of its nodes in the round, in calls of at most
+  :data:`CHUNK_NODES` nodes that it takes in order, trains them one after the other and
+  answers each call with its nodes' updates, so updates reach the driver while the actor
+  trains the next nodes. They are put back in node-list order, so the average (and so every
+  number of the run) is the in-process engine's.
 - **Checkpoints.** :meth:`RayProvider.state_dict` gathers the actors' trainer states under the
   in-process names (``node/<id>/<tensor>``), so a checkpoint written by one engine resumes on
   the other.
 - **Faults.** An actor that dies in a round (its process killed, its machine lost) loses only
-  its nodes for that round: they are dropped with the reason, and the round completes when the
-  coordinator's quorum (``min_nodes``) is met. The actor is replaced by a new one and its
-  nodes' trainers are restored from the state of the last checkpoint
-  (:meth:`RayProvider.state_dict` keeps the state it returned; a run without checkpoints has
-  none, and those nodes start afresh). With ``timeout`` (seconds, the round's deadline as on the
-  HTTP engine), an actor that has not answered by then loses its nodes for the round ("no answer
-  within T s"), and is replaced the same way, so that no late training changes a node's state.
+  its nodes that had not answered yet for that round: they are dropped with the reason, and the
+  round completes when the coordinator's quorum (``min_nodes``) is met. The actor is replaced
+  by a new one and its nodes' trainers (those that answered included) are restored from the
+  state of the last checkpoint (:meth:`RayProvider.state_dict` keeps the state it returned; a
+  run without checkpoints has none, and those nodes start afresh). With ``timeout`` (seconds,
+  the round's deadline as on the HTTP engine), an actor that has not answered for all its nodes
+  by then loses the rest for the round ("no answer within T s"), and is replaced the same way,
+  so that no late training changes a node's state.
 """
 
 from __future__ import annotations
@@ -303,21 +306,25 @@ class RayProvider(HostedProvider):
             groups.setdefault(self._placement[node_id], []).append(node_id)
         shared = ray.put(parameters)  # once per round; every actor reads the same object
         calls = {
-            self._pool[index].train_many.remote(ids, round_id, shared): index
+            self._pool[index].train_many.remote(chunk, round_id, shared): (index, chunk)
             for index, ids in groups.items()
+            for chunk in _chunks(ids)
         }
-        outcomes, failures = self._answers(round_id, calls, groups, len(node_ids))
+        outcomes, failures = self._answers(round_id, calls, len(node_ids))
         return self._finish_round(round_id, parameters, node_ids, outcomes, failures)
 
     def _answers(
-        self, round_id: int, calls: dict[Any, int], groups: dict[int, list[str]], total: int
+        self, round_id: int, calls: dict[Any, tuple[int, list[str]]], total: int
     ) -> tuple[dict[str, NodeOutcome], dict[str, str]]:
         """The actors' answers by the deadline: outcomes, and the nodes lost with why.
 
-        An actor that died or is late is replaced (:meth:`_replace`).
+        ``calls`` maps each call to its actor's index and its nodes. An actor that died or is
+        late is replaced (:meth:`_replace`) once, and every node of its calls not yet answered
+        is lost for the round.
         """
         outcomes: dict[str, NodeOutcome] = {}
         lost: dict[str, str] = {}
+        replaced: dict[int, str] = {}  # actor index -> why its nodes are lost
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         pending = list(calls)
         while pending:
@@ -326,24 +333,27 @@ class RayProvider(HostedProvider):
                 break
             ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
             for call in ready:
-                index = calls[call]
+                index, chunk = calls[call]
                 try:
                     answers: list[NodeOutcome] = ray.get(call)
                 except RayTaskError as exc:  # the trainer raised: as in process, the run stops
                     raise RuntimeError(_cause(exc)) from None
                 except RayError as exc:  # the actor is gone (process killed, node lost)
-                    reason = f"its Ray actor {index} died ({type(exc).__name__})"
-                    lost |= dict.fromkeys(groups[index], reason)
-                    logger.warning("round %d: Ray actor %d died; replacing it", round_id, index)
-                    self._replace(index)
+                    if index not in replaced:
+                        replaced[index] = f"its Ray actor {index} died ({type(exc).__name__})"
+                        logger.warning("round %d: Ray actor %d died; replacing it", round_id, index)
+                        self._replace(index)
+                    lost |= dict.fromkeys(chunk, replaced[index])
                     continue
                 outcomes |= {answer.node_id: answer for answer in answers}
                 if self.on_node_done is not None:
                     self.on_node_done(len(outcomes), total)
         for call in pending:
-            index = calls[call]
-            lost |= dict.fromkeys(groups[index], f"no answer within {self.timeout:g} s")
-            self._replace(index)
+            index, chunk = calls[call]
+            if index not in replaced:
+                replaced[index] = f"no answer within {self.timeout:g} s"
+                self._replace(index)
+            lost |= dict.fromkeys(chunk, replaced[index])
         return outcomes, lost
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -459,6 +469,19 @@ def _check_reachable(address: str, seconds: float = 5.0) -> None:
             f"({exc.strerror or type(exc).__name__}); start its head with `ray start --head` "
             "there, or give the head's address as host:port"
         ) from None
+
+
+CHUNK_NODES = 64
+"""The most nodes one call to an actor trains: an actor's nodes of a round go in several
+calls, taken in order, so their updates reach the driver (and leave the object store) while
+the actor trains the next ones."""
+
+
+def _chunks(node_ids: list[str]) -> list[list[str]]:
+    """``node_ids`` in consecutive calls: at least 8 when there are enough nodes, each of at
+    most :data:`CHUNK_NODES`."""
+    size = max(1, min(CHUNK_NODES, math.ceil(len(node_ids) / 8)))
+    return [node_ids[start : start + size] for start in range(0, len(node_ids), size)]
 
 
 def _cause(error: RayError) -> str:
