@@ -107,15 +107,8 @@ def print_table(cells: dict[tuple[str, str], Cell], attacks: list[str], seeds: l
     print(f"\nseeds {seeds}; in brackets each seed's gap to the clean plain mean of that seed")
 
 
-def main() -> None:
-    """Parse the options, run every rule under every attack and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
-    parser.add_argument("--attackers", type=int, default=1, help="attacking workers of 8")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args()
+def experiment_config(quick: bool = False) -> TrainingConfig:
+    """The DiLoCo H = 50 setup of ``docs/experiments.md`` (seed 0); ``quick``: a tiny one."""
     simulation = SimulationConfig(
         dirichlet_alpha=0.5, cluster_std=1.5, samples_per_node=16384, eval_samples=8000
     )
@@ -127,7 +120,7 @@ def main() -> None:
         learning_rate=0.003,
         simulation=simulation,
     )
-    if args.quick:
+    if quick:
         config = config.model_copy(
             update={
                 "local_steps": 5,
@@ -137,6 +130,19 @@ def main() -> None:
                 ),
             }
         )
+    return config
+
+
+def main() -> None:
+    """Parse the options, run every rule under every attack and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    parser.add_argument("--attackers", type=int, default=1, help="attacking workers of 8")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    config = experiment_config(args.quick)
     attacks: list[str] = [CLEAN, *args.attacks]
     cells: dict[tuple[str, str], Cell] = {}
     for attack in attacks:
