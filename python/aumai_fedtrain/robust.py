@@ -1,9 +1,11 @@
 """Byzantine-robust aggregation rules: pure functions over the round's updates.
 
-Each rule takes every screened update of a round (gradient maps with the same keys and shapes)
-and returns one gradient map in the updates' widest float type, like the weighted mean of
-:mod:`aumai_fedtrain.aggregation` (float32 updates give a float32 result; every rule computes
-in float64 and rounds once at the end):
+Each rule takes every screened update of a round at once (gradient maps with the same keys and
+shapes), so for these rules, and for norm clipping, the coordinator collects the whole round;
+only the plain mean without norm clipping is folded as updates arrive
+(:attr:`RobustAggregator.streams`). Each returns one gradient map in the updates' widest float
+type, like the weighted mean of :mod:`aumai_fedtrain.aggregation` (float32 updates give a
+float32 result; every rule computes in float64 and rounds once at the end):
 
 - :func:`median`: the coordinate-wise median;
 - :func:`trimmed_mean`: per coordinate, drop the ``floor(beta * N)`` largest and smallest
@@ -459,8 +461,9 @@ def aggregate(
 class RobustAggregator:
     """The coordinator's aggregation strategy: the configured rule of ``config.aggregation``.
 
-    The plain mean without norm clipping is :class:`GradientAverager` itself (its fused path);
-    everything else goes through :func:`aggregate`.
+    The plain mean without norm clipping is :class:`GradientAverager` itself (its fused path),
+    which the coordinator folds as updates arrive (:attr:`streams`, :meth:`running_sum`);
+    everything else needs the round's updates at once and goes through :func:`aggregate`.
 
     Parameters
     ----------

@@ -55,13 +55,14 @@ except ImportError as exc:  # the core runs without Ray
 from aumai_fedtrain.models import (
     FederatedNode,
     GlobalState,
-    LocalUpdate,
     TensorMap,
     TrainingConfig,
 )
+from aumai_fedtrain.providers.base import Arrivals
 from aumai_fedtrain.providers.hosting import (
     HostedProvider,
     NodeOutcome,
+    RoundOutcomes,
     TrainerHost,
     split_node_state,
 )
@@ -283,15 +284,12 @@ class RayProvider(HostedProvider):
 
     # -- a round ------------------------------------------------------------------------------
 
-    def get_updates(
+    def _round(
         self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
-    ) -> list[LocalUpdate]:
-        """Train ``nodes`` on their actors from ``state.parameters`` and return the updates.
-
-        The updates come in the order of ``nodes``. Nodes of an actor that died or missed the
-        deadline are in :meth:`round_failures`; an exception raised by a trainer ends the round
-        with an error naming the node, as in process.
-        """
+    ) -> Iterator[Arrivals]:
+        """Train ``nodes`` on their actors (the parameters put in the object store once), each
+        actor's updates handed over as soon as it answers; the nodes of an actor that died or
+        missed the deadline are silent, with why in :meth:`round_failures`."""
         if not self._pool:
             raise RuntimeError("call configure(config) before training")
         parameters = state.parameters if state.parameters is not None else {}
@@ -306,18 +304,18 @@ class RayProvider(HostedProvider):
             self._pool[index].train_many.remote(ids, round_id, shared): index
             for index, ids in groups.items()
         }
-        outcomes, failures = self._answers(round_id, calls, groups, len(node_ids))
-        return self._finish_round(round_id, parameters, node_ids, outcomes, failures)
+        answers = self._answers(round_id, calls, groups, len(node_ids))
+        yield from self._arrivals(round_id, parameters, node_ids, answers)
 
     def _answers(
         self, round_id: int, calls: dict[Any, int], groups: dict[int, list[str]], total: int
-    ) -> tuple[dict[str, NodeOutcome], dict[str, str]]:
-        """The actors' answers by the deadline: outcomes, and the nodes lost with why.
+    ) -> RoundOutcomes:
+        """The actors' answers by the deadline, as each comes: outcomes, and the nodes lost
+        with why.
 
         An actor that died or is late is replaced (:meth:`_replace`).
         """
-        outcomes: dict[str, NodeOutcome] = {}
-        lost: dict[str, str] = {}
+        done = 0
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         pending = list(calls)
         while pending:
@@ -333,18 +331,19 @@ class RayProvider(HostedProvider):
                     raise RuntimeError(_cause(exc)) from None
                 except RayError as exc:  # the actor is gone (process killed, node lost)
                     reason = f"its Ray actor {index} died ({type(exc).__name__})"
-                    lost |= dict.fromkeys(groups[index], reason)
                     logger.warning("round %d: Ray actor %d died; replacing it", round_id, index)
                     self._replace(index)
+                    yield {}, dict.fromkeys(groups[index], reason)
                     continue
-                outcomes |= {answer.node_id: answer for answer in answers}
+                done += len(answers)
                 if self.on_node_done is not None:
-                    self.on_node_done(len(outcomes), total)
+                    self.on_node_done(done, total)
+                yield {answer.node_id: answer for answer in answers}, {}
+                del answers
         for call in pending:
             index = calls[call]
-            lost |= dict.fromkeys(groups[index], f"no answer within {self.timeout:g} s")
             self._replace(index)
-        return outcomes, lost
+            yield {}, dict.fromkeys(groups[index], f"no answer within {self.timeout:g} s")
 
     # -- checkpoints --------------------------------------------------------------------------
 
