@@ -81,5 +81,6 @@ def test_coordinator_memory_benchmark_runs_real_nodes_both_ways() -> None:
         assert "round 1: 2 updates," in output
         assert "2 nodes x 1,000 float32 values over HTTP on 127.0.0.1" in output
         assert ("list (collect the round" in output) == bool(flags)
-        assert "coordinator peak RSS above the round's start, per round:" in output
+        assert "| round | RSS peak, all in | RSS peak, round |" in output
+        assert "\n| 1 | " in output
         assert "load average before:" in output
