@@ -43,7 +43,8 @@ class Arrivals:
     Parameters
     ----------
     updates
-        Updates that arrived.
+        Updates that arrived (the coordinator takes them out of the object, so that an
+        update it has folded is not kept alive by it).
     silent
         Nodes known to send no update this round (failed, benched or not asked): the
         coordinator need not wait for them before folding the updates of later nodes. Why they
