@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,7 +111,25 @@ def test_screening_stops_nan_and_inflated_samples_before_any_rule(
         seen.append({update.node_id for update in updates})
         return average(self, updates)
 
+    running_sum = RobustAggregator.running_sum
+
+    class SpySum:
+        """The mean folded as updates arrive: which nodes it folds, per round."""
+
+        def __init__(self, aggregator: RobustAggregator) -> None:
+            self.total = running_sum(aggregator)
+            self.nodes: set[str] = set()
+
+        def fold(self, updates: Any, weights: Any, labels: Any = None) -> None:
+            self.nodes.update(labels)
+            self.total.fold(updates, weights, labels)
+
+        def finish(self) -> TensorMap:
+            seen.append(self.nodes)
+            return self.total.finish()
+
     monkeypatch.setattr(RobustAggregator, "average", spy)
+    monkeypatch.setattr(RobustAggregator, "running_sum", lambda self: SpySum(self))
     config = TrainingConfig(num_nodes=8, global_rounds=2, aggregation=AggregationConfig(rule=rule))
     provider = ByzantineSimulation(Byzantine(attack, frozenset({ATTACKER})))
     result = DiLoCoCoordinator().run_training(config, simulated_nodes(8), provider)

@@ -9,7 +9,7 @@ reproduces, and serve as the fallback when the extension is unavailable:
 - :func:`weighted_average` is the per-key weighted mean over the updates that carry a
   non-empty value for the key, computed in float64 by one specified sequence of roundings
   (see the function) and given in the inputs' float type, which the native core reproduces
-  bit for bit.
+  bit for bit; :class:`WeightedSum` computes it fold by fold as updates arrive.
 - :func:`wire_digest` is the SHA-256 of a binary layout of the map (its keys, dtypes, shapes
   and little-endian bytes, :mod:`aumai_fedtrain.digest`), what update signatures cover.
 - :func:`max_abs` is the largest magnitude of each value of many maps, what screening bounds.
@@ -236,20 +236,19 @@ def wire_digest(gradients: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _sum_in_order(weights: Sequence[float]) -> float:
-    """``0.0 + w_0 + w_1 + ...`` rounded after each addition (``sum`` compensates)."""
-    total = 0.0
-    for weight in weights:
-        total += weight
-    return total
+def _check_weights(
+    weights: Sequence[float], count: int, first: int = 0, total: float = 0.0
+) -> tuple[list[float], float]:
+    """The weights of ``count`` updates as floats and ``total`` plus their sum (in order).
 
-
-def _check_weights(weights: Sequence[float], count: int) -> list[float]:
+    ``first`` updates whose weights sum to ``total`` came before (a running sum's earlier
+    folds): messages number the weights from ``first``, and the new total must be finite.
+    """
     checked: list[float] = []
     for index, weight in enumerate(weights):
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
             raise TypeError(
-                f"weight #{index} is {_describe(weight)} {weight!r}: "
+                f"weight #{first + index} is {_describe(weight)} {weight!r}: "
                 "weights must be real numbers (int or float)"
             )
         checked.append(float(weight))
@@ -257,11 +256,160 @@ def _check_weights(weights: Sequence[float], count: int) -> list[float]:
         raise ValueError(f"got {len(checked)} weights for {count} updates")
     for index, weight in enumerate(checked):
         if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight #{index} is {weight!r}: weights must be finite and >= 0")
+            raise ValueError(
+                f"weight #{first + index} is {weight!r}: weights must be finite and >= 0"
+            )
     # A finite total bounds every key's total: fewer non-negative terms, in the same order.
-    if math.isinf(_sum_in_order(checked)):
+    # (``sum`` compensates: the total is rounded after each addition instead.)
+    for weight in checked:
+        total += weight
+    if math.isinf(total):
         raise ValueError(WEIGHTS_OVERFLOW_MESSAGE)
-    return checked
+    return checked, total
+
+
+class _KeySum:
+    """One key's running sum: ``sum(w_i * x_i)`` in float64, ``sum(w_i)``, the carriers'
+    widest float type and the first carrier's label and shape."""
+
+    def __init__(self, label: str, array: np.ndarray) -> None:
+        self.first = (label, array.shape)
+        self.acc = np.zeros(array.shape, dtype=np.float64)
+        self.total = 0.0
+        self.dtype = result_dtype([array])
+
+    def add(self, weight: float, array: np.ndarray) -> None:
+        """``acc = acc + (w * x)`` elementwise (a rounded product, then a rounded sum)."""
+        # Non-finite values and overflowing products propagate silently, as in the native core.
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.acc += np.multiply(weight, array, dtype=np.float64)
+        self.total += weight
+        self.dtype = max(self.dtype, result_dtype([array]), key=lambda dtype: dtype.itemsize)
+
+
+class WeightedSum:
+    """A running per-key weighted mean: :meth:`fold` batches of updates as they come,
+    :meth:`finish` once.
+
+    The result is :func:`weighted_average` of everything folded, in fold order, bit for bit,
+    whatever the split into batches: one float64 accumulator per key (O(model) memory; the
+    updates are not kept), each carrier added in order, divided and rounded once at the end.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, _KeySum | None] = {}
+        self._folded = 0
+        self._weight_total = 0.0
+        self._finished = False
+
+    def fold(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        """Add ``updates`` weighted by ``weights`` after those already folded.
+
+        Checks everything before adding anything, so a failed fold leaves the sum unchanged.
+
+        Raises
+        ------
+        ValueError
+            As :func:`weighted_average` does (an empty batch is no error), weights numbered
+            from the updates already folded; a shape that differs from the key's first
+            carrier, in this batch or an earlier one.
+        TypeError
+            As :func:`weighted_average` does.
+        RuntimeError
+            The sum is finished.
+        """
+        self._check_open()
+        checked, total = _check_weights(weights, len(updates), self._folded, self._weight_total)
+        first = self._folded
+        names = (
+            list(labels)
+            if labels is not None
+            else [f"update #{first + i}" for i in range(len(updates))]
+        )
+        if len(names) != len(updates):
+            raise ValueError(f"got {len(names)} labels for {len(updates)} updates")
+        carriers = _carriers(updates, checked, names)
+        for key, entries in carriers.items():
+            known = self._sums.get(key)
+            if not entries:
+                continue
+            first_label, first_shape = (
+                known.first if known else (entries[0][0], entries[0][2].shape)
+            )
+            for label, _, array in entries:
+                if array.shape != first_shape:
+                    raise ValueError(
+                        f"gradient {key!r}: shape {array.shape} from {label} does not "
+                        f"match shape {first_shape} from {first_label}"
+                    )
+        for key, entries in carriers.items():
+            key_sum = self._sums.get(key)
+            for label, weight, array in entries:
+                if key_sum is None:
+                    key_sum = _KeySum(label, array)
+                key_sum.add(weight, array)
+            self._sums[key] = key_sum
+        self._folded += len(updates)
+        self._weight_total = total
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The per-key means, keys in order of first appearance (see :func:`weighted_average`);
+        the sum is spent afterwards.
+
+        Raises
+        ------
+        ValueError
+            Nothing was folded, or all weights of the updates that carry a key are zero.
+        RuntimeError
+            The sum is already finished.
+        """
+        self._check_open()
+        if self._folded == 0:
+            raise ValueError(EMPTY_UPDATES_MESSAGE)
+        for key, key_sum in self._sums.items():
+            if key_sum is not None and key_sum.total == 0:
+                raise ValueError(
+                    f"gradient {key!r}: all weights of the updates that carry it are zero"
+                )
+        self._finished = True
+        result: dict[str, np.ndarray] = {}
+        for key, key_sum in self._sums.items():
+            if key_sum is None:
+                result[key] = np.empty(0, dtype=np.float64)
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):
+                key_sum.acc /= key_sum.total
+            result[key] = key_sum.acc.astype(key_sum.dtype, copy=False)
+        self._sums = {}
+        return result
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError("this WeightedSum is finished: start a new one for another mean")
+
+
+def _carriers(
+    updates: Sequence[Mapping[str, Any]], weights: Sequence[float], labels: Sequence[str]
+) -> dict[str, list[tuple[str, float, np.ndarray]]]:
+    """Per key (in order of first appearance), the ``(label, weight, array)`` of each update
+    that carries a non-empty value for it, the values checked and read as float arrays."""
+    carriers: dict[str, list[tuple[str, float, np.ndarray]]] = {}
+    for update, weight, label in zip(updates, weights, labels, strict=True):
+        if not isinstance(update, Mapping):
+            raise TypeError(f"{label}: gradients must be a mapping, got {_describe(update)}")
+        for key, value in update.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{label}: gradient keys must be str, got {_describe(key)} {key!r}")
+            array = _as_float_array(key, value, label)
+            entries = carriers.setdefault(key, [])
+            if array.size:
+                entries.append((label, weight, array))
+    return carriers
 
 
 def weighted_average(
@@ -282,57 +430,21 @@ def weighted_average(
     (a rounded product, then a rounded sum), and the result is ``acc / W`` with ``W`` the
     carriers' weights summed in update order from ``0.0``, rounded once (to nearest, ties to
     even) to the result's type. float16 and float32 values are read as the doubles they
-    widen to; others as ``np.asarray(value, dtype=np.float64)`` reads them.
+    widen to; others as ``np.asarray(value, dtype=np.float64)`` reads them. It is
+    :class:`WeightedSum` with everything folded at once.
 
     Raises
     ------
     ValueError
         Empty ``updates``, a weight count that does not match, negative or non-finite weights,
-        weights whose total overflows float64, values of different shapes for one key, or
-        all-zero weights for a key.
+        weights whose total overflows float64, values of different shapes for one key (every
+        key's shapes are checked before any key's weights), or all-zero weights for a key.
     TypeError
         Weights that are not real numbers (bools and strings included), non-str keys,
         non-numeric values, or NumPy array subclasses.
     """
     if len(updates) == 0:
         raise ValueError(EMPTY_UPDATES_MESSAGE)
-    checked_weights = _check_weights(weights, len(updates))
-    names = list(labels) if labels is not None else [f"update #{i}" for i in range(len(updates))]
-    if len(names) != len(updates):
-        raise ValueError(f"got {len(names)} labels for {len(updates)} updates")
-
-    carriers: dict[str, list[tuple[str, float, np.ndarray]]] = {}
-    for update, weight, label in zip(updates, checked_weights, names, strict=True):
-        if not isinstance(update, Mapping):
-            raise TypeError(f"{label}: gradients must be a mapping, got {_describe(update)}")
-        for key, value in update.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{label}: gradient keys must be str, got {_describe(key)} {key!r}")
-            array = _as_float_array(key, value, label)
-            entries = carriers.setdefault(key, [])
-            if array.size:
-                entries.append((label, weight, array))
-
-    result: dict[str, np.ndarray] = {}
-    for key, entries in carriers.items():
-        if not entries:
-            result[key] = np.empty(0, dtype=np.float64)
-            continue
-        first_label, _, first = entries[0]
-        for label, _, array in entries[1:]:
-            if array.shape != first.shape:
-                raise ValueError(
-                    f"gradient {key!r}: shape {array.shape} from {label} does not "
-                    f"match shape {first.shape} from {first_label}"
-                )
-        total = _sum_in_order([weight for _, weight, _ in entries])
-        if total == 0:
-            raise ValueError(f"gradient {key!r}: all weights of the updates that carry it are zero")
-        acc = np.zeros(first.shape, dtype=np.float64)
-        # Non-finite values and overflowing products propagate silently, as in the native core.
-        with np.errstate(over="ignore", invalid="ignore"):
-            for _, weight, array in entries:
-                acc += np.multiply(weight, array, dtype=np.float64)
-            acc /= total
-            result[key] = acc.astype(result_dtype([array for _, _, array in entries]), copy=False)
-    return result
+    total = WeightedSum()
+    total.fold(updates, weights, labels)
+    return total.finish()

@@ -127,6 +127,51 @@ def weighted_average(
         (naming the key and the update).
     """
 
+class WeightedSum:
+    """A running per-key weighted mean: :meth:`fold` batches of updates as they come,
+    :meth:`finish` once (``aumai_fedtrain._fallback.WeightedSum``, bit for bit).
+
+    One float64 accumulator per key (O(model) memory; folded updates are not kept). The result
+    is :func:`weighted_average` of everything folded, in fold order, bit for bit, whatever the
+    split into batches: each fold adds its carriers with the fused kernel (several per pass,
+    in order, on every core for large batches), ``finish`` divides by each key's total weight
+    and rounds once to the carriers' widest float type.
+    """
+
+    def __init__(self) -> None: ...
+    def fold(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        """Add ``updates`` weighted by ``weights`` after those already folded (the GIL
+        released while adding); a failed fold adds nothing.
+
+        Raises
+        ------
+        ValueError
+            As :func:`weighted_average` does (an empty batch is no error), weights numbered
+            from the updates already folded; a shape that differs from the key's first
+            carrier, in this batch or an earlier one (naming the key and both updates).
+        TypeError
+            As :func:`weighted_average` does.
+        RuntimeError
+            The sum is finished.
+        """
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """The per-key means, keys in order of first appearance; the sum is spent afterwards.
+
+        Raises
+        ------
+        ValueError
+            Nothing was folded (``"Cannot average an empty list of updates."``), or all
+            weights of the updates that carry a key are zero (naming the key).
+        RuntimeError
+            The sum is already finished.
+        """
+
 def median(updates: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """Coordinate-wise median of gradient maps, in float64 (``aumai_fedtrain.robust.median``).
 

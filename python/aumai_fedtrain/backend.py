@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 from typing import Any, Protocol, cast
@@ -26,8 +26,25 @@ DISTRIBUTION = "aumai-fedtrain"
 REBUILD_HINT = "reinstall with `pip install -e .` (from a source checkout) to rebuild it"
 
 
+class RunningSum(Protocol):
+    """A running weighted mean (``aumai_fedtrain._fallback.WeightedSum`` documents it)."""
+
+    def fold(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        labels: Sequence[str] | None = None,
+    ) -> None: ...
+
+    def finish(self) -> dict[str, np.ndarray]: ...
+
+
 class Backend(Protocol):
     """The functions every backend provides (``aumai_fedtrain._fallback`` documents them)."""
+
+    @property
+    def WeightedSum(self) -> Callable[[], RunningSum]:
+        """A new :class:`RunningSum` of this backend."""
 
     def canonical_hash(self, gradients: Mapping[str, Any]) -> str: ...
 

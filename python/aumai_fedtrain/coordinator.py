@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,9 @@ from aumai_fedtrain.models import (
 )
 from aumai_fedtrain.observability.metrics_file import METRICS_FILE, MetricsFile
 from aumai_fedtrain.outer import outer_dtype, outer_step, zero_momentum
-from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
+from aumai_fedtrain.providers.base import Arrivals, RoundStats, UpdateProvider
 from aumai_fedtrain.robust import RobustAggregator
-from aumai_fedtrain.screening import screen_updates
+from aumai_fedtrain.screening import RoundScreen, duplicates_reason, screen_updates
 
 logger = logging.getLogger("aumai_fedtrain")
 
@@ -82,6 +83,148 @@ class _Phases:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+
+
+class _Hold:
+    """The :attr:`Arrivals.release` of a batch, called once every update of it is let go."""
+
+    def __init__(self, release: Callable[[], None], count: int) -> None:
+        self._release = release
+        self._left = count
+        if count == 0:
+            release()
+
+    def let_go(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._release()
+
+
+class _StreamedMean:
+    """One round's weighted mean, folded as the updates arrive.
+
+    Each batch is screened on arrival; an update that passes waits in a reorder buffer until
+    every earlier node of the node list has sent its update or is known to send none, and
+    the updates that are ready are then folded together, in node-list order, into the
+    backend's running sum. So the mean, the nodes counted and the drops are what screening
+    and averaging the whole round's list in node-list order give, while the coordinator holds
+    the running sum and the waiting updates, never the round's updates at once.
+    """
+
+    def __init__(
+        self,
+        screen: RoundScreen,
+        nodes: Sequence[FederatedNode],
+        averager: RobustAggregator,
+        phases: _Phases,
+    ) -> None:
+        self._screen = screen
+        self._averager = averager
+        self._phases = phases
+        self._sum = averager.running_sum()
+        self._position = {node.node_id: index for index, node in enumerate(nodes)}
+        self._settled = [False] * len(nodes)
+        self._head = 0
+        """Nodes before this position are folded or refused."""
+        self._waiting: dict[int, tuple[LocalUpdate, _Hold | None]] = {}
+        self._sent: Counter[str] = Counter()
+        self._folded: set[str] = set()
+        self._refused: dict[str, tuple[int, str]] = {}
+        self.received = False
+        self.counted: list[LocalUpdate] = []
+        """The updates folded, in node-list order, without their gradients."""
+        self.dropped: dict[str, str] = {}
+
+    def add(self, arrival: Arrivals) -> None:
+        """Screen ``arrival``'s updates, buffer those that pass and fold what is ready."""
+        updates, arrival.updates = arrival.updates, []
+        hold = _Hold(arrival.release, len(updates)) if arrival.release is not None else None
+        self.received = self.received or bool(updates)
+        with self._phases.timed("verify"):
+            outcomes = self._screen.check(updates)
+        for update, outcome in zip(updates, outcomes, strict=True):
+            self._arrived(update, outcome, hold)
+        del updates, outcomes
+        for node_id in arrival.silent:
+            self._settle(node_id)
+        self._fold_ready()
+
+    def end(self, failures: dict[str, str]) -> None:
+        """Fold every update still waiting; ``dropped`` becomes ``failures`` and the refusals
+        (in node-list order, unknown nodes last)."""
+        self._settled = [True] * len(self._settled)
+        self._fold_ready()
+        refused = sorted(self._refused.items(), key=lambda item: item[1][0])
+        self.dropped = failures | {node_id: reason for node_id, (_, reason) in refused}
+
+    def finish(self) -> TensorMap:
+        """The mean of the updates counted."""
+        return self._sum.finish()
+
+    def _arrived(self, update: LocalUpdate, outcome: LocalUpdate | str, hold: _Hold | None) -> None:
+        node_id = update.node_id
+        self._sent[node_id] += 1
+        position = self._position.get(node_id)
+        if node_id in self._folded:
+            raise RuntimeError(
+                f"the provider handed over a second update of node {node_id!r} after its first "
+                "was folded into the mean: iter_updates must yield one update per node"
+            )
+        if self._sent[node_id] > 1:
+            waiting = self._waiting.pop(position, None) if position is not None else None
+            if waiting is not None and waiting[1] is not None:
+                waiting[1].let_go()
+            outcome = duplicates_reason(self._sent[node_id])
+        elif position is not None and position < self._head:
+            raise RuntimeError(
+                f"the provider handed over an update of node {node_id!r} after saying it would "
+                "send none this round"
+            )
+        if isinstance(outcome, str):
+            order = position if position is not None else len(self._settled) + len(self._refused)
+            self._refused[node_id] = (self._refused.get(node_id, (order, ""))[0], outcome)
+            if hold is not None:
+                hold.let_go()
+        else:
+            assert position is not None  # (screening refuses unknown nodes)
+            self._waiting[position] = (outcome, hold)
+        self._settle(node_id)
+
+    def _settle(self, node_id: str) -> None:
+        position = self._position.get(node_id)
+        if position is not None:
+            self._settled[position] = True
+
+    def _fold_ready(self) -> None:
+        """Fold, in one call, the waiting updates that no earlier node holds back."""
+        ready: list[LocalUpdate] = []
+        holds: list[_Hold] = []
+        while self._head < len(self._settled) and self._settled[self._head]:
+            waiting = self._waiting.pop(self._head, None)
+            self._head += 1
+            if waiting is None:
+                continue
+            update, hold = waiting
+            if hold is not None:
+                holds.append(hold)
+            with self._phases.timed("verify"):
+                reason = self._screen.shape_conflict(update)
+            if reason is not None:
+                self._refused[update.node_id] = (self._position[update.node_id], reason)
+                continue
+            ready.append(update)
+        if ready:
+            with self._phases.timed("aggregate"):
+                self._sum.fold(
+                    [update.gradients for update in ready],
+                    self._averager.weights(ready),
+                    [update.node_id for update in ready],
+                )
+            self._folded.update(update.node_id for update in ready)
+            self.counted.extend(update.model_copy(update={"gradients": {}}) for update in ready)
+        del ready
+        for hold in holds:
+            hold.let_go()
 
 
 def check_unique_node_ids(nodes: Sequence[FederatedNode]) -> None:
@@ -177,10 +320,21 @@ class DiLoCoCoordinator:
         self, state: GlobalState, updates: Sequence[LocalUpdate], phases: _Phases | None = None
     ) -> GlobalState:
         """Average screened ``updates``, take the outer step, check it and credit the nodes."""
-        config = self._require_config()
         phases = phases if phases is not None else _Phases()
         with phases.timed("aggregate"):
             delta = self.collect_updates(updates)
+        return self._step(state, delta, updates, phases)
+
+    def _step(
+        self,
+        state: GlobalState,
+        delta: TensorMap,
+        updates: Sequence[LocalUpdate],
+        phases: _Phases,
+    ) -> GlobalState:
+        """Take the outer step with the aggregate ``delta`` of ``updates`` (their gradients
+        are not read), check it and credit the nodes."""
+        config = self._require_config()
         parameters, momentum = state.parameters, state.momentum
         if parameters is not None:
             with phases.timed("outer_step"), np.errstate(over="ignore", invalid="ignore"):
@@ -338,14 +492,21 @@ class DiLoCoCoordinator:
         round_started = time.perf_counter()
         round_id = state.round_id + 1
         phases = _Phases()
-        with phases.timed("collect"):
-            updates = provider.get_updates(round_id, state, node_list)
-            dropped = provider.round_failures(round_id)
-        if not updates and not dropped:
+        stream: _StreamedMean | None = None
+        if isinstance(self._averager, RobustAggregator) and self._averager.streams:
+            stream = self._stream(run, state, phases)
+            received, accepted, dropped = stream.received, stream.counted, stream.dropped
+        else:
+            with phases.timed("collect"):
+                updates = provider.get_updates(round_id, state, node_list)
+                dropped = provider.round_failures(round_id)
+            received = bool(updates)
+            if received:
+                with phases.timed("verify"):
+                    accepted, refused = self.screen(state, updates)
+                dropped |= refused
+        if not received and not dropped:
             return None
-        with phases.timed("verify"):
-            accepted, refused = self.screen(state, updates)
-        dropped |= refused
         _check_quorum(round_id, len(accepted), len(node_list), run.min_nodes, dropped)
         if dropped:
             logger.warning(
@@ -356,7 +517,12 @@ class DiLoCoCoordinator:
                 _describe_drops(dropped),
                 extra={"event": "dropped", "round_id": round_id, "dropped": dropped},
             )
-        state = self._apply(state, accepted, phases)
+        if stream is None:
+            state = self._apply(state, accepted, phases)
+        else:
+            with phases.timed("aggregate"):
+                delta = stream.finish()
+            state = self._step(state, delta, accepted, phases)
         with phases.timed("evaluate"):
             evaluation = self._evaluate_global(state, provider)
         record = _round_record(
@@ -369,6 +535,31 @@ class DiLoCoCoordinator:
             phases=phases.seconds,
         )
         return state, record
+
+    def _stream(self, run: _Run, state: GlobalState, phases: _Phases) -> _StreamedMean:
+        """Collect the round's updates from ``run.provider.iter_updates``, screening each
+        batch as it arrives and folding the updates into the mean in node-list order."""
+        assert isinstance(self._averager, RobustAggregator)
+        round_id = state.round_id + 1
+        screen = RoundScreen(
+            self._nodes,
+            expected_round=round_id,
+            parameters=state.parameters,
+            config=self._require_config(),
+        )
+        stream = _StreamedMean(screen, run.nodes, self._averager, phases)
+        arrivals = run.provider.iter_updates(round_id, state, run.nodes)
+        while True:
+            with phases.timed("collect"):
+                arrival = next(arrivals, None)
+            if arrival is None:
+                break
+            stream.add(arrival)
+            del arrival  # (its updates are the stream's now)
+        with phases.timed("collect"):
+            failures = run.provider.round_failures(round_id)
+        stream.end(failures)
+        return stream
 
     def _require_config(self) -> TrainingConfig:
         if self._config is None:

@@ -1,9 +1,11 @@
 """Byzantine-robust aggregation rules: pure functions over the round's updates.
 
-Each rule takes every screened update of a round (gradient maps with the same keys and shapes)
-and returns one gradient map in the updates' widest float type, like the weighted mean of
-:mod:`aumai_fedtrain.aggregation` (float32 updates give a float32 result; every rule computes
-in float64 and rounds once at the end):
+Each rule takes every screened update of a round at once (gradient maps with the same keys and
+shapes), so for these rules, and for norm clipping, the coordinator collects the whole round;
+only the plain mean without norm clipping is folded as updates arrive
+(:attr:`RobustAggregator.streams`). Each returns one gradient map in the updates' widest float
+type, like the weighted mean of :mod:`aumai_fedtrain.aggregation` (float32 updates give a
+float32 result; every rule computes in float64 and rounds once at the end):
 
 - :func:`median`: the coordinate-wise median;
 - :func:`trimmed_mean`: per coordinate, drop the ``floor(beta * N)`` largest and smallest
@@ -51,7 +53,7 @@ import numpy as np
 from aumai_fedtrain import _fallback
 from aumai_fedtrain._fallback import result_dtype
 from aumai_fedtrain.aggregation import GradientAverager, update_weights
-from aumai_fedtrain.backend import Backend, get_backend
+from aumai_fedtrain.backend import Backend, RunningSum, get_backend
 from aumai_fedtrain.models import AggregationConfig, LocalUpdate, TensorMap, TrainingConfig
 
 __all__ = [
@@ -459,8 +461,9 @@ def aggregate(
 class RobustAggregator:
     """The coordinator's aggregation strategy: the configured rule of ``config.aggregation``.
 
-    The plain mean without norm clipping is :class:`GradientAverager` itself (its fused path);
-    everything else goes through :func:`aggregate`.
+    The plain mean without norm clipping is :class:`GradientAverager` itself (its fused path),
+    which the coordinator folds as updates arrive (:attr:`streams`, :meth:`running_sum`);
+    everything else needs the round's updates at once and goes through :func:`aggregate`.
 
     Parameters
     ----------
@@ -482,10 +485,24 @@ class RobustAggregator:
         if num_nodes is not None and self.config.rule == "krum":
             check_krum(num_nodes, self.config.krum_f, self.config.krum_m)
 
+    @property
+    def streams(self) -> bool:
+        """Whether the rule can fold updates as they arrive (:meth:`running_sum`): the plain
+        mean without norm clipping. The robust rules and norm clipping (which scales by the
+        round's median norm) need every update of the round at once and collect them all."""
+        return self.config.rule == "mean" and self.config.norm_clip is None
+
+    def running_sum(self) -> RunningSum:
+        """A new running sum of the backend, for a mean folded update by update (:attr:`streams`
+        rules only; weights from :meth:`weights`)."""
+        return get_backend(self._backend).WeightedSum()
+
+    def weights(self, updates: Sequence[LocalUpdate]) -> list[float]:
+        """The mean's weights of ``updates`` (``aggregation_weights``)."""
+        return update_weights(updates, self.weighting)
+
     def average(self, updates: Sequence[LocalUpdate]) -> TensorMap:
         """Aggregate ``updates`` with the configured rule."""
-        if self.config.rule == "mean" and self.config.norm_clip is None:
+        if self.streams:
             return self._mean.average(updates)
-        return aggregate(
-            updates, self.config, update_weights(updates, self.weighting), self._backend
-        )
+        return aggregate(updates, self.config, self.weights(updates), self._backend)

@@ -26,6 +26,8 @@ from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, TensorMap, TrainingConfig
 
 __all__ = [
+    "RoundScreen",
+    "duplicates_reason",
     "in_model_dtype",
     "max_samples_of",
     "model_mismatch",
@@ -154,6 +156,64 @@ def screen_update(
     return None
 
 
+class RoundScreen:
+    """The screening of one round's updates, batch by batch as they arrive.
+
+    :meth:`check` screens a batch of updates on their own (every check but duplicates, which
+    the caller counts, and, in a run without a model, shape conflicts between updates), in
+    one ``max_abs`` pass over the batch; :meth:`shape_conflict` is then asked, in the order
+    the updates count, for those that passed.
+    """
+
+    def __init__(
+        self,
+        nodes: Mapping[str, FederatedNode],
+        *,
+        expected_round: int,
+        parameters: TensorMap | None,
+        config: TrainingConfig,
+    ) -> None:
+        self.nodes = nodes
+        self.expected_round = expected_round
+        self.config = config
+        self.shapes: dict[str, tuple[int, ...]] | None = None
+        self.dtypes: dict[str, np.dtype] | None = None
+        if parameters is not None:
+            self.shapes = {key: value.shape for key, value in parameters.items()}
+            self.dtypes = {key: value.dtype for key, value in parameters.items()}
+        self._seen_shapes: dict[str, tuple[int, ...]] = {}
+
+    def check(self, updates: Sequence[LocalUpdate]) -> list[LocalUpdate | str]:
+        """Per update, why it must not count, or the update cast to the model's dtypes."""
+        # Every value of every update in one native pass (on every core for large batches).
+        magnitudes = get_backend().max_abs([update.gradients for update in updates])
+        outcomes: list[LocalUpdate | str] = []
+        for update, update_magnitudes in zip(updates, magnitudes, strict=True):
+            reason = screen_update(
+                update,
+                self.nodes.get(update.node_id),
+                expected_round=self.expected_round,
+                shapes=self.shapes,
+                config=self.config,
+                magnitudes=update_magnitudes,
+                dtypes=self.dtypes,
+            )
+            if reason is not None:
+                outcomes.append(reason)
+            elif self.dtypes is not None:
+                outcomes.append(in_model_dtype(update, self.dtypes))
+            else:
+                outcomes.append(update)
+        return outcomes
+
+    def shape_conflict(self, update: LocalUpdate) -> str | None:
+        """In a run without a model: why a non-empty gradient's shape differs from the one
+        an update that counted before sent for its key (else note the update's shapes)."""
+        if self.shapes is not None:
+            return None
+        return _shape_conflict(update.gradients, self._seen_shapes)
+
+
 def screen_updates(
     updates: Sequence[LocalUpdate],
     nodes: Mapping[str, FederatedNode],
@@ -170,35 +230,25 @@ def screen_updates(
     the shape of the first update that passed with it.
     """
     counts = Counter(update.node_id for update in updates)
-    shapes = dtypes = None
-    if parameters is not None:
-        shapes = {key: value.shape for key, value in parameters.items()}
-        dtypes = {key: value.dtype for key, value in parameters.items()}
-    seen_shapes: dict[str, tuple[int, ...]] = {}
+    screen = RoundScreen(nodes, expected_round=expected_round, parameters=parameters, config=config)
     accepted: list[LocalUpdate] = []
     dropped: dict[str, str] = {}
-    # Every value of every update in one native pass (on every core for large rounds).
-    magnitudes = get_backend().max_abs([update.gradients for update in updates])
-    for update, update_magnitudes in zip(updates, magnitudes, strict=True):
+    for update, outcome in zip(updates, screen.check(updates), strict=True):
         if counts[update.node_id] > 1:
-            dropped[update.node_id] = f"sent {counts[update.node_id]} updates for one round"
+            dropped[update.node_id] = duplicates_reason(counts[update.node_id])
             continue
-        reason = screen_update(
-            update,
-            nodes.get(update.node_id),
-            expected_round=expected_round,
-            shapes=shapes,
-            config=config,
-            magnitudes=update_magnitudes,
-            dtypes=dtypes,
-        )
-        if reason is None and shapes is None:
-            reason = _shape_conflict(update.gradients, seen_shapes)
+        reason = outcome if isinstance(outcome, str) else screen.shape_conflict(outcome)
         if reason is not None:
             dropped[update.node_id] = reason
             continue
-        accepted.append(in_model_dtype(update, dtypes) if dtypes is not None else update)
+        assert not isinstance(outcome, str)
+        accepted.append(outcome)
     return accepted, dropped
+
+
+def duplicates_reason(count: int) -> str:
+    """Why a node that sent ``count`` updates for one round has none counted."""
+    return f"sent {count} updates for one round"
 
 
 def _shape_conflict(gradients: TensorMap, seen: dict[str, tuple[int, ...]]) -> str | None:

@@ -68,8 +68,17 @@ fn fuse_limit(values: &ArrayData<'_>) -> usize {
     }
 }
 
+/// What an output block holds before the terms are added to it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Start {
+    /// Nothing to keep: the first pass adds its terms to `0.0` without reading the block.
+    Zero,
+    /// Running sums (of earlier folds) that the terms are added to.
+    Sums,
+}
+
 /// Add every term into `out` (elements `offset..offset + out.len()` of the key) block by
-/// block, dividing by `total` as the last group is added.
+/// block, from `start`, dividing by `total` as the last group is added.
 #[inline(always)]
 pub(super) fn accumulate(
     out: &mut [f64],
@@ -77,26 +86,29 @@ pub(super) fn accumulate(
     terms: &[Term<'_>],
     groups: &[Range<usize>],
     total: f64,
+    start: Start,
 ) {
     for (index, block) in out.chunks_mut(BLOCK).enumerate() {
-        add_block(block, offset + index * BLOCK, terms, groups, total);
+        add_block(block, offset + index * BLOCK, terms, groups, total, start);
     }
 }
 
-/// Add every term into `block` (elements `start..start + block.len()` of the key), one group
-/// per pass, dividing by `total` as the last group is added.
+/// Add every term into `block` (elements `first..first + block.len()` of the key), one group
+/// per pass from `start`, dividing by `total` as the last group is added.
 #[inline(always)]
 fn add_block(
     block: &mut [f64],
-    start: usize,
+    first: usize,
     terms: &[Term<'_>],
     groups: &[Range<usize>],
     total: f64,
+    start: Start,
 ) {
     let last = groups.len().saturating_sub(1);
     for (index, group) in groups.iter().enumerate() {
         let divide = (index == last).then_some(total);
-        add_group(block, start, &terms[group.clone()], divide, index == 0);
+        let fresh = index == 0 && start == Start::Zero;
+        add_group(block, first, &terms[group.clone()], divide, fresh);
     }
 }
 
@@ -115,7 +127,14 @@ pub(super) fn accumulate_into<N>(
     let mut scratch = vec![0.0; out.len().min(NARROW_BLOCK)];
     for (index, block) in out.chunks_mut(NARROW_BLOCK).enumerate() {
         let acc = &mut scratch[..block.len()];
-        add_block(acc, offset + index * NARROW_BLOCK, terms, groups, total);
+        add_block(
+            acc,
+            offset + index * NARROW_BLOCK,
+            terms,
+            groups,
+            total,
+            Start::Zero,
+        );
         for (o, &x) in block.iter_mut().zip(acc.iter()) {
             *o = narrow(x);
         }

@@ -17,8 +17,12 @@
 //! written once (a float32 or float16 result through a float64 block, each block rounded into
 //! the result as it is done: no float64 copy of the whole result is made). Large inputs are split across threads by work: large keys by element range,
 //! small keys whole, each element's sum over the nodes staying in update order.
+//!
+//! [`WeightedSum`] computes the same result fold by fold as updates arrive (one float64
+//! accumulator per key, the updates not kept), with the same kernel and the same bits.
 
 mod kernel;
+mod running;
 
 use std::collections::HashMap;
 
@@ -26,7 +30,8 @@ use crate::array::{Array, ArrayData, F16};
 use crate::error::AverageError;
 use crate::key::Key;
 use crate::{parallel, simd};
-use kernel::{fused_groups, Term};
+use kernel::{fused_groups, Start, Term};
+pub use running::WeightedSum;
 
 /// One node's gradient map.
 #[derive(Clone, Debug)]
@@ -68,6 +73,15 @@ impl Precision {
         }
     }
 
+    /// The widest precision of `terms` (float64 for none).
+    fn widest(terms: &[Term<'_>]) -> Self {
+        terms
+            .iter()
+            .map(|term| Precision::of(term.values))
+            .max()
+            .unwrap_or(Precision::Double)
+    }
+
     /// `len` zeros of this precision: a result to fill.
     fn zeros(self, len: usize) -> ArrayData<'static> {
         match self {
@@ -88,6 +102,18 @@ pub fn check_weights(weights: &[f64], updates: usize) -> Result<(), AverageError
     if updates == 0 {
         return Err(AverageError::EmptyUpdates);
     }
+    check_more_weights(weights, updates, 0, 0.0).map(|_| ())
+}
+
+/// Check the weights of `updates` updates that follow `before` others whose weights sum to
+/// `total` (the weight count, each weight finite and non-negative, the new total finite;
+/// errors number the weights from `before`) and return the new total.
+fn check_more_weights(
+    weights: &[f64],
+    updates: usize,
+    before: usize,
+    total: f64,
+) -> Result<f64, AverageError> {
     if weights.len() != updates {
         return Err(AverageError::WeightCount {
             weights: weights.len(),
@@ -96,19 +122,20 @@ pub fn check_weights(weights: &[f64], updates: usize) -> Result<(), AverageError
     }
     if let Some(index) = weights.iter().position(|w| !w.is_finite() || *w < 0.0) {
         return Err(AverageError::InvalidWeight {
-            index,
+            index: before + index,
             weight: weights[index],
         });
     }
-    if sum_in_order(weights.iter().copied()).is_infinite() {
+    let total = sum_from(total, weights.iter().copied());
+    if total.is_infinite() {
         return Err(AverageError::WeightsOverflow);
     }
-    Ok(())
+    Ok(total)
 }
 
-/// `0.0 + w_0 + w_1 + ...`, rounded after each addition.
-fn sum_in_order(weights: impl Iterator<Item = f64>) -> f64 {
-    weights.fold(0.0, |total, w| total + w)
+/// `total + w_0 + w_1 + ...`, rounded after each addition.
+fn sum_from(total: f64, weights: impl Iterator<Item = f64>) -> f64 {
+    weights.fold(total, |total, w| total + w)
 }
 
 /// Per-key weighted mean of `updates`, weighted by `weights` (one per update).
@@ -135,9 +162,15 @@ fn average_on(
 ) -> Result<Vec<Average>, AverageError> {
     check_weights(weights, updates.len())?;
     let groups = group_by_key(updates);
+    // Every key's shapes before any key's weights, as a fold of a running sum finds them.
+    for group in &groups {
+        if let Some(&(first_node, first)) = group.carriers.first() {
+            check_shapes(group, updates, &updates[first_node].label, first.shape())?;
+        }
+    }
     let mut plans = Vec::with_capacity(groups.len());
     for group in &groups {
-        plans.push(plan(group, updates, weights)?);
+        plans.push(plan(group, weights)?);
     }
     let mut outputs: Vec<ArrayData<'static>> =
         plans.iter().map(|p| p.precision.zeros(p.len)).collect();
@@ -209,13 +242,10 @@ impl Plan<'_> {
     }
 }
 
-/// Validate one key's carriers and turn them into terms.
-fn plan<'t>(
-    group: &Group<'t, '_>,
-    updates: &[NodeUpdate<'_>],
-    weights: &[f64],
-) -> Result<Plan<'t>, AverageError> {
-    let Some(&(first_node, first)) = group.carriers.first() else {
+/// Turn one key's carriers (their shapes checked) into terms; an error when their weights
+/// are all zero.
+fn plan<'t>(group: &Group<'t, '_>, weights: &[f64]) -> Result<Plan<'t>, AverageError> {
+    let Some(&(_, first)) = group.carriers.first() else {
         return Ok(Plan {
             shape: vec![0],
             len: 0,
@@ -225,23 +255,45 @@ fn plan<'t>(
             precision: Precision::Double,
         });
     };
-    for &(node, array) in &group.carriers[1..] {
-        if array.shape() != first.shape() {
-            return Err(AverageError::ShapeMismatch {
-                key: group.key.clone().into_owned(),
-                label: updates[node].label.clone(),
-                shape: array.shape().to_vec(),
-                first_label: updates[first_node].label.clone(),
-                first_shape: first.shape().to_vec(),
-            });
-        }
-    }
-    let total = sum_in_order(group.carriers.iter().map(|&(node, _)| weights[node]));
+    let total = sum_from(0.0, group.carriers.iter().map(|&(node, _)| weights[node]));
     if total == 0.0 {
         return Err(AverageError::ZeroWeights {
             key: group.key.clone().into_owned(),
         });
     }
+    Ok(terms_plan(group, weights, first.shape().to_vec(), total))
+}
+
+/// A [`AverageError::ShapeMismatch`] for the first carrier of `group` whose shape is not
+/// `first_shape`, the shape of the key's first carrier (from `first_label`).
+fn check_shapes(
+    group: &Group<'_, '_>,
+    updates: &[NodeUpdate<'_>],
+    first_label: &str,
+    first_shape: &[usize],
+) -> Result<(), AverageError> {
+    for &(node, array) in &group.carriers {
+        if array.shape() != first_shape {
+            return Err(AverageError::ShapeMismatch {
+                key: group.key.clone().into_owned(),
+                label: updates[node].label.clone(),
+                shape: array.shape().to_vec(),
+                first_label: first_label.to_owned(),
+                first_shape: first_shape.to_vec(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The terms of `group`'s carriers (checked to have `shape`), in fused groups, to be
+/// divided by `total`.
+fn terms_plan<'t>(
+    group: &Group<'t, '_>,
+    weights: &[f64],
+    shape: Vec<usize>,
+    total: f64,
+) -> Plan<'t> {
     let terms: Vec<Term<'t>> = group
         .carriers
         .iter()
@@ -250,18 +302,14 @@ fn plan<'t>(
             values: array.data(),
         })
         .collect();
-    Ok(Plan {
-        shape: first.shape().to_vec(),
-        len: first.len(),
+    Plan {
+        len: shape.iter().product(),
+        shape,
         groups: fused_groups(&terms),
-        precision: terms
-            .iter()
-            .map(|term| Precision::of(term.values))
-            .max()
-            .unwrap_or(Precision::Double),
+        precision: Precision::widest(&terms),
         terms,
         total,
-    })
+    }
 }
 
 /// Output elements handed to a thread come in multiples of this (a whole number of cache
@@ -351,7 +399,7 @@ fn accumulate_portable(item: WorkItem<'_, '_>) {
     let plan = item.plan;
     let (offset, terms, groups, total) = (item.offset, &plan.terms, &plan.groups[..], plan.total);
     match item.out {
-        Out::F64(out) => kernel::accumulate(out, offset, terms, groups, total),
+        Out::F64(out) => kernel::accumulate(out, offset, terms, groups, total, Start::Zero),
         Out::F32(out) => kernel::accumulate_into(out, offset, terms, groups, total, |x| x as f32),
         Out::F16(out) => kernel::accumulate_into(out, offset, terms, groups, total, F16::from_f64),
     }
@@ -739,7 +787,7 @@ mod tests {
         let weights = vec![1.0; updates.len()];
         let plans: Vec<Plan<'_>> = group_by_key(updates)
             .iter()
-            .map(|group| plan(group, updates, &weights).unwrap())
+            .map(|group| plan(group, &weights).unwrap())
             .collect();
         let mut outputs: Vec<ArrayData<'static>> =
             plans.iter().map(|p| p.precision.zeros(p.len)).collect();

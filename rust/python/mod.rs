@@ -13,6 +13,7 @@
 mod input;
 mod lists;
 mod robust;
+mod running;
 mod source;
 
 use std::borrow::Cow;
@@ -32,13 +33,15 @@ use crate::key::Key;
 use crate::{magnitude, wire};
 use input::{key_of, repr, type_name};
 use pyo3::types::PyString;
-use source::{average_source, gradient_sources, hash_source, Take};
+use source::{average_source, gradient_sources, hash_source, Source, Take};
 
 /// Native hot paths of aumai-fedtrain (same contract as `aumai_fedtrain._fallback`).
 #[pymodule]
 mod _native {
     #[pymodule_export]
     use super::robust::{median, pairwise_squared_distances, squared_distances, trimmed_mean};
+    #[pymodule_export]
+    use super::running::WeightedSum;
     #[pymodule_export]
     use super::{canonical_hash, canonical_hashes, max_abs, weighted_average, wire_digest};
 
@@ -117,57 +120,108 @@ fn weighted_average<'py>(
     weights: &Bound<'py, PyAny>,
     labels: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let count = updates.len()?;
     // The reference rejects an empty list before it looks at the weights.
-    if count == 0 {
+    if updates.len()? == 0 {
         average::check_weights(&[], 0).map_err(|error| value_error(py, &error))?;
     }
-    let weights = weights
-        .try_iter()?
-        .enumerate()
-        .map(|(index, w)| weight_value(index, &w?))
-        .collect::<PyResult<Vec<f64>>>()?;
-    average::check_weights(&weights, count).map_err(|error| value_error(py, &error))?;
-    let labels: Vec<String> = match labels {
-        None => (0..count).map(|i| format!("update #{i}")).collect(),
-        Some(labels) => labels
-            .try_iter()?
-            .map(|label| Ok(label?.str()?.to_string_lossy().into_owned()))
-            .collect::<PyResult<_>>()?,
-    };
-    if labels.len() != count {
-        return Err(PyValueError::new_err(format!(
-            "got {} labels for {count} updates",
-            labels.len()
-        )));
-    }
-
-    let mut nodes = Vec::with_capacity(count);
-    for (update, label) in updates.try_iter()?.zip(&labels) {
-        nodes.push(gradient_sources(&update?, Some(label), average_source)?);
-    }
-    let mut node_updates = Vec::with_capacity(count);
-    for (entries, label) in nodes.iter_mut().zip(labels) {
-        let entries = take_entries(entries)?;
-        node_updates.push(NodeUpdate { label, entries });
-    }
+    let mut batch = Batch::read(updates, weights, labels, 0, average::check_weights)?;
+    let (node_updates, weights) = batch.node_updates()?;
     let averages = py
-        .detach(|| average::weighted_average(&node_updates, &weights))
+        .detach(|| average::weighted_average(&node_updates, weights))
         .map_err(|error| value_error(py, &error))?;
-
     let result = PyDict::new(py);
     for averaged in averages {
-        let key = &nodes[averaged.node][averaged.entry].0;
-        let shape = IxDyn(&averaged.shape);
-        let array = match averaged.values {
-            ArrayData::F64(values) => owned_array(py, shape, values)?,
-            ArrayData::F32(values) => owned_array(py, shape, values)?,
-            ArrayData::F16(values) => owned_array(py, shape, values)?,
-            ArrayData::I64(_) | ArrayData::U64(_) => unreachable!("averages are floats"),
-        };
-        result.set_item(key, array)?;
+        let key = &batch.maps[averaged.node][averaged.entry].0;
+        result.set_item(key, numpy_array(py, &averaged.shape, averaged.values)?)?;
     }
     Ok(result)
+}
+
+/// The value sources of one gradient map, in its order.
+type Sources<'py> = Vec<(Bound<'py, PyString>, Source<'py, Array<'static>>)>;
+
+/// The updates of one call, read and checked as the reference reads them: the weights first
+/// (their types, then `check`), then the labels, then the maps' values.
+struct Batch<'py> {
+    weights: Vec<f64>,
+    labels: Vec<String>,
+    maps: Vec<Sources<'py>>,
+}
+
+impl<'py> Batch<'py> {
+    /// Read `updates`, `weights` and `labels` (default ``update #i``), numbering updates and
+    /// weights in messages from `first`.
+    fn read(
+        updates: &Bound<'py, PyAny>,
+        weights: &Bound<'py, PyAny>,
+        labels: Option<&Bound<'py, PyAny>>,
+        first: usize,
+        check: impl FnOnce(&[f64], usize) -> Result<(), AverageError>,
+    ) -> PyResult<Self> {
+        let py = updates.py();
+        let count = updates.len()?;
+        let weights = weights
+            .try_iter()?
+            .enumerate()
+            .map(|(index, w)| weight_value(first + index, &w?))
+            .collect::<PyResult<Vec<f64>>>()?;
+        check(&weights, count).map_err(|error| value_error(py, &error))?;
+        let labels: Vec<String> = match labels {
+            None => (first..first + count)
+                .map(|i| format!("update #{i}"))
+                .collect(),
+            Some(labels) => labels
+                .try_iter()?
+                .map(|label| Ok(label?.str()?.to_string_lossy().into_owned()))
+                .collect::<PyResult<_>>()?,
+        };
+        if labels.len() != count {
+            return Err(PyValueError::new_err(format!(
+                "got {} labels for {count} updates",
+                labels.len()
+            )));
+        }
+        let mut maps = Vec::with_capacity(count);
+        for (update, label) in updates.try_iter()?.zip(&labels) {
+            maps.push(gradient_sources(&update?, Some(label), average_source)?);
+        }
+        Ok(Self {
+            weights,
+            labels,
+            maps,
+        })
+    }
+
+    /// The core updates, borrowing the NumPy arrays in place, and their weights.
+    fn node_updates(&mut self) -> PyResult<(Vec<NodeUpdate<'_>>, &[f64])> {
+        let updates = self
+            .maps
+            .iter_mut()
+            .zip(&self.labels)
+            .map(|(entries, label)| {
+                Ok(NodeUpdate {
+                    label: label.clone(),
+                    entries: take_entries(entries)?,
+                })
+            })
+            .collect::<PyResult<_>>()?;
+        Ok((updates, &self.weights))
+    }
+}
+
+/// A new NumPy array of `shape` holding a core result.
+fn numpy_array<'py>(
+    py: Python<'py>,
+    shape: &[usize],
+    values: ArrayData<'_>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let shape = IxDyn(shape);
+    match values {
+        ArrayData::F64(values) => owned_array(py, shape, values),
+        ArrayData::F32(values) => owned_array(py, shape, values),
+        ArrayData::F16(values) => owned_array(py, shape, values),
+        ArrayData::I64(_) | ArrayData::U64(_) => unreachable!("averages are floats"),
+    }
 }
 
 /// A new NumPy array of `shape` holding `values`.

@@ -8,7 +8,8 @@ Each answer is checked before it can count: it must come within the deadline and
 the size an update of the model can have, be a valid update of the asked node for the asked
 round, match the model's tensors (refused from a safetensors header before anything is
 decoded) and carry a valid HMAC signature by that node's key over the request's one-time
-nonce. Answers being read and decoded reserve their memory from a budget shared by the round.
+nonce. Answers being read and decoded, and valid updates waiting to be folded into the
+coordinator's mean, reserve their memory from a budget shared by the round.
 Anything else is dropped (an info line on the ``aumai_fedtrain.network`` logger; the
 coordinator warns once per round about the nodes dropped) and earns no credit. A node that
 fails ``bench_after`` rounds in a row is benched: it is not asked, except for a probe after 1,
@@ -28,6 +29,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import queue
 import socket
 import ssl
 import threading
@@ -73,7 +75,7 @@ from aumai_fedtrain.network.wire import (
     max_update_bytes,
     media_type,
 )
-from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
+from aumai_fedtrain.providers.base import Arrivals, RoundStats, UpdateProvider
 from aumai_fedtrain.providers.in_process import NodeProgress
 from aumai_fedtrain.screening import model_mismatch
 from aumai_fedtrain.verification import HashVerifier
@@ -159,7 +161,10 @@ class HttpUpdateProvider(UpdateProvider):
         Bytes that the answers being read, decoded and checked at once may take; an answer
         waits (within the deadline) for its share, and one that alone needs more is refused.
         None: twice what the largest valid answer needs, at least :data:`MIN_MEMORY_BUDGET`.
-        Accepted updates are kept for aggregation outside the budget.
+        An update handed to the coordinator by :meth:`iter_updates` keeps its decoded size
+        held in the budget while it waits in the coordinator's reorder buffer, until it is
+        folded into the mean; the list that :meth:`get_updates` returns is outside the
+        budget (as are the updates that a robust rule or norm clipping collects).
     bench_after
         After this many failed rounds in a row a node is benched (see the module doc).
     model_init
@@ -273,9 +278,32 @@ class HttpUpdateProvider(UpdateProvider):
         """Ask the nodes to train from ``state.parameters`` (benched ones only to probe them,
         or when the quorum cannot be reached without them).
 
-        Returns the updates that count. Raises :class:`QuorumError` when fewer than
-        ``min_nodes`` valid updates arrive, and ``ValueError`` for a node without a key or an
-        address, or a quorum above the nodes.
+        Returns the updates that count, in the order of ``nodes`` (held outside the memory
+        budget). Raises :class:`QuorumError` when fewer than ``min_nodes`` valid updates
+        arrive, and ``ValueError`` for a node without a key or an address, or a quorum above
+        the nodes.
+        """
+        updates: list[LocalUpdate] = []
+        for arrival in self.iter_updates(round_id, state, nodes):
+            updates.extend(arrival.updates)
+            if arrival.release is not None:
+                arrival.release()
+        order = {node.node_id: index for index, node in enumerate(nodes)}
+        return sorted(updates, key=lambda update: order[update.node_id])
+
+    def iter_updates(
+        self,
+        round_id: int,
+        state: GlobalState,
+        nodes: list[FederatedNode],
+    ) -> Iterator[Arrivals]:
+        """:meth:`get_updates`, each valid update handed over as soon as it is read, decoded
+        and checked, each node that will send none (benched, failed) as soon as that is known.
+
+        Each update handed over keeps its decoded size reserved in the round's memory budget
+        until the coordinator releases it (:attr:`Arrivals.release`: folded into the mean or
+        refused); the answer of the first node of ``nodes`` still pending may use the bytes
+        that such waiting updates hold, so that the updates waiting for it never keep it out.
         """
         self._check_nodes(nodes)
         deadline = _RoundDeadline(self.timeout)
@@ -284,51 +312,72 @@ class HttpUpdateProvider(UpdateProvider):
             TrainRequest(round_id=round_id, global_weights=weights), self.wire_format
         )
         expected = expected_tensors(weights) if weights else None
-        budget = _MemoryBudget(
-            self.memory_budget if self.memory_budget is not None else self.default_budget(weights)
-        )
         asked, sitting_out = self._bench.split(round_id, nodes)
         if len(asked) < self.min_nodes:  # the quorum needs the benched nodes: probe them all
             asked, sitting_out = nodes, {}
+        budget = _MemoryBudget(
+            self.memory_budget if self.memory_budget is not None else self.default_budget(weights),
+            [node.node_id for node in asked],
+        )
+        if sitting_out:
+            yield Arrivals([], silent=list(sitting_out))
         digest = hashlib.sha256(body).hexdigest()
         round_ = _Round(round_id, body, digest, expected, deadline, budget, _Progress(len(asked)))
+        answers: queue.SimpleQueue[tuple[FederatedNode, _Answer | BaseException]]
+        answers = queue.SimpleQueue()
+
+        def ask(node: FederatedNode) -> None:
+            try:
+                answers.put((node, self._ask(client, node, round_)))
+            except BaseException as exc:  # handed to the round's thread, which raises it
+                answers.put((node, exc))
+
+        outcomes: dict[str, str | None] = {}
+        traffics: dict[str, _Traffic] = {}
         with (
             deadline,
             httpx.Client(verify=self._tls, limits=_LIMITS) as client,
             ThreadPoolExecutor(min(self.max_workers, max(1, len(asked)))) as pool,
         ):
-            answers = list(pool.map(lambda node: self._ask(client, node, round_), asked))
-        outcomes = [outcome for outcome, _ in answers]
+            for node in asked:
+                pool.submit(ask, node)
+            for _ in asked:
+                node, answer = answers.get()
+                if isinstance(answer, BaseException):
+                    raise answer
+                outcome, traffics[node.node_id] = answer
+                budget.settle(node.node_id)
+                if isinstance(outcome, str):
+                    outcomes[node.node_id] = outcome
+                    yield Arrivals([], silent=[node.node_id])
+                else:
+                    outcomes[node.node_id] = None
+                    yield Arrivals([outcome], release=budget.held(node.node_id))
+                del answer, outcome
         self._stats = {
             round_id: RoundStats(
-                bytes_to_nodes=sum(traffic.sent for _, traffic in answers),
-                bytes_from_nodes=sum(traffic.received for _, traffic in answers),
-                node_seconds={
-                    node.node_id: traffic.seconds
-                    for node, (_, traffic) in zip(asked, answers, strict=True)
-                },
+                bytes_to_nodes=sum(traffics[node.node_id].sent for node in asked),
+                bytes_from_nodes=sum(traffics[node.node_id].received for node in asked),
+                node_seconds={node.node_id: traffics[node.node_id].seconds for node in asked},
                 time_kind="answer",
                 benched=list(sitting_out),
             )
         }
-        updates = [outcome for outcome in outcomes if isinstance(outcome, LocalUpdate)]
         failed = {
-            node.node_id: outcome
-            for node, outcome in zip(asked, outcomes, strict=True)
-            if isinstance(outcome, str)
+            node.node_id: reason for node in asked if (reason := outcomes[node.node_id]) is not None
         }
+        counted = len(asked) - len(failed)
         self._bench.record(round_id, [node.node_id for node in asked], failed)
         failed.update(sitting_out)
         self.failures[round_id] = {
             node.node_id: failed[node.node_id] for node in nodes if node.node_id in failed
         }
-        if len(updates) < self.min_nodes:
+        if counted < self.min_nodes:
             reasons = "; ".join(f"{node}: {reason}" for node, reason in failed.items())
             raise QuorumError(
-                f"round {round_id}: {len(updates)} of {len(nodes)} nodes sent a valid update, "
+                f"round {round_id}: {counted} of {len(nodes)} nodes sent a valid update, "
                 f"the quorum is {self.min_nodes} ({reasons})"
             )
-        return updates
 
     def default_budget(self, weights: TensorMap) -> int:
         """The default ``memory_budget`` for a model: room for two of its largest answers."""
@@ -388,9 +437,7 @@ class HttpUpdateProvider(UpdateProvider):
             **self._authorization(node),
         }
 
-    def _ask(
-        self, client: httpx.Client, node: FederatedNode, round_: _Round
-    ) -> tuple[LocalUpdate | str, _Traffic]:
+    def _ask(self, client: httpx.Client, node: FederatedNode, round_: _Round) -> _Answer:
         """The node's valid update, or why it does not count, with the bytes and time it took."""
         traffic = _Traffic()
         started = time.monotonic()
@@ -545,7 +592,8 @@ class HttpUpdateProvider(UpdateProvider):
         if declared.isdigit() and int(declared) > limit:
             raise _Dropped(f"answer of {declared} bytes exceeds the limit of {limit} bytes")
         size = int(declared) if declared.isdigit() else limit
-        with round_.budget.reserve(self._reservation(fmt, size, round_.expected), round_.deadline):
+        reservation = self._reservation(fmt, size, round_.expected)
+        with round_.budget.reserve(node.node_id, reservation, round_.deadline) as held:
             content = _read_limited(response, limit, traffic)
             try:
                 update = decode_update(content, fmt, round_.expected)
@@ -555,6 +603,8 @@ class HttpUpdateProvider(UpdateProvider):
                 raise _Dropped(f"malformed answer: {exc}") from None
             del content
             self._check(update, response.headers.get(SIGNATURE_HEADER), node, round_, nonce)
+            # The update stays in memory until the coordinator folds it: its bytes stay held.
+            held.keep(sum(value.nbytes for value in update.gradients.values()))
         return update
 
     def _reservation(self, fmt: str, size: int, expected: Expected | None) -> int:
@@ -623,6 +673,10 @@ class HttpUpdateProvider(UpdateProvider):
             raise _Dropped(str(exc)) from None
         if not valid:
             raise _Dropped("bad signature: tampered with, or signed with another key")
+
+
+_Answer = tuple[LocalUpdate | str, "_Traffic"]
+"""A node's valid update or why it does not count, and its exchange."""
 
 
 @dataclass
@@ -767,23 +821,38 @@ def _shut_down(sock: socket.socket) -> None:
 
 
 class _MemoryBudget:
-    """Bytes shared by the answers of a round that are being read, decoded and checked."""
+    """Bytes shared by the answers of a round that are being read, decoded and checked, and
+    by the updates handed over that the coordinator still holds (:meth:`held`).
 
-    def __init__(self, total: int) -> None:
+    The first asked node (in the node list's order) whose answer is not settled may also use
+    the bytes held by handed-over updates: they wait for it to be folded, so it must not wait
+    for them.
+    """
+
+    def __init__(self, total: int, asked: list[str]) -> None:
         self.total = total
         self._free = total
+        self._held: dict[str, int] = {}
+        self._pending = list(asked)
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
-    def reserve(self, nbytes: int, deadline: _RoundDeadline) -> Iterator[None]:
-        """Hold ``nbytes`` of the budget, waiting for them until the deadline."""
+    def reserve(self, node_id: str, nbytes: int, deadline: _RoundDeadline) -> Iterator[_Share]:
+        """Hold ``nbytes`` of the budget for ``node_id``'s answer, waiting for them until the
+        deadline; the bytes that :meth:`_Share.keep` marks stay held after it."""
         if nbytes > self.total:
             raise _Dropped(
                 f"decoding this answer could take {nbytes} bytes, more than the memory budget "
                 f"of {self.total} bytes"
             )
         with self._changed:
-            freed = self._changed.wait_for(lambda: self._free >= nbytes, deadline.remaining())
+            freed = self._changed.wait_for(
+                lambda: (
+                    self._free >= nbytes
+                    or (self._pending[:1] == [node_id] and self._free + self._holding() >= nbytes)
+                ),
+                deadline.remaining(),
+            )
             # (A share freed by the deadline itself, which cut off another answer, is too late.)
             if not freed or deadline.expired:
                 raise _Dropped(
@@ -791,12 +860,44 @@ class _MemoryBudget:
                     "deadline"
                 )
             self._free -= nbytes
+        share = _Share()
         try:
-            yield
+            yield share
         finally:
+            kept = min(share.kept, nbytes)
             with self._changed:
-                self._free += nbytes
+                if kept:
+                    self._held[node_id] = kept
+                self._free += nbytes - kept
                 self._changed.notify_all()
+
+    def settle(self, node_id: str) -> None:
+        """``node_id``'s answer is settled: the next pending node is first."""
+        with self._changed:
+            self._pending.remove(node_id)
+            self._changed.notify_all()
+
+    def held(self, node_id: str) -> Callable[[], None]:
+        """Gives back the bytes held for ``node_id``'s update (once)."""
+
+        def release() -> None:
+            with self._changed:
+                self._free += self._held.pop(node_id, 0)
+                self._changed.notify_all()
+
+        return release
+
+    def _holding(self) -> int:
+        return sum(self._held.values())
+
+
+class _Share:
+    """The bytes of a reservation to keep held once the answer is decoded."""
+
+    kept = 0
+
+    def keep(self, nbytes: int) -> None:
+        self.kept = nbytes
 
 
 @dataclass

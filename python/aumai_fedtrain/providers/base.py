@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,29 @@ class RoundStats:
     node_seconds: dict[str, float] = field(default_factory=dict)
     time_kind: Literal["answer", "training"] = "answer"
     benched: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Arrivals:
+    """What a provider hands over at once while a round runs (:meth:`UpdateProvider.iter_updates`).
+
+    Parameters
+    ----------
+    updates
+        Updates that arrived (the coordinator takes them out of the object, so that an
+        update it has folded is not kept alive by it).
+    silent
+        Nodes known to send no update this round (failed, benched or not asked): the
+        coordinator need not wait for them before folding the updates of later nodes. Why they
+        sent none still comes from :meth:`UpdateProvider.round_failures`.
+    release
+        Called once the coordinator no longer holds ``updates`` (folded into the mean or
+        refused), for a provider that counts held updates against a memory budget.
+    """
+
+    updates: list[LocalUpdate]
+    silent: list[str] = field(default_factory=list)
+    release: Callable[[], None] | None = None
 
 
 class UpdateProvider(ABC):
@@ -94,6 +118,24 @@ class UpdateProvider(ABC):
                 f"{type(self).__name__} keeps no state, but the checkpoint holds "
                 f"{len(state)} provider tensors"
             )
+
+    def iter_updates(
+        self,
+        round_id: int,
+        state: GlobalState,
+        nodes: list[FederatedNode],
+    ) -> Iterator[Arrivals]:
+        """Hand the round's updates over as they arrive, for the coordinator to screen and fold
+        into the mean before the round ends.
+
+        The default yields :meth:`get_updates` at once. A provider that overrides it yields at
+        most one update per node (a second one from a node whose first update the coordinator
+        already folded is a ``RuntimeError``: the mean cannot be taken back; one whose first
+        is still waiting makes the node count none, as in :meth:`get_updates`), says which
+        nodes will send none as soon as it knows (:attr:`Arrivals.silent`), and has
+        :meth:`round_failures` ready when the iterator ends.
+        """
+        yield Arrivals(self.get_updates(round_id, state, nodes))
 
     @abstractmethod
     def get_updates(

@@ -11,12 +11,19 @@ resumes on the other.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig
+from aumai_fedtrain.models import (
+    FederatedNode,
+    GlobalState,
+    LocalUpdate,
+    TensorMap,
+    TrainingConfig,
+)
 from aumai_fedtrain.network.wire import expected_tensors, request_body_bytes, update_body_bytes
-from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
+from aumai_fedtrain.providers.base import Arrivals, RoundStats, UpdateProvider
 from aumai_fedtrain.trainer import (
     Evaluator,
     ModelInit,
@@ -33,7 +40,7 @@ __all__ = [
     "NodeProgress",
     "TrainerHost",
     "node_state_names",
-    "round_bytes",
+    "request_bytes",
     "split_node_state",
 ]
 
@@ -163,16 +170,15 @@ def split_node_state(state: TensorMap) -> dict[str, TensorMap]:
     return per_node
 
 
-def round_bytes(
-    round_id: int, parameters: TensorMap, nodes: int, updates: Sequence[LocalUpdate]
-) -> tuple[int, int]:
-    """Bytes the round would move on the default (safetensors) wire: to and from the nodes.
+def request_bytes(round_id: int, parameters: TensorMap, nodes: int) -> int:
+    """Bytes of the round's train requests on the default (safetensors) wire: the request's
+    body once per node asked, by the wire format's own size formula (each valid update's body
+    is :func:`~aumai_fedtrain.network.wire.update_body_bytes`)."""
+    return request_body_bytes(round_id, expected_tensors(parameters)) * nodes
 
-    The train request's body once per node asked, and the body of each valid update, by the
-    wire format's own size formulas.
-    """
-    sent = request_body_bytes(round_id, expected_tensors(parameters)) * nodes
-    return sent, sum(update_body_bytes(update) for update in updates)
+
+RoundOutcomes = Iterator[tuple[Mapping[str, NodeOutcome], Mapping[str, str]]]
+"""A round's outcomes as they come: ``(outcomes by node id, nodes lost with why)`` batches."""
 
 
 class HostedProvider(UpdateProvider):
@@ -234,29 +240,64 @@ class HostedProvider(UpdateProvider):
         """Nodes that sent no valid update in ``round_id``, with why."""
         return dict(self._failures.get(round_id, {}))
 
-    def _finish_round(
+    def get_updates(
+        self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
+    ) -> list[LocalUpdate]:
+        """Train ``nodes`` from ``state.parameters`` and return the updates, in the order of
+        ``nodes``.
+
+        A node whose trainer returns an invalid result (a non-finite loss, say), or that the
+        engine lost, is left out with its reason in :meth:`round_failures`; an exception
+        raised by a trainer ends the round with an error naming the node.
+        """
+        order = {node.node_id: index for index, node in enumerate(nodes)}
+        arrivals = self._round(round_id, state, nodes)
+        updates = [update for arrival in arrivals for update in arrival.updates]
+        return sorted(updates, key=lambda update: order[update.node_id])
+
+    def iter_updates(
+        self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
+    ) -> Iterator[Arrivals]:
+        """:meth:`get_updates`, each update handed over as soon as its node has trained (a
+        subclass that overrides :meth:`get_updates` is asked for its list instead)."""
+        if type(self).get_updates is not HostedProvider.get_updates:
+            return super().iter_updates(round_id, state, nodes)
+        return self._round(round_id, state, nodes)
+
+    @abstractmethod
+    def _round(
+        self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
+    ) -> Iterator[Arrivals]:
+        """Train ``nodes`` and hand their outcomes over as they come (:meth:`_arrivals`)."""
+
+    def _arrivals(
         self,
         round_id: int,
         parameters: TensorMap,
         node_ids: Sequence[str],
-        outcomes: Mapping[str, NodeOutcome],
-        lost: Mapping[str, str],
-    ) -> list[LocalUpdate]:
-        """The round's updates in the order of ``node_ids``; its failures (``lost``: nodes
-        without an outcome, with why) and statistics are kept for the coordinator."""
-        updates: list[LocalUpdate] = []
+        batches: RoundOutcomes,
+    ) -> Iterator[Arrivals]:
+        """Hand each batch of outcomes over as it comes (its valid updates; its failed and lost
+        nodes as silent); once all are in, keep the round's failures (in the order of
+        ``node_ids``) and statistics for the coordinator."""
         failures: dict[str, str] = {}
-        for node_id in node_ids:
-            outcome = outcomes.get(node_id)
-            if outcome is None:
-                if node_id in lost:
-                    failures[node_id] = lost[node_id]
-            elif outcome.update is not None:
-                updates.append(outcome.update)
-            else:
-                failures[node_id] = str(outcome.failure)
-        self._failures = {round_id: failures}
-        sent, received = round_bytes(round_id, parameters, len(node_ids), updates)
-        seconds = {node_id: outcome.seconds for node_id, outcome in outcomes.items()}
+        seconds: dict[str, float] = {}
+        received = 0
+        for outcomes, lost in batches:
+            updates: list[LocalUpdate] = []
+            for node_id, outcome in outcomes.items():
+                seconds[node_id] = outcome.seconds
+                if outcome.update is not None:
+                    updates.append(outcome.update)
+                    received += update_body_bytes(outcome.update)
+                else:
+                    failures[node_id] = str(outcome.failure)
+            failures |= lost
+            silent = [node_id for node_id in (*outcomes, *lost) if node_id in failures]
+            yield Arrivals(updates, silent=silent)
+            del updates
+        self._failures = {
+            round_id: {node_id: failures[node_id] for node_id in node_ids if node_id in failures}
+        }
+        sent = request_bytes(round_id, parameters, len(node_ids))
         self._stats = {round_id: RoundStats(sent, received, seconds, "training")}
-        return updates

@@ -4,12 +4,13 @@ Each node's trainer is made by the factory of the node-trainer interface
 (:mod:`aumai_fedtrain.trainer`) the first time the node trains, and kept, keyed by node id,
 for the rest of the run: removing a node from the list never hands its state to another node,
 and a node added on resume starts from the global model with a fresh trainer. Nodes train one
-after the other.
+after the other, and each update is handed to the coordinator as soon as it is made
+(:meth:`InProcessProvider.iter_updates`), so that the mean is folded as the nodes train.
 
 Nothing crosses a network, so the round's bytes (:meth:`InProcessProvider.round_stats`) are
 what the same exchange with real nodes would send on the default (safetensors) wire: the
 train request's body once per node, and each valid update's body, computed by the wire
-format's own size formula (:func:`~aumai_fedtrain.providers.hosting.round_bytes`). Node times
+format's own size formulas (:func:`~aumai_fedtrain.providers.hosting.request_bytes`). Node times
 are the trainers' ``train`` calls. The trainers are kept by a
 :class:`~aumai_fedtrain.providers.hosting.TrainerHost`, the same class each actor of the Ray
 engine uses, with the same checkpoint names.
@@ -17,17 +18,19 @@ engine uses, with the same checkpoint names.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from aumai_fedtrain.models import (
     FederatedNode,
     GlobalState,
-    LocalUpdate,
     TensorMap,
     TrainingConfig,
 )
+from aumai_fedtrain.providers.base import Arrivals
 from aumai_fedtrain.providers.hosting import (
     HostedProvider,
-    NodeOutcome,
     NodeProgress,
+    RoundOutcomes,
     TrainerHost,
     split_node_state,
 )
@@ -56,24 +59,22 @@ class InProcessProvider(HostedProvider):
         """The trainer of ``node_id``, made by the factory on first use."""
         return self._require_host().trainer(node_id)
 
-    def get_updates(
+    def _round(
         self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
-    ) -> list[LocalUpdate]:
-        """Train every node from ``state.parameters`` and return the updates.
-
-        A node whose trainer returns an invalid result (a non-finite loss, say) is left out
-        with its reason in :meth:`round_failures`; an exception raised by a trainer ends the
-        round with an error naming the node.
-        """
+    ) -> Iterator[Arrivals]:
+        """Train the nodes one after the other, each update handed over once made."""
         host = self._require_host()
         parameters = state.parameters if state.parameters is not None else {}
-        outcomes: dict[str, NodeOutcome] = {}
-        for done, node in enumerate(nodes, start=1):
-            outcomes[node.node_id] = host.train(node.node_id, round_id, parameters)
-            if self.on_node_done is not None:
-                self.on_node_done(done, len(nodes))
+
+        def outcomes() -> RoundOutcomes:
+            for done, node in enumerate(nodes, start=1):
+                outcome = host.train(node.node_id, round_id, parameters)
+                if self.on_node_done is not None:
+                    self.on_node_done(done, len(nodes))
+                yield {node.node_id: outcome}, {}
+
         node_ids = [node.node_id for node in nodes]
-        return self._finish_round(round_id, parameters, node_ids, outcomes, {})
+        yield from self._arrivals(round_id, parameters, node_ids, outcomes())
 
     def state_dict(self) -> TensorMap:
         """Every kept trainer's state, as ``node/<node_id>/<tensor>``."""

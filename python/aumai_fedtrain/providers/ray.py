@@ -58,13 +58,14 @@ except ImportError as exc:  # the core runs without Ray
 from aumai_fedtrain.models import (
     FederatedNode,
     GlobalState,
-    LocalUpdate,
     TensorMap,
     TrainingConfig,
 )
+from aumai_fedtrain.providers.base import Arrivals
 from aumai_fedtrain.providers.hosting import (
     HostedProvider,
     NodeOutcome,
+    RoundOutcomes,
     TrainerHost,
     split_node_state,
 )
@@ -286,15 +287,12 @@ class RayProvider(HostedProvider):
 
     # -- a round ------------------------------------------------------------------------------
 
-    def get_updates(
+    def _round(
         self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
-    ) -> list[LocalUpdate]:
-        """Train ``nodes`` on their actors from ``state.parameters`` and return the updates.
-
-        The updates come in the order of ``nodes``. Nodes of an actor that died or missed the
-        deadline are in :meth:`round_failures`; an exception raised by a trainer ends the round
-        with an error naming the node, as in process.
-        """
+    ) -> Iterator[Arrivals]:
+        """Train ``nodes`` on their actors (the parameters put in the object store once), each
+        actor's updates handed over as soon as it answers; the nodes of an actor that died or
+        missed the deadline are silent, with why in :meth:`round_failures`."""
         if not self._pool:
             raise RuntimeError("call configure(config) before training")
         parameters = state.parameters if state.parameters is not None else {}
@@ -310,21 +308,21 @@ class RayProvider(HostedProvider):
             for index, ids in groups.items()
             for chunk in _chunks(ids)
         }
-        outcomes, failures = self._answers(round_id, calls, len(node_ids))
-        return self._finish_round(round_id, parameters, node_ids, outcomes, failures)
+        answers = self._answers(round_id, calls, len(node_ids))
+        yield from self._arrivals(round_id, parameters, node_ids, answers)
 
     def _answers(
         self, round_id: int, calls: dict[Any, tuple[int, list[str]]], total: int
-    ) -> tuple[dict[str, NodeOutcome], dict[str, str]]:
-        """The actors' answers by the deadline: outcomes, and the nodes lost with why.
+    ) -> RoundOutcomes:
+        """The actors' answers by the deadline, as each call comes: outcomes, and the nodes
+        lost with why.
 
         ``calls`` maps each call to its actor's index and its nodes. An actor that died or is
         late is replaced (:meth:`_replace`) once, and every node of its calls not yet answered
         is lost for the round.
         """
-        outcomes: dict[str, NodeOutcome] = {}
-        lost: dict[str, str] = {}
-        replaced: dict[int, str] = {}  # actor index -> why its nodes are lost
+        done = 0
+        replaced: dict[int, str] = {}  # actor index -> why its unanswered nodes are lost
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         pending = list(calls)
         while pending:
@@ -343,18 +341,19 @@ class RayProvider(HostedProvider):
                         replaced[index] = f"its Ray actor {index} died ({type(exc).__name__})"
                         logger.warning("round %d: Ray actor %d died; replacing it", round_id, index)
                         self._replace(index)
-                    lost |= dict.fromkeys(chunk, replaced[index])
+                    yield {}, dict.fromkeys(chunk, replaced[index])
                     continue
-                outcomes |= {answer.node_id: answer for answer in answers}
+                done += len(answers)
                 if self.on_node_done is not None:
-                    self.on_node_done(len(outcomes), total)
+                    self.on_node_done(done, total)
+                yield {answer.node_id: answer for answer in answers}, {}
+                del answers
         for call in pending:
             index, chunk = calls[call]
             if index not in replaced:
                 replaced[index] = f"no answer within {self.timeout:g} s"
                 self._replace(index)
-            lost |= dict.fromkeys(chunk, replaced[index])
-        return outcomes, lost
+            yield {}, dict.fromkeys(chunk, replaced[index])
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -10,12 +10,12 @@ dropped nor benched: they sit it out, and the round's record lists who took part
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from aumai_fedtrain.models import FederatedNode, GlobalState, LocalUpdate, TensorMap, TrainingConfig
-from aumai_fedtrain.providers.base import RoundStats, UpdateProvider
+from aumai_fedtrain.providers.base import Arrivals, RoundStats, UpdateProvider
 
 __all__ = ["SampledProvider", "sample_nodes"]
 
@@ -78,10 +78,22 @@ class SampledProvider(UpdateProvider):
         self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
     ) -> list[LocalUpdate]:
         """The updates of this round's sample of ``nodes``."""
+        return self.provider.get_updates(round_id, state, self._sample(round_id, nodes))
+
+    def iter_updates(
+        self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
+    ) -> Iterator[Arrivals]:
+        """The nodes left out of this round's sample (silent), then the wrapped provider's
+        arrivals from the sample."""
+        chosen = self._sample(round_id, nodes)
+        asked = {node.node_id for node in chosen}
+        yield Arrivals([], silent=[node.node_id for node in nodes if node.node_id not in asked])
+        yield from self.provider.iter_updates(round_id, state, chosen)
+
+    def _sample(self, round_id: int, nodes: list[FederatedNode]) -> list[FederatedNode]:
         if self.config is None:
             raise RuntimeError("call configure(config) before training")
-        chosen = sample_nodes(nodes, self.sample_nodes, self.config.seed, round_id)
-        return self.provider.get_updates(round_id, state, chosen)
+        return sample_nodes(nodes, self.sample_nodes, self.config.seed, round_id)
 
     def round_failures(self, round_id: int) -> dict[str, str]:
         """The wrapped provider's failures of ``round_id``."""
