@@ -108,21 +108,16 @@ def run_aumai(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from aumai_fedtrain import DiLoCoCoordinator
-    from aumai_fedtrain.models import GlobalState, LocalUpdate
+    from aumai_fedtrain.models import RoundRecord
     from aumai_fedtrain.providers.ray import RaySimulationProvider
     from aumai_fedtrain.simulation import simulated_nodes
 
     training_seconds: list[float] = []
 
-    class Timed(RaySimulationProvider):
-        def get_updates(
-            self, round_id: int, state: GlobalState, nodes: list[Any]
-        ) -> list[LocalUpdate]:
-            updates = super().get_updates(round_id, state, nodes)
-            stats = self.round_stats(round_id)
-            assert stats is not None
-            training_seconds.append(sum(stats.node_seconds.values()))
-            return updates
+    def timed(provider: RaySimulationProvider, record: RoundRecord) -> None:
+        stats = provider.round_stats(record.round_id)
+        assert stats is not None
+        training_seconds.append(sum(stats.node_seconds.values()))
 
     run_config = config(args.nodes, args.rounds, args.local_steps, args.batch_size)
     ray.init(num_cpus=SLOTS, include_dashboard=False, logging_level=logging.ERROR)
@@ -130,9 +125,14 @@ def run_aumai(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with object_store_peak() as store:
             started = time.perf_counter()
-            with Timed(actors=SLOTS, actor_cpus=1.0, keep_inner_state=False) as provider:
+            with RaySimulationProvider(
+                actors=SLOTS, actor_cpus=1.0, keep_inner_state=False
+            ) as provider:
                 result = DiLoCoCoordinator().run_training(
-                    run_config, simulated_nodes(args.nodes), provider
+                    run_config,
+                    simulated_nodes(args.nodes),
+                    provider,
+                    on_round=lambda record: timed(provider, record),
                 )
             wall = time.perf_counter() - started
     finally:

@@ -331,7 +331,8 @@ class RayProvider(HostedProvider):
                 break
             ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
             for call in ready:
-                index, chunk = calls[call]
+                # Forgetting the reference lets Ray free the answer once its updates are folded.
+                index, chunk = calls.pop(call)
                 try:
                     answers: list[NodeOutcome] = ray.get(call)
                 except RayTaskError as exc:  # the trainer raised: as in process, the run stops
