@@ -220,8 +220,9 @@ def test_an_actor_killed_mid_round_loses_only_its_nodes_and_comes_back(
 
 
 def test_the_nodes_an_actor_answered_before_it_died_count(cluster: Cluster, tmp_path: Path) -> None:
-    # actor 1 trains node-001, answers it, then node-004 kills the actor's process in round 2
-    factory = FaultyTrainers("kill", {"node-004"}, round_id=2)
+    # actor 1 trains node-001 and answers it; then node-004 kills the actor's process in round
+    # 2, a second later (an answer still in flight when its actor dies is lost with it)
+    factory = FaultyTrainers("kill", {"node-004"}, round_id=2, delay=1.0)
     options = {"model_init": initial_model, "evaluator": builtin_evaluator(CONFIG)}
 
     with RayProvider(factory, actors=3, **options) as provider:

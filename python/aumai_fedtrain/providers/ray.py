@@ -27,9 +27,9 @@ How it works
   in-process names (``node/<id>/<tensor>``), so a checkpoint written by one engine resumes on
   the other.
 - **Faults.** An actor that dies in a round (its process killed, its machine lost) loses only
-  its nodes that had not answered yet for that round: they are dropped with the reason, and the
-  round completes when the coordinator's quorum (``min_nodes``) is met. The actor is replaced
-  by a new one and its nodes' trainers (those that answered included) are restored from the
+  its nodes whose answers had not reached the driver for that round: they are dropped with the
+  reason, and the round completes when the coordinator's quorum (``min_nodes``) is met. The
+  actor is replaced by a new one and its nodes' trainers (those that answered included) are restored from the
   state of the last checkpoint (:meth:`RayProvider.state_dict` keeps the state it returned; a
   run without checkpoints has none, and those nodes start afresh). With ``timeout`` (seconds,
   the round's deadline as on the HTTP engine), an actor that has not answered for all its nodes
