@@ -25,16 +25,29 @@ pub fn available_threads() -> usize {
 /// Apply `f` to every item, on `threads` threads (the calling thread among them), each thread
 /// taking the next item in order as it becomes free.
 pub fn for_each<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(T) + Sync) {
+    for_each_with(items, threads, || (), |(), item| f(item));
+}
+
+/// [`for_each`] with a value that each thread makes once with `init` and lends to `f` for every
+/// item it takes (a scratch buffer, say, allocated once per thread rather than once per item).
+pub fn for_each_with<T: Send, S>(
+    items: Vec<T>,
+    threads: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, T) + Sync,
+) {
     if threads <= 1 || items.len() <= 1 {
-        items.into_iter().for_each(f);
+        let mut state = init();
+        items.into_iter().for_each(|item| f(&mut state, item));
         return;
     }
     let workers = threads.min(items.len());
     let queue = Mutex::new(items.into_iter());
     let next = || queue.lock().expect("no worker panics").next();
     let work = || {
+        let mut state = init();
         while let Some(item) = next() {
-            f(item);
+            f(&mut state, item);
         }
     };
     thread::scope(|scope| {

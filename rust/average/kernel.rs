@@ -114,17 +114,23 @@ fn add_block(
 
 /// [`accumulate`] for a result narrower than float64: each block of [`NARROW_BLOCK`]
 /// elements is computed in a float64 scratch block as [`accumulate`] computes a block, then
-/// rounded once into `out` by `narrow`.
+/// rounded once into `out` by `narrow`. `scratch` (the calling thread's, grown here when it is
+/// shorter than a block) is never read before it is written.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn accumulate_into<N>(
     out: &mut [N],
     offset: usize,
     terms: &[Term<'_>],
     groups: &[Range<usize>],
     total: f64,
+    scratch: &mut Vec<f64>,
     narrow: impl Fn(f64) -> N,
 ) {
-    let mut scratch = vec![0.0; out.len().min(NARROW_BLOCK)];
+    let needed = out.len().min(NARROW_BLOCK);
+    if scratch.len() < needed {
+        scratch.resize(needed, 0.0);
+    }
     for (index, block) in out.chunks_mut(NARROW_BLOCK).enumerate() {
         let acc = &mut scratch[..block.len()];
         add_block(

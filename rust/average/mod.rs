@@ -150,7 +150,7 @@ pub fn weighted_average(
 }
 
 /// Computes one [`WorkItem`].
-type Kernel = fn(WorkItem<'_, '_>);
+type Kernel = fn(WorkItem<'_, '_>, &mut Vec<f64>);
 
 /// [`weighted_average`] on `threads` threads (`None`: as many as the input deserves), each
 /// work item computed by `kernel`.
@@ -177,7 +177,9 @@ fn average_on(
     let threads =
         threads.unwrap_or_else(|| parallel::threads_for(plans.iter().map(Plan::work).sum()));
     let items = work_items(&plans, &mut outputs, threads);
-    parallel::for_each(items, threads, kernel);
+    parallel::for_each_with(items, threads, Vec::new, |scratch, item| {
+        kernel(item, scratch)
+    });
     Ok(groups
         .iter()
         .zip(plans)
@@ -385,23 +387,28 @@ fn work_items<'o, 't>(
     items
 }
 
-/// Compute one item, with the widest vector instructions the CPU has.
-fn accumulate(item: WorkItem<'_, '_>) {
+/// Compute one item, with the widest vector instructions the CPU has; `scratch` is the
+/// thread's float64 block for narrow results.
+fn accumulate(item: WorkItem<'_, '_>, scratch: &mut Vec<f64>) {
     simd::dispatch(
         #[inline(always)]
-        || accumulate_portable(item),
+        || accumulate_portable(item, scratch),
     );
 }
 
 /// Compute one item with the baseline instructions (what [`accumulate`] does without AVX2).
 #[inline(always)]
-fn accumulate_portable(item: WorkItem<'_, '_>) {
+fn accumulate_portable(item: WorkItem<'_, '_>, scratch: &mut Vec<f64>) {
     let plan = item.plan;
     let (offset, terms, groups, total) = (item.offset, &plan.terms, &plan.groups[..], plan.total);
     match item.out {
         Out::F64(out) => kernel::accumulate(out, offset, terms, groups, total, Start::Zero),
-        Out::F32(out) => kernel::accumulate_into(out, offset, terms, groups, total, |x| x as f32),
-        Out::F16(out) => kernel::accumulate_into(out, offset, terms, groups, total, F16::from_f64),
+        Out::F32(out) => {
+            kernel::accumulate_into(out, offset, terms, groups, total, scratch, |x| x as f32)
+        }
+        Out::F16(out) => {
+            kernel::accumulate_into(out, offset, terms, groups, total, scratch, F16::from_f64)
+        }
     }
 }
 
