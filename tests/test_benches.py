@@ -84,3 +84,16 @@ def test_coordinator_memory_benchmark_runs_real_nodes_both_ways() -> None:
         assert "| round | RSS peak, all in | RSS peak, round |" in output
         assert "\n| 1 | " in output
         assert "load average before:" in output
+
+
+def test_ray_benchmark_runs_aumai_at_two_node_counts() -> None:
+    # Flower (the bench extra) is not installed by the tests: aumai's side alone, on a real Ray.
+    output = run_bench(
+        str(BENCHES / "bench_ray_flower.py"),
+        *("--engines", "aumai", "--nodes", "8", "16", "--rounds", "2", "--local-steps", "2"),
+    )
+
+    rows = [line for line in output.splitlines() if line.startswith("| aumai |")]
+    assert [row.split(" | ")[1] for row in rows] == ["8", "16"]
+    losses = [row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows]
+    assert all(float(loss) > 0 for loss in losses)
