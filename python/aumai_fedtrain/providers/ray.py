@@ -29,12 +29,12 @@ How it works
 - **Faults.** An actor that dies in a round (its process killed, its machine lost) loses only
   its nodes whose answers had not reached the driver for that round: they are dropped with the
   reason, and the round completes when the coordinator's quorum (``min_nodes``) is met. The
-  actor is replaced by a new one and its nodes' trainers (those that answered included) are restored from the
-  state of the last checkpoint (:meth:`RayProvider.state_dict` keeps the state it returned; a
-  run without checkpoints has none, and those nodes start afresh). With ``timeout`` (seconds,
-  the round's deadline as on the HTTP engine), an actor that has not answered for all its nodes
-  by then loses the rest for the round ("no answer within T s"), and is replaced the same way,
-  so that no late training changes a node's state.
+  actor is replaced by a new one and its nodes' trainers (those that answered included) are
+  restored from the state of the last checkpoint (:meth:`RayProvider.state_dict` keeps the
+  state it returned; a run without checkpoints has none, and those nodes start afresh). With
+  ``timeout`` (seconds, the round's deadline as on the HTTP engine), an actor that has not
+  answered for all its nodes by then loses the rest for the round ("no answer within T s"),
+  and is replaced the same way, so that no late training changes a node's state.
 """
 
 from __future__ import annotations
