@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aumai_fedtrain import DiLoCoCoordinator, TrainingConfig, TrainingResult
+from aumai_fedtrain import CompressionConfig, DiLoCoCoordinator, TrainingConfig, TrainingResult
 from aumai_fedtrain.compression import (
     CODECS,
     Codec,
@@ -27,9 +27,15 @@ from aumai_fedtrain.compression import (
     encode,
     encode_body,
 )
+from aumai_fedtrain.network import HttpUpdateProvider
 from aumai_fedtrain.providers import InProcessProvider
-from aumai_fedtrain.simulation import SimulationTrainer, initial_model, simulated_nodes
-from tests.helpers import CLI_TIMEOUT
+from aumai_fedtrain.simulation import (
+    SimulationProvider,
+    SimulationTrainer,
+    initial_model,
+    simulated_nodes,
+)
+from tests.helpers import CLI_TIMEOUT, run_cli
 
 BLOCKWISE = ("int8", "int4", "e3m0")
 FLOATS = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
@@ -238,4 +244,43 @@ def test_the_compression_experiment_script_prints_its_table(tmp_path: Path) -> N
     by_name = {cell["variant"]: cell for cell in results}
     four_bit = by_name["int4, block 128, error feedback"]
     assert results[0]["variant"] == "float64 (none)"
-    assert four_bit["upstream"][0] < four_bit["upstream_float64"][0] / 5
+    assert four_bit["upstream"][0] < results[0]["upstream"][0] / 5
+
+
+def test_a_runs_compression_config_compresses_every_node_and_counts_compressed_bytes() -> None:
+    plain = TrainingConfig(num_nodes=3, global_rounds=3, local_steps=3, batch_size=8, seed=2)
+    config = plain.model_copy(update={"compression": CompressionConfig(codec="int4")})
+
+    compressed = DiLoCoCoordinator().run_training(config, simulated_nodes(3), SimulationProvider())
+    by_hand = DiLoCoCoordinator().run_training(
+        plain,
+        simulated_nodes(3),
+        InProcessProvider(compressing(factory, Codec("int4")), model_init=initial_model),
+    )
+    uncompressed = DiLoCoCoordinator().run_training(plain, simulated_nodes(3), SimulationProvider())
+
+    assert compressed.final_state is not None and by_hand.final_state is not None
+    for key, value in by_hand.final_state.parameters.items():  # type: ignore[union-attr]
+        assert np.array_equal(value, compressed.final_state.parameters[key])  # type: ignore[index]
+    for record, reference in zip(compressed.history, uncompressed.history, strict=True):
+        assert record.bytes_to_nodes == reference.bytes_to_nodes
+        assert record.bytes_from_nodes * 10 < reference.bytes_from_nodes
+
+
+def test_the_cli_compresses_on_request_and_names_bad_options() -> None:
+    ran = run_cli("run", "--nodes", "3", "--rounds", "1", "--compression", "int8", "--json")
+    refused = run_cli("run", "--nodes", "3", "--rounds", "1", "--compression-block", "100")
+
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout)["bytes_from_nodes"] < 3 * 11018 * 8 / 5
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "Error: compression options: block_size: must be a power of two from 8 to 65536, got 100"
+    )
+
+
+def test_real_nodes_refuse_a_codec_they_cannot_send_yet() -> None:
+    provider = HttpUpdateProvider({"node-000": b"k" * 32})
+
+    with pytest.raises(ValueError, match="not available with real nodes yet"):
+        provider.configure(TrainingConfig(compression=CompressionConfig(codec="int4")))

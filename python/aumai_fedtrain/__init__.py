@@ -14,6 +14,7 @@ from aumai_fedtrain.coordinator import DiLoCoCoordinator
 from aumai_fedtrain.credits import CreditTracker
 from aumai_fedtrain.models import (
     AggregationConfig,
+    CompressionConfig,
     FederatedNode,
     GlobalState,
     LocalUpdate,
@@ -33,6 +34,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "AggregationConfig",
     "CheckpointError",
+    "CompressionConfig",
     "CreditTracker",
     "DiLoCoCoordinator",
     "FederatedNode",

@@ -39,13 +39,13 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from aumai_fedtrain.models import TensorMap, TrainingConfig
+from aumai_fedtrain.models import CompressionCodec, CompressionConfig, TensorMap, TrainingConfig
 from aumai_fedtrain.trainer import NodeTrainer, TrainerFactory, TrainResult
 
 __all__ = [
@@ -62,8 +62,8 @@ __all__ = [
     "encode_body",
 ]
 
-CodecName = Literal["none", "fp16", "bf16", "int8", "int4", "e3m0"]
-CODECS: tuple[CodecName, ...] = get_args(CodecName)
+CodecName = CompressionCodec
+CODECS: tuple[CodecName, ...] = get_args(CompressionCodec)
 
 _BLOCKWISE = {"int8": 127, "int4": 7, "e3m0": 1}
 """Blockwise codecs and the largest code magnitude (the scale is ``absmax / that``)."""
@@ -94,6 +94,11 @@ class Codec:
         size = self.block_size
         if not (8 <= size <= 65536 and size & (size - 1) == 0):
             raise ValueError(f"block_size must be a power of two from 8 to 65536, got {size}")
+
+    @classmethod
+    def of(cls, config: CompressionConfig) -> Codec:
+        """The codec a run's ``TrainingConfig.compression`` chooses."""
+        return cls(config.codec, config.block_size)
 
     @property
     def blockwise(self) -> bool:

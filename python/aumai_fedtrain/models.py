@@ -31,6 +31,8 @@ __all__ = [
     "PHASES",
     "TENSOR_DTYPES",
     "AggregationConfig",
+    "CompressionCodec",
+    "CompressionConfig",
     "FederatedNode",
     "GlobalState",
     "LocalUpdate",
@@ -240,6 +242,34 @@ class AggregationConfig(_Model):
     norm_clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
 
+CompressionCodec = Literal["none", "fp16", "bf16", "int8", "int4", "e3m0"]
+"""The codecs of :mod:`aumai_fedtrain.compression`."""
+
+
+def _power_of_two_block(size: int) -> int:
+    if not (8 <= size <= 65536 and size & (size - 1) == 0):
+        raise ValueError(f"must be a power of two from 8 to 65536, got {size}")
+    return size
+
+
+class CompressionConfig(_Model):
+    """How the nodes compress the pseudo-gradients they send (:mod:`aumai_fedtrain.compression`).
+
+    ``codec`` is ``none`` (the default), ``fp16``, ``bf16``, ``int8``, ``int4`` or ``e3m0``;
+    ``block_size`` values share a float32 scale in the blockwise codecs; with
+    ``error_feedback`` each node adds what the codec lost to its next update (node state, kept
+    in checkpoints; stateless nodes start every round without it).
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", ser_json_inf_nan="constants", validate_assignment=True, strict=True
+    )
+
+    codec: CompressionCodec = "none"
+    block_size: Annotated[int, AfterValidator(_power_of_two_block)] = 128
+    error_feedback: bool = True
+
+
 class TrainingConfig(_Model):
     """Configuration of a run: inner (node) and outer (coordinator) optimisation settings.
 
@@ -263,6 +293,7 @@ class TrainingConfig(_Model):
     nesterov: bool = True
     aggregation_weights: Literal["samples", "uniform"] = "samples"
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
     seed: int = 0
     max_loss: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e9
     max_abs_update: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e4

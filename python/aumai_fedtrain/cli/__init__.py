@@ -19,8 +19,10 @@ from aumai_fedtrain import __version__
 from aumai_fedtrain.checkpoint import CheckpointError
 from aumai_fedtrain.cli.aggregation import (
     AGGREGATION_OPTIONS,
+    COMPRESSION_OPTIONS,
     aggregation_options,
     with_aggregation,
+    with_compression,
 )
 from aumai_fedtrain.cli.engines import (
     ENGINE_OPTIONS,
@@ -146,6 +148,7 @@ def run(
 
     observe = {name: options.pop(name) for name in OBSERVE_OPTIONS}
     aggregation = {name: options.pop(name) for name in AGGREGATION_OPTIONS}
+    compression = {name: options.pop(name) for name in COMPRESSION_OPTIONS}
     engine = {name: options.pop(name) for name in ENGINE_OPTIONS}
     network = options
     on_ray = check_engine_options(
@@ -160,6 +163,7 @@ def run(
         raise InputError("--checkpoint-dir is empty: name a folder (e.g. --checkpoint-dir ./ckpt)")
     config = _load_config(config_path, {"num_nodes": nodes, "global_rounds": rounds, "seed": seed})
     config = with_aggregation(config, aggregation, simulated=network.get("nodes_file") is None)
+    config = with_compression(config, compression, real_nodes=network.get("nodes_file") is not None)
     progress = RoundProgress(config.global_rounds, enabled=not as_json and is_terminal())
     if trainer_spec is None and network.get("nodes_file") is None:
         for option, spec in (("--model-init", model_init_spec), ("--evaluator", evaluator_spec)):

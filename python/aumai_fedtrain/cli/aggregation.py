@@ -1,18 +1,30 @@
-"""The ``run`` options that choose the aggregation rule (``TrainingConfig.aggregation``)."""
+"""The ``run`` options that choose the aggregation rule (``TrainingConfig.aggregation``) and
+the nodes' compression codec (``TrainingConfig.compression``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import click
 from pydantic import ValidationError
 
 from aumai_fedtrain.cli.errors import InputError, one_line
-from aumai_fedtrain.models import AggregationConfig, TrainingConfig
+from aumai_fedtrain.models import (
+    AggregationConfig,
+    CompressionCodec,
+    CompressionConfig,
+    TrainingConfig,
+)
 from aumai_fedtrain.robust import check_krum
 
-__all__ = ["AGGREGATION_OPTIONS", "aggregation_options", "with_aggregation"]
+__all__ = [
+    "AGGREGATION_OPTIONS",
+    "COMPRESSION_OPTIONS",
+    "aggregation_options",
+    "with_aggregation",
+    "with_compression",
+]
 
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
@@ -65,13 +77,43 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     ),
 ]
 
+_COMPRESSION: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (
+        ("--compression", "codec"),
+        {
+            "type": click.Choice(get_args(CompressionCodec)),
+            "help": "Codec the simulated nodes compress their updates with (default none; "
+            "4-bit: int4).",
+        },
+    ),
+    (
+        ("--compression-block", "block_size"),
+        {
+            "type": int,
+            "help": "int8/int4/e3m0: values per float32 scale, a power of two from 8 to 65536 "
+            "(default 128).",
+        },
+    ),
+    (
+        ("--error-feedback/--no-error-feedback", "error_feedback"),
+        {
+            "default": None,
+            "help": "Carry what the codec lost into the node's next update (default: on).",
+        },
+    ),
+]
+
 AGGREGATION_OPTIONS = tuple(names[1] for names, _ in _OPTIONS)
-"""The parameter names :func:`aggregation_options` adds to a command."""
+"""The parameter names :func:`aggregation_options` adds to a command for the rule."""
+
+COMPRESSION_OPTIONS = tuple(names[1] for names, _ in _COMPRESSION)
+"""The parameter names :func:`aggregation_options` adds to a command for compression."""
 
 
 def aggregation_options(command: CommandT) -> CommandT:
-    """Add ``--aggregation`` and the rules' parameter options to a command."""
-    for names, settings in reversed(_OPTIONS):
+    """Add ``--aggregation``, the rules' parameter options and the compression options to a
+    command."""
+    for names, settings in reversed(_OPTIONS + _COMPRESSION):
         command = click.option(*names, **settings)(command)
     return command
 
@@ -93,3 +135,21 @@ def with_aggregation(
     except (ValidationError, ValueError) as exc:
         raise InputError(f"aggregation options: {one_line(exc)}") from None
     return config.model_copy(update={"aggregation": aggregation})
+
+
+def with_compression(
+    config: TrainingConfig, options: dict[str, Any], real_nodes: bool
+) -> TrainingConfig:
+    """``config`` with the compression options that were given; :class:`InputError` for
+    invalid values, and for a codec with real nodes (they send uncompressed updates)."""
+    given = {name: value for name, value in options.items() if value is not None}
+    try:
+        compression = CompressionConfig.model_validate({**config.compression.model_dump(), **given})
+    except ValidationError as exc:
+        raise InputError(f"compression options: {one_line(exc)}") from None
+    if real_nodes and compression.codec != "none":
+        raise InputError(
+            f"--compression {compression.codec}: real nodes (--nodes-file) send uncompressed "
+            "updates for now; compression works with simulated nodes (in process or on Ray)"
+        )
+    return config.model_copy(update={"compression": compression})

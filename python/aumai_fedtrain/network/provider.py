@@ -252,6 +252,16 @@ class HttpUpdateProvider(UpdateProvider):
                 raise ValueError(f"cannot load the CA file {str(ca_file)!r}: {exc}") from None
         self._hasher = HashVerifier()
 
+    def configure(self, config: TrainingConfig) -> None:
+        """Refuse a ``compression`` codec: real nodes send uncompressed updates (for now)."""
+        if config.compression.codec != "none":
+            raise ValueError(
+                f"compression codec {config.compression.codec!r} is not available with real "
+                "nodes yet (they send uncompressed updates): use codec 'none', or simulated "
+                "nodes (in process or on Ray)"
+            )
+        super().configure(config)
+
     def initial_parameters(self, config: TrainingConfig) -> TensorMap | None:
         """The initial global model from ``model_init`` (None without one)."""
         return self.model_init(config) if self.model_init is not None else None

@@ -15,6 +15,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from aumai_fedtrain.compression import Codec, CompressingTrainer
 from aumai_fedtrain.models import (
     FederatedNode,
     GlobalState,
@@ -58,6 +59,9 @@ class NodeOutcome:
     update: LocalUpdate | None
     failure: str | None
     seconds: float
+    body_bytes: int | None = None
+    """The size of the update's compressed body when the run compresses (else None: the
+    wire's float body, :func:`update_body_bytes`)."""
 
 
 class TrainerHost:
@@ -84,7 +88,8 @@ class TrainerHost:
         return True
 
     def trainer(self, node_id: str) -> NodeTrainer:
-        """The trainer of ``node_id``, made by the factory on first use."""
+        """The trainer of ``node_id``, made by the factory on first use (compressing its
+        updates when the run's ``compression`` chooses a codec)."""
         trainer = self.trainers.get(node_id)
         if trainer is None:
             try:
@@ -93,6 +98,11 @@ class TrainerHost:
                 raise RuntimeError(
                     f"the trainer factory failed for node {node_id!r}: {type(exc).__name__}: {exc}"
                 ) from exc
+            compression = self.config.compression
+            if compression.codec != "none":
+                trainer = CompressingTrainer(
+                    trainer, Codec.of(compression), node_id, compression.error_feedback
+                )
             if self.keep_state:
                 self.trainers[node_id] = trainer
         return trainer
@@ -118,7 +128,8 @@ class TrainerHost:
             update = as_update(result, node_id, round_id)
         except TrainerResultError as exc:
             return NodeOutcome(node_id, None, str(exc), seconds)
-        return NodeOutcome(node_id, update, None, seconds)
+        compressed = trainer.last_body_bytes if isinstance(trainer, CompressingTrainer) else None
+        return NodeOutcome(node_id, update, None, seconds, compressed)
 
     def train_many(
         self, node_ids: Sequence[str], round_id: int, parameters: TensorMap
@@ -289,7 +300,11 @@ class HostedProvider(UpdateProvider):
                 seconds[node_id] = outcome.seconds
                 if outcome.update is not None:
                     updates.append(outcome.update)
-                    received += update_body_bytes(outcome.update)
+                    received += (
+                        outcome.body_bytes
+                        if outcome.body_bytes is not None
+                        else update_body_bytes(outcome.update)
+                    )
                 else:
                     failures[node_id] = str(outcome.failure)
             failures |= lost
