@@ -20,7 +20,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from aumai_fedtrain import DiLoCoCoordinator, TrainingConfig, TrainingResult
+from aumai_fedtrain import CompressionConfig, DiLoCoCoordinator, TrainingConfig, TrainingResult
 from aumai_fedtrain.providers import InProcessProvider, UpdateProvider
 from aumai_fedtrain.providers.ray import RayProvider, RaySimulationProvider
 from aumai_fedtrain.providers.sampling import SampledProvider
@@ -94,6 +94,20 @@ def test_ray_gives_the_in_process_numbers(cluster: Cluster, keep_inner_state: bo
     assert result.history[-1].node_times.kind == "training"
     assert sorted({name.split("/")[1] for name in state}) == (
         [node.node_id for node in NODES] if keep_inner_state else []
+    )
+
+
+def test_compressed_updates_give_the_in_process_numbers(cluster: Cluster) -> None:
+    config = CONFIG.model_copy(update={"compression": CompressionConfig(codec="int4")})
+    expected = train(SimulationProvider(), config)
+
+    with RaySimulationProvider(actors=2) as provider:
+        result = train(provider, config)
+
+    assert numbers(result) == numbers(expected)
+    assert (
+        result.history[-1].bytes_from_nodes
+        < train(SimulationProvider()).history[-1].bytes_from_nodes / 10
     )
 
 
