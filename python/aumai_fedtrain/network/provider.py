@@ -162,9 +162,10 @@ class HttpUpdateProvider(UpdateProvider):
         waits (within the deadline) for its share, and one that alone needs more is refused.
         None: twice what the largest valid answer needs, at least :data:`MIN_MEMORY_BUDGET`.
         An update handed to the coordinator by :meth:`iter_updates` keeps its decoded size
-        held in the budget while it waits in the coordinator's reorder buffer, until it is
-        folded into the mean; the list that :meth:`get_updates` returns is outside the
-        budget (as are the updates that a robust rule or norm clipping collects).
+        counted while it waits in the coordinator's reorder buffer, until it is folded into
+        the mean, but never makes an answer wait (see :class:`_MemoryBudget`: a slow early
+        node must not starve the others); the list that :meth:`get_updates` returns is
+        outside the budget (as are the updates that a robust rule or norm clipping collects).
     bench_after
         After this many failed rounds in a row a node is benched (see the module doc).
     model_init
@@ -326,8 +327,7 @@ class HttpUpdateProvider(UpdateProvider):
         if len(asked) < self.min_nodes:  # the quorum needs the benched nodes: probe them all
             asked, sitting_out = nodes, {}
         budget = _MemoryBudget(
-            self.memory_budget if self.memory_budget is not None else self.default_budget(weights),
-            [node.node_id for node in asked],
+            self.memory_budget if self.memory_budget is not None else self.default_budget(weights)
         )
         if sitting_out:
             yield Arrivals([], silent=list(sitting_out))
@@ -356,7 +356,6 @@ class HttpUpdateProvider(UpdateProvider):
                 if isinstance(answer, BaseException):
                     raise answer
                 outcome, traffics[node.node_id] = answer
-                budget.settle(node.node_id)
                 if isinstance(outcome, str):
                     outcomes[node.node_id] = outcome
                     yield Arrivals([], silent=[node.node_id])
@@ -831,19 +830,21 @@ def _shut_down(sock: socket.socket) -> None:
 
 
 class _MemoryBudget:
-    """Bytes shared by the answers of a round that are being read, decoded and checked, and
-    by the updates handed over that the coordinator still holds (:meth:`held`).
+    """Bytes shared by the answers of a round that are being read, decoded and checked.
 
-    The first asked node (in the node list's order) whose answer is not settled may also use
-    the bytes held by handed-over updates: they wait for it to be folded, so it must not wait
-    for them.
+    The updates handed over that the coordinator still holds (:meth:`held`: they wait in its
+    reorder buffer for an earlier node) are counted too, but never make an answer wait: they
+    wait for an earlier node, which may be slow, and an answer that waited for them would be
+    dropped at the deadline for the slowness of another node (one late node would starve the
+    round). So the memory of a round is the budget plus the updates waiting to be folded: none
+    while the nodes answer in order, at most the round's updates (what the coordinator held
+    before the mean was streamed) while an early node is slow.
     """
 
-    def __init__(self, total: int, asked: list[str]) -> None:
+    def __init__(self, total: int) -> None:
         self.total = total
         self._free = total
         self._held: dict[str, int] = {}
-        self._pending = list(asked)
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
@@ -857,11 +858,7 @@ class _MemoryBudget:
             )
         with self._changed:
             freed = self._changed.wait_for(
-                lambda: (
-                    self._free >= nbytes
-                    or (self._pending[:1] == [node_id] and self._free + self._holding() >= nbytes)
-                ),
-                deadline.remaining(),
+                lambda: self._free + self._holding() >= nbytes, deadline.remaining()
             )
             # (A share freed by the deadline itself, which cut off another answer, is too late.)
             if not freed or deadline.expired:
@@ -880,12 +877,6 @@ class _MemoryBudget:
                     self._held[node_id] = kept
                 self._free += nbytes - kept
                 self._changed.notify_all()
-
-    def settle(self, node_id: str) -> None:
-        """``node_id``'s answer is settled: the next pending node is first."""
-        with self._changed:
-            self._pending.remove(node_id)
-            self._changed.notify_all()
 
     def held(self, node_id: str) -> Callable[[], None]:
         """Gives back the bytes held for ``node_id``'s update (once)."""
