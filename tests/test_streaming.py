@@ -29,9 +29,10 @@ class ScriptedProvider(SimulationProvider):
     is silent: it trains, but its update is never handed over), each released by the
     coordinator when it lets go of it."""
 
-    def __init__(self, script: list[int | tuple[str, int]], **kwargs: Any) -> None:
+    def __init__(self, script: list[int | tuple[str, int] | None], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.script = script
+        self.closed = False
         self.released: list[str] = []
         self.failed: dict[int, dict[str, str]] = {}
 
@@ -40,7 +41,18 @@ class ScriptedProvider(SimulationProvider):
     ) -> Iterator[Arrivals]:
         updates = {update.node_id: update for update in self.get_updates(round_id, state, nodes)}
         self.failed[round_id] = {}
+        try:
+            yield from self._play(nodes, updates, round_id)
+        finally:
+            self.closed = True
+
+    def _play(
+        self, nodes: list[FederatedNode], updates: dict[str, LocalUpdate], round_id: int
+    ) -> Iterator[Arrivals]:
         for step in self.script:
+            if step is None:
+                yield None  # type: ignore[misc]  # a broken provider
+                continue
             if isinstance(step, tuple):
                 node_id = nodes[step[1]].node_id
                 self.failed[round_id][node_id] = "scripted silence"
@@ -159,6 +171,16 @@ def test_a_second_update_of_a_folded_node_is_a_provider_error(backend_name: str)
     provider = ScriptedProvider([0, 0, 1, 2, ("silent", 3), 4])
     with pytest.raises(RuntimeError, match="second update of node 'node-000' after its first"):
         train(provider, backend_name, rounds=1)
+    assert provider.closed  # the coordinator closed the provider's generator at once
+
+
+def test_a_provider_that_yields_something_else_than_arrivals_is_named() -> None:
+    provider = ScriptedProvider([0, None, 1, 2, ("silent", 3), 4])
+    with pytest.raises(
+        TypeError, match=r"ScriptedProvider.iter_updates yielded NoneType, expected"
+    ):
+        train(provider, "native", rounds=1)
+    assert provider.closed
 
 
 def test_held_updates_never_keep_an_answer_waiting_but_answers_in_flight_do() -> None:
@@ -185,3 +207,13 @@ def test_held_updates_never_keep_an_answer_waiting_but_answers_in_flight_do() ->
         budget.reserve("e", 101, _RoundDeadline(1.0)),
     ):
         pass
+
+
+@pytest.mark.parametrize("script", [[("silent", 0), 0, 1, 2, 4], [("silent", 1), 1, 0, 2, 4]])
+def test_an_update_after_the_provider_said_none_is_a_provider_error(
+    script: list[int | tuple[str, int] | None],
+) -> None:
+    # whether or not earlier nodes are still pending when it comes
+    provider = ScriptedProvider(script)
+    with pytest.raises(RuntimeError, match="after saying it would send none this round"):
+        train(provider, "native", rounds=1)

@@ -128,6 +128,8 @@ class _StreamedMean:
         """Nodes before this position are folded or refused."""
         self._waiting: dict[int, tuple[LocalUpdate, _Hold | None]] = {}
         self._sent: Counter[str] = Counter()
+        self._silent: set[str] = set()
+        """Nodes the provider said send no update this round."""
         self._folded: set[str] = set()
         self._refused: dict[str, tuple[int, str]] = {}
         self.received = False
@@ -146,6 +148,7 @@ class _StreamedMean:
             self._arrived(update, outcome, hold)
         del updates, outcomes
         for node_id in arrival.silent:
+            self._silent.add(node_id)
             self._settle(node_id)
         self._fold_ready()
 
@@ -175,7 +178,7 @@ class _StreamedMean:
             if waiting is not None and waiting[1] is not None:
                 waiting[1].let_go()
             outcome = duplicates_reason(self._sent[node_id])
-        elif position is not None and position < self._head:
+        elif node_id in self._silent:
             raise RuntimeError(
                 f"the provider handed over an update of node {node_id!r} after saying it would "
                 "send none this round"
@@ -225,6 +228,10 @@ class _StreamedMean:
         del ready
         for hold in holds:
             hold.let_go()
+
+
+_END = object()
+"""What ``next`` gives at the end of a provider's arrivals."""
 
 
 def check_unique_node_ids(nodes: Sequence[FederatedNode]) -> None:
@@ -548,14 +555,26 @@ class DiLoCoCoordinator:
             config=self._require_config(),
         )
         stream = _StreamedMean(screen, run.nodes, self._averager, phases)
-        arrivals = run.provider.iter_updates(round_id, state, run.nodes)
-        while True:
-            with phases.timed("collect"):
-                arrival = next(arrivals, None)
-            if arrival is None:
-                break
-            stream.add(arrival)
-            del arrival  # (its updates are the stream's now)
+        arrivals: Iterator[object] = iter(run.provider.iter_updates(round_id, state, run.nodes))
+        try:
+            while True:
+                with phases.timed("collect"):
+                    arrival = next(arrivals, _END)
+                if arrival is _END:
+                    break
+                if not isinstance(arrival, Arrivals):
+                    raise TypeError(
+                        f"{type(run.provider).__name__}.iter_updates yielded "
+                        f"{type(arrival).__name__}, expected Arrivals"
+                    )
+                stream.add(arrival)
+                del arrival  # (its updates are the stream's now)
+        finally:
+            # On an error, a provider's generator stops asking its nodes now, not whenever it
+            # happens to be collected.
+            close = getattr(arrivals, "close", None)
+            if close is not None:
+                close()
         with phases.timed("collect"):
             failures = run.provider.round_failures(round_id)
         stream.end(failures)

@@ -349,20 +349,27 @@ class HttpUpdateProvider(UpdateProvider):
             httpx.Client(verify=self._tls, limits=_LIMITS) as client,
             ThreadPoolExecutor(min(self.max_workers, max(1, len(asked)))) as pool,
         ):
-            for node in asked:
-                pool.submit(ask, node)
-            for _ in asked:
-                node, answer = answers.get()
-                if isinstance(answer, BaseException):
-                    raise answer
-                outcome, traffics[node.node_id] = answer
-                if isinstance(outcome, str):
-                    outcomes[node.node_id] = outcome
-                    yield Arrivals([], silent=[node.node_id])
-                else:
-                    outcomes[node.node_id] = None
-                    yield Arrivals([outcome], release=budget.held(node.node_id))
-                del answer, outcome
+            try:
+                for node in asked:
+                    pool.submit(ask, node)
+                for _ in asked:
+                    node, answer = answers.get()
+                    if isinstance(answer, BaseException):
+                        raise answer
+                    outcome, traffics[node.node_id] = answer
+                    if isinstance(outcome, str):
+                        outcomes[node.node_id] = outcome
+                        yield Arrivals([], silent=[node.node_id])
+                    else:
+                        outcomes[node.node_id] = None
+                        yield Arrivals([outcome], release=budget.held(node.node_id))
+                    del answer, outcome
+            except BaseException:
+                # The round is abandoned (an error here or in the coordinator, which closed
+                # this generator): ask no one else and end every open connection now.
+                pool.shutdown(wait=False, cancel_futures=True)
+                deadline.expire()
+                raise
         self._stats = {
             round_id: RoundStats(
                 bytes_to_nodes=sum(traffics[node.node_id].sent for node in asked),
@@ -742,7 +749,7 @@ class _RoundDeadline:
         self._over = threading.Event()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
-        self._timer = threading.Timer(seconds, self._expire)
+        self._timer = threading.Timer(seconds, self.expire)
         self._timer.daemon = True
 
     def __enter__(self) -> _RoundDeadline:
@@ -787,7 +794,8 @@ class _RoundDeadline:
             self._sockets.discard(watched)
         watched.close()
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """End the round now: every watched connection is shut down."""
         with self._lock:
             self.expired = True
             self._over.set()
