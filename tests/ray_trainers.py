@@ -16,7 +16,7 @@ from typing import Literal
 from aumai_fedtrain.models import TensorMap, TrainingConfig
 from aumai_fedtrain.simulation import SimulationTrainer
 
-Fault = Literal["kill", "sleep", "skip"]
+Fault = Literal["kill", "sleep", "skip", "slow"]
 
 
 class FaultyTrainers:
@@ -24,9 +24,10 @@ class FaultyTrainers:
 
     ``kill``: the trainer kills its own process (a Ray actor dying mid-round), ``delay``
     seconds after it is asked (so that the answers its actor sent before have arrived).
-    ``sleep``: it sleeps far past any deadline. ``skip``: it returns a non-finite loss without
-    training, so the node is dropped for the round with its state unchanged (the in-process
-    picture of a node whose round was lost and whose state came back from the last checkpoint).
+    ``sleep``: it sleeps far past any deadline. ``slow``: it trains after ``delay`` seconds.
+    ``skip``: it returns a non-finite loss without training, so the node is dropped for the
+    round with its state unchanged (the in-process picture of a node whose round was lost and
+    whose state came back from the last checkpoint).
     """
 
     def __init__(
@@ -53,5 +54,8 @@ class _FaultyTrainer(SimulationTrainer):
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.plan.fault == "sleep":
                 time.sleep(3600)
+            if self.plan.fault == "slow":
+                time.sleep(self.plan.delay)
+                return super().train(round_id, parameters)
             return {}, math.nan, 0
         return super().train(round_id, parameters)

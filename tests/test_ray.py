@@ -22,6 +22,7 @@ from ray.cluster_utils import Cluster
 
 from aumai_fedtrain import CompressionConfig, DiLoCoCoordinator, TrainingConfig, TrainingResult
 from aumai_fedtrain.providers import InProcessProvider, UpdateProvider
+from aumai_fedtrain.providers import ray as ray_engine
 from aumai_fedtrain.providers.ray import RayProvider, RaySimulationProvider
 from aumai_fedtrain.providers.sampling import SampledProvider
 from aumai_fedtrain.simulation import (
@@ -246,6 +247,35 @@ def test_the_nodes_an_actor_answered_before_it_died_count(cluster: Cluster, tmp_
     assert result.history[1].dropped.keys() == {"node-004"}
     assert "node-001" in result.history[1].participants
     assert result.history[2].num_participants == CONFIG.num_nodes
+
+
+def test_a_slow_actor_keeps_the_fast_ones_answers_in_the_object_store(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Calls of 2 nodes on 2 actors: the driver reads a finished call only when its first node
+    # is less than 4 nodes past the first unanswered one. node-000 (actor 0) is slow, so actor
+    # 1's calls after its first wait, unread, until node-000's call is read.
+    monkeypatch.setattr(ray_engine, "CHUNK_NODES", 2)
+    read: list[list[str]] = []
+    get = ray.get
+
+    def spy(refs: Any, **options: Any) -> Any:
+        values = get(refs, **options)
+        if isinstance(values, list) and values and hasattr(values[0], "update"):
+            read.append([outcome.node_id for outcome in values])
+        return values
+
+    monkeypatch.setattr(ray_engine.ray, "get", spy)
+    config = CONFIG.model_copy(update={"num_nodes": 32, "global_rounds": 1})
+    factory = FaultyTrainers("slow", {"node-000"}, round_id=1, delay=2.0)
+    options = {"model_init": initial_model, "evaluator": builtin_evaluator(config)}
+
+    with RayProvider(factory, actors=2, **options) as provider:
+        result = train(provider, config)
+
+    assert result.history[0].num_participants == 32
+    first = read.index(["node-000", "node-002"])
+    assert all(int(chunk[0].split("-")[1]) < 4 for chunk in read[:first])
 
 
 def test_an_actor_past_the_deadline_loses_its_nodes_for_the_round(

@@ -308,47 +308,73 @@ class RayProvider(HostedProvider):
             for index, ids in groups.items()
             for chunk in _chunks(ids)
         }
-        answers = self._answers(round_id, calls, len(node_ids))
+        answers = self._answers(round_id, calls, node_ids)
         yield from self._arrivals(round_id, parameters, node_ids, answers)
 
     def _answers(
-        self, round_id: int, calls: dict[Any, tuple[int, list[str]]], total: int
+        self, round_id: int, calls: dict[Any, tuple[int, list[str]]], node_ids: list[str]
     ) -> RoundOutcomes:
         """The actors' answers by the deadline, as each call comes: outcomes, and the nodes
         lost with why.
 
-        ``calls`` maps each call to its actor's index and its nodes. An actor that died or is
-        late is replaced (:meth:`_replace`) once, and every node of its calls not yet answered
-        is lost for the round.
+        ``calls`` maps each call to its actor's index and its nodes. A finished call is read
+        (``ray.get``) once its first node is less than a round-robin row of calls
+        (:data:`CHUNK_NODES` times the actors) past the first node not answered yet in
+        node-list order: while a slow actor holds that node back, the answers of the fast ones
+        wait in Ray's object store (which spills to disk), not in the driver's memory, where
+        the coordinator could only buffer them. An actor that died or is late is replaced
+        (:meth:`_replace`) once, and every node of its calls not yet read is lost for the round.
         """
+        position = {node_id: index for index, node_id in enumerate(node_ids)}
+        answered = [False] * len(node_ids)
+        head = 0  # the first node (in node-list order) not answered yet
+        row = CHUNK_NODES * max(1, len(self._pool))
         done = 0
         replaced: dict[int, str] = {}  # actor index -> why its unanswered nodes are lost
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         pending = list(calls)
-        while pending:
+        finished: list[Any] = []  # calls that are done and not read yet
+
+        def read(call: Any) -> RoundOutcomes:
+            nonlocal done
+            # Forgetting the reference lets Ray free the answer once its updates are folded.
+            index, chunk = calls.pop(call)
+            for node_id in chunk:
+                answered[position[node_id]] = True
+            try:
+                answers: list[NodeOutcome] = ray.get(call)
+            except RayTaskError as exc:  # the trainer raised: as in process, the run stops
+                raise RuntimeError(_cause(exc)) from None
+            except RayError as exc:  # the actor is gone (process killed, node lost)
+                if index not in replaced:
+                    replaced[index] = f"its Ray actor {index} died ({type(exc).__name__})"
+                    logger.warning("round %d: Ray actor %d died; replacing it", round_id, index)
+                    self._replace(index)
+                yield {}, dict.fromkeys(chunk, replaced[index])
+                return
+            done += len(answers)
+            if self.on_node_done is not None:
+                self.on_node_done(done, len(node_ids))
+            yield {answer.node_id: answer for answer in answers}, {}
+
+        while pending or finished:
+            near = [
+                call for call in finished if not pending or position[calls[call][1][0]] < head + row
+            ]
+            if near:
+                for call in near:
+                    finished.remove(call)
+                    yield from read(call)
+                while head < len(answered) and answered[head]:
+                    head += 1
+                continue
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
             ready, pending = ray.wait(pending, num_returns=1, timeout=remaining)
-            for call in ready:
-                # Forgetting the reference lets Ray free the answer once its updates are folded.
-                index, chunk = calls.pop(call)
-                try:
-                    answers: list[NodeOutcome] = ray.get(call)
-                except RayTaskError as exc:  # the trainer raised: as in process, the run stops
-                    raise RuntimeError(_cause(exc)) from None
-                except RayError as exc:  # the actor is gone (process killed, node lost)
-                    if index not in replaced:
-                        replaced[index] = f"its Ray actor {index} died ({type(exc).__name__})"
-                        logger.warning("round %d: Ray actor %d died; replacing it", round_id, index)
-                        self._replace(index)
-                    yield {}, dict.fromkeys(chunk, replaced[index])
-                    continue
-                done += len(answers)
-                if self.on_node_done is not None:
-                    self.on_node_done(done, total)
-                yield {answer.node_id: answer for answer in answers}, {}
-                del answers
+            finished.extend(ready)
+        for call in finished:  # done by the deadline: they count
+            yield from read(call)
         for call in pending:
             index, chunk = calls[call]
             if index not in replaced:
