@@ -120,7 +120,7 @@ def run_aumai(args: argparse.Namespace) -> dict[str, Any]:
         training_seconds.append(sum(stats.node_seconds.values()))
 
     run_config = config(args.nodes, args.rounds, args.local_steps, args.batch_size)
-    ray.init(num_cpus=SLOTS, include_dashboard=False, logging_level=logging.ERROR)
+    ray.init(address="local", num_cpus=SLOTS, include_dashboard=False, logging_level=logging.ERROR)
     baseline = rss_mib()
     try:
         with object_store_peak() as store:
@@ -153,7 +153,12 @@ def run_aumai(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_flower(args: argparse.Namespace) -> dict[str, Any]:
-    import flwr
+    try:
+        import flwr
+    except ImportError:
+        raise SystemExit(
+            "Flower is not installed: pip install -e '.[ray,bench]' (or --engines aumai)"
+        ) from None
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context, FitIns, FitRes, Parameters, ndarrays_to_parameters
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig

@@ -333,8 +333,16 @@ def test_the_provider_says_what_it_needs(cluster: Cluster) -> None:
         RaySimulationProvider(actor_cpus=-1)
     with pytest.raises(ValueError, match="timeout must be a finite number of seconds > 0"):
         RaySimulationProvider(timeout=0)
-    too_big = RaySimulationProvider(actors=2, actor_cpus=2, start_timeout=3)
-    with too_big, pytest.raises(RuntimeError, match=r"Ray placed 0 of 2 actors within 3 s"):
+    too_many = RaySimulationProvider(actors=2, actor_cpus=2, start_timeout=30)
+    with too_many, pytest.raises(RuntimeError) as caught:  # at once, not after 30 s
+        train(too_many)
+    assert str(caught.value) == (
+        "2 actors asking for 2 CPU each need 4, and the Ray cluster has 2 in all: ask for fewer "
+        "actors or smaller resources per actor"
+    )
+    # 1.5 CPUs fit the cluster (two Ray nodes of one CPU), but no Ray node
+    too_big = RaySimulationProvider(actors=1, actor_cpus=1.5, start_timeout=3)
+    with too_big, pytest.raises(RuntimeError, match=r"Ray placed 0 of 1 actors within 3 s"):
         train(too_big)
 
 

@@ -234,7 +234,7 @@ def run(
     coordinator = DiLoCoCoordinator()
     try:
         with (
-            engine_session(engine, pool),
+            engine_session(engine, pool, quiet=as_json),
             run_observers(config, len(node_list), observe) as observers,
         ):
             callbacks: list[Callable[[RoundRecord], None]] = [progress, *observers]

@@ -148,16 +148,19 @@ def sampled(
 
 
 @contextlib.contextmanager
-def engine_session(engine: dict[str, Any], pool: Any) -> Iterator[None]:
+def engine_session(engine: dict[str, Any], pool: Any, quiet: bool = False) -> Iterator[None]:
     """The Ray the run needs during the block (none in process); ``pool``'s actors stop at the
-    end, and an embedded Ray shuts down."""
+    end, and an embedded Ray shuts down. ``quiet`` keeps Ray's and the workers' messages out
+    of the output (``--json``)."""
     if engine["engine"] != "ray":
         yield
         return
     ray_module = _import_ray_provider()
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(ray_module.ray_session(engine["ray_address"]))
+            stack.enter_context(
+                ray_module.ray_session(engine["ray_address"], log_to_driver=not quiet)
+            )
         except ConnectionError as exc:
             raise InputError(str(exc)) from None
         stack.callback(pool.close)

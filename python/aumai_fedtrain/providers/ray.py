@@ -103,6 +103,7 @@ def ray_session(
     *,
     num_cpus: float | None = None,
     object_store_mb: int | None = None,
+    log_to_driver: bool = True,
 ) -> Iterator[None]:
     """Ray for the duration of the block: an embedded local Ray, or the cluster at ``address``.
 
@@ -110,14 +111,17 @@ def ray_session(
     ``num_cpus`` and ``object_store_mb`` bound it, Ray's defaults otherwise) and shut down at
     the end; with
     ``address`` (``host:port`` of a head node, or ``auto``) the driver joins that cluster and
-    leaves it at the end, the cluster keeps running. A cluster that cannot be reached is a
-    ``ConnectionError`` naming the address.
+    leaves it at the end, the cluster keeps running (``auto`` joins whatever Ray runs on this
+    machine, another run's embedded one included). A cluster that cannot be reached is a
+    ``ConnectionError`` naming the address. ``log_to_driver=False`` keeps the workers' and
+    Ray's own messages (a worker that died, say) out of this process's output, for output that
+    must stay machine-readable.
     """
     if ray.is_initialized():
         raise RuntimeError("Ray is already running in this process: use it, or shut it down")
     if address is not None:
         _check_reachable(address)
-    options: dict[str, Any] = {"logging_level": logging.WARNING}
+    options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address is None:
         options |= {"include_dashboard": False, "num_cpus": num_cpus}
         if object_store_mb is not None:
@@ -213,6 +217,7 @@ class RayProvider(HostedProvider):
             count = max(
                 1, min(config.num_nodes, int(_resources(ray.cluster_resources).get("CPU", 1)))
             )
+        self._check_fits(count)
         self._pool = [self._new_actor(config) for _ in range(count)]
         ready = [actor.ready.remote() for actor in self._pool]
         done, _ = ray.wait(ready, num_returns=len(ready), timeout=self.start_timeout)
@@ -228,6 +233,19 @@ class RayProvider(HostedProvider):
                 "smaller resources per actor"
             )
         _get(done)  # an actor that failed to start (its factory cannot be unpickled, say)
+
+    def _check_fits(self, count: int) -> None:
+        """A ``RuntimeError`` at once when ``count`` actors ask for more CPUs or GPUs than the
+        whole cluster has (they could never all be placed)."""
+        total = _resources(ray.cluster_resources)
+        for key, resource in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+            each = float(self._options.get(key) or 0)
+            if count * each > total.get(resource, 0) + 1e-9:
+                raise RuntimeError(
+                    f"{count} actors asking for {each:g} {resource} each need {count * each:g}, "
+                    f"and the Ray cluster has {total.get(resource, 0):g} in all: ask for fewer "
+                    "actors or smaller resources per actor"
+                )
 
     def close(self) -> None:
         """Stop the actors (their trainers' state is lost; checkpoints keep it)."""
