@@ -45,7 +45,13 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from aumai_fedtrain.models import CompressionCodec, CompressionConfig, TensorMap, TrainingConfig
+from aumai_fedtrain.models import (
+    CompressionCodec,
+    CompressionConfig,
+    TensorMap,
+    TrainingConfig,
+    check_block_size,
+)
 from aumai_fedtrain.trainer import NodeTrainer, TrainerFactory, TrainResult
 
 __all__ = [
@@ -91,9 +97,10 @@ class Codec:
     def __post_init__(self) -> None:
         if self.name not in CODECS:
             raise ValueError(f"unknown codec {self.name!r}: expected one of {', '.join(CODECS)}")
-        size = self.block_size
-        if not (8 <= size <= 65536 and size & (size - 1) == 0):
-            raise ValueError(f"block_size must be a power of two from 8 to 65536, got {size}")
+        try:
+            check_block_size(self.block_size)
+        except ValueError as exc:
+            raise ValueError(f"block_size {exc}") from None
 
     @classmethod
     def of(cls, config: CompressionConfig) -> Codec:
@@ -244,15 +251,23 @@ class ErrorFeedback:
 
     def encode(self, gradients: Mapping[str, np.ndarray]) -> dict[str, Encoded]:
         """Every tensor of ``gradients`` encoded (with the residual added when enabled)."""
+        return self.encode_and_decode(gradients)[0]
+
+    def encode_and_decode(
+        self, gradients: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, Encoded], TensorMap]:
+        """:meth:`encode`, and the values each encoding decodes to (decoded once)."""
         encoded: dict[str, Encoded] = {}
+        decoded: TensorMap = {}
         for key, value in gradients.items():
             value = np.asarray(value)
             residual = self.residual.get(key)
             compensated = value + residual if self.enabled and residual is not None else value
             encoded[key] = encode(compensated, self.codec)
+            decoded[key] = decode(encoded[key])
             if self.enabled:
-                self.residual[key] = compensated - decode(encoded[key])
-        return encoded
+                self.residual[key] = compensated - decoded[key]
+        return encoded, decoded
 
 
 def encode_body(encoded: Mapping[str, Encoded], metadata: Mapping[str, str]) -> bytes:
@@ -370,7 +385,7 @@ class CompressingTrainer:
     def train(self, round_id: int, parameters: TensorMap) -> TrainResult:
         """Train, encode the pseudo-gradient and return its decoded values."""
         gradients, loss, samples = self.trainer.train(round_id, parameters)
-        encoded = self.feedback.encode(gradients)
+        encoded, decoded = self.feedback.encode_and_decode(gradients)
         metadata = {
             "node_id": self.node_id,
             "round_id": str(round_id),
@@ -378,7 +393,7 @@ class CompressingTrainer:
             "samples_used": str(samples),
         }
         self.last_body_bytes = len(encode_body(encoded, metadata))
-        return {key: decode(value) for key, value in encoded.items()}, loss, samples
+        return decoded, loss, samples
 
     def state_dict(self) -> TensorMap:
         """The trainer's state and the residual."""

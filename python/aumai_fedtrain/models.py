@@ -246,7 +246,8 @@ CompressionCodec = Literal["none", "fp16", "bf16", "int8", "int4", "e3m0"]
 """The codecs of :mod:`aumai_fedtrain.compression`."""
 
 
-def _power_of_two_block(size: int) -> int:
+def check_block_size(size: int) -> int:
+    """``size`` when it is a valid block size of the blockwise codecs, else ``ValueError``."""
     if not (8 <= size <= 65536 and size & (size - 1) == 0):
         raise ValueError(f"must be a power of two from 8 to 65536, got {size}")
     return size
@@ -266,7 +267,7 @@ class CompressionConfig(_Model):
     )
 
     codec: CompressionCodec = "none"
-    block_size: Annotated[int, AfterValidator(_power_of_two_block)] = 128
+    block_size: Annotated[int, AfterValidator(check_block_size)] = 128
     error_feedback: bool = True
 
 

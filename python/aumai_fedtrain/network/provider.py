@@ -75,7 +75,12 @@ from aumai_fedtrain.network.wire import (
     max_update_bytes,
     media_type,
 )
-from aumai_fedtrain.providers.base import Arrivals, RoundStats, UpdateProvider
+from aumai_fedtrain.providers.base import (
+    Arrivals,
+    RoundStats,
+    UpdateProvider,
+    updates_in_node_order,
+)
 from aumai_fedtrain.providers.in_process import NodeProgress
 from aumai_fedtrain.screening import model_mismatch
 from aumai_fedtrain.verification import HashVerifier
@@ -294,13 +299,7 @@ class HttpUpdateProvider(UpdateProvider):
         arrive, and ``ValueError`` for a node without a key or an address, or a quorum above
         the nodes.
         """
-        updates: list[LocalUpdate] = []
-        for arrival in self.iter_updates(round_id, state, nodes):
-            updates.extend(arrival.updates)
-            if arrival.release is not None:
-                arrival.release()
-        order = {node.node_id: index for index, node in enumerate(nodes)}
-        return sorted(updates, key=lambda update: order[update.node_id])
+        return updates_in_node_order(self.iter_updates(round_id, state, nodes), nodes)
 
     def iter_updates(
         self,

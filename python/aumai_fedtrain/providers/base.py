@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,6 +57,20 @@ class Arrivals:
     updates: list[LocalUpdate]
     silent: list[str] = field(default_factory=list)
     release: Callable[[], None] | None = None
+
+
+def updates_in_node_order(
+    arrivals: Iterable[Arrivals], nodes: Sequence[FederatedNode]
+) -> list[LocalUpdate]:
+    """Every update of ``arrivals`` (each batch released once taken), in the order of
+    ``nodes``: a round's list, from its stream."""
+    updates: list[LocalUpdate] = []
+    for arrival in arrivals:
+        updates.extend(arrival.updates)
+        if arrival.release is not None:
+            arrival.release()
+    order = {node.node_id: index for index, node in enumerate(nodes)}
+    return sorted(updates, key=lambda update: order[update.node_id])
 
 
 class UpdateProvider(ABC):

@@ -24,7 +24,12 @@ from aumai_fedtrain.models import (
     TrainingConfig,
 )
 from aumai_fedtrain.network.wire import expected_tensors, request_body_bytes, update_body_bytes
-from aumai_fedtrain.providers.base import Arrivals, RoundStats, UpdateProvider
+from aumai_fedtrain.providers.base import (
+    Arrivals,
+    RoundStats,
+    UpdateProvider,
+    updates_in_node_order,
+)
 from aumai_fedtrain.trainer import (
     Evaluator,
     ModelInit,
@@ -261,10 +266,7 @@ class HostedProvider(UpdateProvider):
         engine lost, is left out with its reason in :meth:`round_failures`; an exception
         raised by a trainer ends the round with an error naming the node.
         """
-        order = {node.node_id: index for index, node in enumerate(nodes)}
-        arrivals = self._round(round_id, state, nodes)
-        updates = [update for arrival in arrivals for update in arrival.updates]
-        return sorted(updates, key=lambda update: order[update.node_id])
+        return updates_in_node_order(self._round(round_id, state, nodes), nodes)
 
     def iter_updates(
         self, round_id: int, state: GlobalState, nodes: list[FederatedNode]
