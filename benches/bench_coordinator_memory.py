@@ -11,8 +11,10 @@ folded), and over the whole round (the mean, the outer step and the evaluation i
 also reports tracemalloc's peaks (Python and NumPy allocations); tracemalloc does not see the
 native running sum's float64 accumulator (8 bytes a value), which Rust allocates, while RSS
 does. ``--budget-answers K`` sets the HTTP provider's memory budget to K answers of the model
-(answers being decoded, and with the streamed mean the updates waiting to be folded, share
-it), which bounds what is in flight.
+(the answers being read and decoded), which bounds what is in flight. ``--waiting-memory-mb
+M`` sets the coordinator's allowance for updates waiting in memory for an earlier node's
+(``DiLoCoCoordinator(waiting_memory=...)``, default 256 MiB); beyond it they wait on disk
+(``--spill-dir``, default the temporary directory).
 
 ``--list-path`` makes the coordinator collect the whole round before averaging, as it did
 before the mean was streamed (and still does for the robust rules): the HTTP provider's
@@ -20,6 +22,7 @@ list of updates, screened, then ``weighted_average``. Run both, side by side::
 
     python benches/bench_coordinator_memory.py
     python benches/bench_coordinator_memory.py --list-path
+    python benches/bench_coordinator_memory.py --budget-answers 2 --waiting-memory-mb 0
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from aumai_fedtrain import DiLoCoCoordinator, FederatedNode
+from aumai_fedtrain.coordinator import DEFAULT_WAITING_MEMORY
 from aumai_fedtrain.models import RoundRecord, TensorMap, TrainingConfig
 from aumai_fedtrain.network import SAFETENSORS, HttpUpdateProvider, LocalNode
 from aumai_fedtrain.robust import RobustAggregator
@@ -129,6 +133,13 @@ def main() -> None:
         default=None,
         help="the round's memory budget, in answers of the model (default: the provider's)",
     )
+    parser.add_argument(
+        "--waiting-memory-mb",
+        type=int,
+        default=DEFAULT_WAITING_MEMORY // MIB,
+        help="MiB of updates that may wait in memory for an earlier node's (default: 256)",
+    )
+    parser.add_argument("--spill-dir", type=Path, default=None, help="where the rest wait")
     args = parser.parse_args()
     os.environ[VALUES_VARIABLE] = str(args.values)
     if args.list_path:
@@ -182,7 +193,9 @@ def main() -> None:
         federated = [FederatedNode(node_id=n.node_id, address=n.address) for n in nodes]
         load = os.getloadavg()
         started = time.perf_counter()
-        DiLoCoCoordinator().run_training(
+        DiLoCoCoordinator(
+            waiting_memory=args.waiting_memory_mb * MIB, spill_dir=args.spill_dir
+        ).run_training(
             config,
             federated,
             provider,
@@ -197,7 +210,7 @@ def main() -> None:
         f"memory budget {args.budget_answers} answers"
         if args.budget_answers is not None
         else "default memory budget"
-    )
+    ) + f", waiting memory {args.waiting_memory_mb} MiB"
     print(
         f"\n{args.nodes} nodes x {args.values:,} float32 values over HTTP on 127.0.0.1, {path}, "
         f"{budget}; one update: {update_mib:.1f} MiB\n"

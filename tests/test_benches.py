@@ -75,12 +75,13 @@ def test_dtype_benchmark_prints_both_dtypes_side_by_side() -> None:
 
 def test_coordinator_memory_benchmark_runs_real_nodes_both_ways() -> None:
     script = str(BENCHES / "bench_coordinator_memory.py")
-    for flags in ([], ["--list-path"]):
+    for flags in (["--waiting-memory-mb", "0"], ["--list-path"]):
         output = run_bench(script, "--nodes", "2", "--values", "1000", "--rounds", "1", *flags)
 
         assert "round 1: 2 updates," in output
         assert "2 nodes x 1,000 float32 values over HTTP on 127.0.0.1" in output
-        assert ("list (collect the round" in output) == bool(flags)
+        assert ("list (collect the round" in output) == (flags == ["--list-path"])
+        assert ("waiting memory 0 MiB" in output) == (flags != ["--list-path"])
         assert "| round | RSS peak, all in | RSS peak, round |" in output
         assert "\n| 1 | " in output
         assert "load average before:" in output

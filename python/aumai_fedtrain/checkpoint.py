@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from aumai_fedtrain.files import write_buffers
 from aumai_fedtrain.inputs import describe_validation_error
 from aumai_fedtrain.models import (
     GlobalState,
@@ -365,28 +366,7 @@ def _write_safetensors(fd: int, tensors: dict[str, np.ndarray], metadata: dict[s
     text += b" " * (-len(text) % 8)
     # Views of the tensors, no copies.
     views = [tensors[name].reshape(-1).data.cast("B") for name in sorted(tensors)]
-    _write_all(fd, [memoryview(len(text).to_bytes(8, "little")), memoryview(text), *views])
-
-
-_IOV_MAX = 1024
-"""Buffers per ``writev`` (POSIX guarantees at least 16; Linux takes 1,024)."""
-
-
-def _write_all(fd: int, buffers: list[memoryview]) -> None:
-    """Write ``buffers`` in order with a few ``writev`` calls, each outside the GIL (the digest
-    computed beside it then rarely waits for the GIL), resuming after a short write."""
-    index = 0
-    while index < len(buffers):
-        batch = buffers[index : index + _IOV_MAX]
-        written = os.writev(fd, batch)
-        if written == 0 and any(len(buffer) for buffer in batch):
-            raise OSError(errno.EIO, "the file system accepted no bytes")
-        for buffer in batch:
-            if written < len(buffer):
-                buffers[index] = buffer[written:]
-                break
-            written -= len(buffer)
-            index += 1
+    write_buffers(fd, [memoryview(len(text).to_bytes(8, "little")), memoryview(text), *views])
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,10 +41,14 @@ from aumai_fedtrain.outer import outer_dtype, outer_step, zero_momentum
 from aumai_fedtrain.providers.base import Arrivals, RoundStats, UpdateProvider
 from aumai_fedtrain.robust import RobustAggregator
 from aumai_fedtrain.screening import RoundScreen, duplicates_reason, screen_updates
+from aumai_fedtrain.spool import SpooledUpdate, SpoolError, UpdateSpool
 
 logger = logging.getLogger("aumai_fedtrain")
 
 EMPTY_ROUND_MESSAGE = "No updates provided for aggregation."
+
+DEFAULT_WAITING_MEMORY = 256 * 1024 * 1024
+"""Bytes of updates that may wait in memory for an earlier node (see ``waiting_memory``)."""
 
 RoundCallback = Callable[[RoundRecord], None]
 StartCallback = Callable[[GlobalState], None]
@@ -68,6 +73,7 @@ class _Run:
     on_round: RoundCallback | None
     on_start: StartCallback | None
     metrics_path: Path | None
+    spill_dir: Path | None
 
 
 class _Phases:
@@ -108,7 +114,9 @@ class _StreamedMean:
     the updates that are ready are then folded together, in node-list order, into the
     backend's running sum. So the mean, the nodes counted and the drops are what screening
     and averaging the whole round's list in node-list order give, while the coordinator holds
-    the running sum and the waiting updates, never the round's updates at once.
+    the running sum and the waiting updates, never the round's updates at once. Waiting
+    updates beyond ``waiting_memory`` bytes wait on disk in ``spool`` (the last in node order
+    first), and their :class:`Arrivals` hold is released then.
     """
 
     def __init__(
@@ -117,6 +125,8 @@ class _StreamedMean:
         nodes: Sequence[FederatedNode],
         averager: RobustAggregator,
         phases: _Phases,
+        spool: UpdateSpool,
+        waiting_memory: int,
     ) -> None:
         self._screen = screen
         self._averager = averager
@@ -126,7 +136,12 @@ class _StreamedMean:
         self._settled = [False] * len(nodes)
         self._head = 0
         """Nodes before this position are folded or refused."""
-        self._waiting: dict[int, tuple[LocalUpdate, _Hold | None]] = {}
+        self._waiting: dict[int, tuple[LocalUpdate | SpooledUpdate, _Hold | None]] = {}
+        self._spool = spool
+        self._waiting_memory = waiting_memory
+        self._waiting_bytes = 0
+        """Bytes of the gradients of the waiting updates held in memory."""
+        self._spill_failed = False
         self._sent: Counter[str] = Counter()
         self._silent: set[str] = set()
         """Nodes the provider said send no update this round."""
@@ -151,6 +166,7 @@ class _StreamedMean:
             self._silent.add(node_id)
             self._settle(node_id)
         self._fold_ready()
+        self._spill_excess()
 
     def end(self, failures: dict[str, str]) -> None:
         """Fold every update still waiting; ``dropped`` becomes ``failures`` and the refusals
@@ -174,9 +190,8 @@ class _StreamedMean:
                 "was folded into the mean: iter_updates must yield one update per node"
             )
         if self._sent[node_id] > 1:
-            waiting = self._waiting.pop(position, None) if position is not None else None
-            if waiting is not None and waiting[1] is not None:
-                waiting[1].let_go()
+            if position is not None:
+                self._discard(position)
             outcome = duplicates_reason(self._sent[node_id])
         elif node_id in self._silent:
             raise RuntimeError(
@@ -191,7 +206,50 @@ class _StreamedMean:
         else:
             assert position is not None  # (screening refuses unknown nodes)
             self._waiting[position] = (outcome, hold)
+            self._waiting_bytes += _gradient_bytes(outcome)
         self._settle(node_id)
+
+    def _discard(self, position: int) -> None:
+        """Let go of the update waiting at ``position``, if any."""
+        waiting = self._waiting.pop(position, None)
+        if waiting is None:
+            return
+        update, hold = waiting
+        if isinstance(update, SpooledUpdate):
+            update.path.unlink(missing_ok=True)
+        else:
+            self._waiting_bytes -= _gradient_bytes(update)
+        if hold is not None:
+            hold.let_go()
+
+    def _spill_excess(self) -> None:
+        """Move waiting updates to disk, the last in node order first, until those left in
+        memory take at most ``waiting_memory`` bytes. When the disk refuses, they stay in
+        memory (said once per round)."""
+        if self._waiting_bytes <= self._waiting_memory or self._spill_failed:
+            return
+        for position in sorted(self._waiting, reverse=True):
+            update, hold = self._waiting[position]
+            if isinstance(update, SpooledUpdate):
+                continue
+            try:
+                spooled = self._spool.put(update)
+            except OSError as exc:
+                self._spill_failed = True
+                logger.warning(
+                    "could not move a waiting update to disk (%s): the updates waiting for an "
+                    "earlier node stay in memory this round; free space or choose another "
+                    "directory (spill_dir, run --spill-dir)",
+                    exc,
+                    extra={"event": "spill_failed"},
+                )
+                return
+            self._waiting[position] = (spooled, None)
+            self._waiting_bytes -= _gradient_bytes(update)
+            if hold is not None:
+                hold.let_go()
+            if self._waiting_bytes <= self._waiting_memory:
+                return
 
     def _settle(self, node_id: str) -> None:
         position = self._position.get(node_id)
@@ -199,7 +257,8 @@ class _StreamedMean:
             self._settled[position] = True
 
     def _fold_ready(self) -> None:
-        """Fold, in one call, the waiting updates that no earlier node holds back."""
+        """Fold the waiting updates that no earlier node holds back: those in memory in one
+        call, each one read back from disk in its own (so that one at a time is read)."""
         ready: list[LocalUpdate] = []
         holds: list[_Hold] = []
         while self._head < len(self._settled) and self._settled[self._head]:
@@ -207,15 +266,33 @@ class _StreamedMean:
             self._head += 1
             if waiting is None:
                 continue
-            update, hold = waiting
+            waiting_update, hold = waiting
             if hold is not None:
                 holds.append(hold)
+            if isinstance(waiting_update, SpooledUpdate):
+                self._fold(ready, holds)  # the earlier ones first, in node order
+                ready, holds = [], []
+                try:
+                    update = self._spool.take(waiting_update)
+                except SpoolError as exc:
+                    self._refused[waiting_update.node_id] = (
+                        self._position[waiting_update.node_id],
+                        str(exc),
+                    )
+                    continue
+            else:
+                update = waiting_update
+                self._waiting_bytes -= _gradient_bytes(update)
             with self._phases.timed("verify"):
                 reason = self._screen.shape_conflict(update)
             if reason is not None:
                 self._refused[update.node_id] = (self._position[update.node_id], reason)
                 continue
             ready.append(update)
+        self._fold(ready, holds)
+
+    def _fold(self, ready: list[LocalUpdate], holds: list[_Hold]) -> None:
+        """Fold ``ready`` (in node order) into the sum, then let go of ``holds``."""
         if ready:
             with self._phases.timed("aggregate"):
                 self._sum.fold(
@@ -225,9 +302,13 @@ class _StreamedMean:
                 )
             self._folded.update(update.node_id for update in ready)
             self.counted.extend(update.model_copy(update={"gradients": {}}) for update in ready)
-        del ready
+        ready.clear()
         for hold in holds:
             hold.let_go()
+
+
+def _gradient_bytes(update: LocalUpdate) -> int:
+    return sum(values.nbytes for values in update.gradients.values())
 
 
 _END = object()
@@ -252,13 +333,28 @@ class DiLoCoCoordinator:
         Hot-path backend for averaging: ``"native"``, ``"python"`` or None for the default.
     credit_tracker
         Where node credits accumulate; a fresh tracker by default.
+    waiting_memory
+        Bytes of updates that may wait in memory, in a streamed mean, for an earlier node's
+        update (:data:`DEFAULT_WAITING_MEMORY`); beyond it they wait on disk, so the
+        coordinator holds the running sum, the answers in flight and at most this much.
+    spill_dir
+        An existing directory where those updates wait (in a private subdirectory, removed
+        at the end of each round): the checkpoint directory by default, else the system's
+        temporary directory. Choose a disk, not a ``tmpfs`` (which is memory).
     """
 
     def __init__(
         self,
         backend: str | None = None,
         credit_tracker: CreditTracker | None = None,
+        *,
+        waiting_memory: int = DEFAULT_WAITING_MEMORY,
+        spill_dir: str | Path | None = None,
     ) -> None:
+        if waiting_memory < 0:
+            raise ValueError(f"waiting_memory must be >= 0 bytes, got {waiting_memory}")
+        self.waiting_memory = waiting_memory
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self._backend = backend
         self._averager: GradientAverager | RobustAggregator = GradientAverager(backend=backend)
         self.credit_tracker = credit_tracker if credit_tracker is not None else CreditTracker()
@@ -410,7 +506,14 @@ class DiLoCoCoordinator:
         metrics_path = Path(metrics_file) if metrics_file is not None else None
         if metrics_path is None and checkpoint_dir is not None:
             metrics_path = Path(checkpoint_dir) / METRICS_FILE
-        run = _Run(config, list(nodes), provider, min_nodes, on_round, on_start, metrics_path)
+        spill_dir = self.spill_dir
+        if spill_dir is not None and not (spill_dir.is_dir() and os.access(spill_dir, os.W_OK)):
+            raise ValueError(f"spill_dir {str(spill_dir)!r} is not a writable directory")
+        if spill_dir is None and checkpoint_dir is not None:
+            spill_dir = Path(checkpoint_dir)
+        run = _Run(
+            config, list(nodes), provider, min_nodes, on_round, on_start, metrics_path, spill_dir
+        )
         if checkpoint_dir is None:
             return self._train(run, None, resume)
         directory = Path(checkpoint_dir)
@@ -554,30 +657,33 @@ class DiLoCoCoordinator:
             parameters=state.parameters,
             config=self._require_config(),
         )
-        stream = _StreamedMean(screen, run.nodes, self._averager, phases)
-        arrivals: Iterator[object] = iter(run.provider.iter_updates(round_id, state, run.nodes))
-        try:
-            while True:
-                with phases.timed("collect"):
-                    arrival = next(arrivals, _END)
-                if arrival is _END:
-                    break
-                if not isinstance(arrival, Arrivals):
-                    raise TypeError(
-                        f"{type(run.provider).__name__}.iter_updates yielded "
-                        f"{type(arrival).__name__}, expected Arrivals"
-                    )
-                stream.add(arrival)
-                del arrival  # (its updates are the stream's now)
-        finally:
-            # On an error, a provider's generator stops asking its nodes now, not whenever it
-            # happens to be collected.
-            close = getattr(arrivals, "close", None)
-            if close is not None:
-                close()
-        with phases.timed("collect"):
-            failures = run.provider.round_failures(round_id)
-        stream.end(failures)
+        with contextlib.closing(UpdateSpool(run.spill_dir)) as spool:
+            stream = _StreamedMean(
+                screen, run.nodes, self._averager, phases, spool, self.waiting_memory
+            )
+            arrivals: Iterator[object] = iter(run.provider.iter_updates(round_id, state, run.nodes))
+            try:
+                while True:
+                    with phases.timed("collect"):
+                        arrival = next(arrivals, _END)
+                    if arrival is _END:
+                        break
+                    if not isinstance(arrival, Arrivals):
+                        raise TypeError(
+                            f"{type(run.provider).__name__}.iter_updates yielded "
+                            f"{type(arrival).__name__}, expected Arrivals"
+                        )
+                    stream.add(arrival)
+                    del arrival  # (its updates are the stream's now)
+            finally:
+                # On an error, a provider's generator stops asking its nodes now, not whenever
+                # it happens to be collected.
+                close = getattr(arrivals, "close", None)
+                if close is not None:
+                    close()
+            with phases.timed("collect"):
+                failures = run.provider.round_failures(round_id)
+            stream.end(failures)
         return stream
 
     def _require_config(self) -> TrainingConfig:

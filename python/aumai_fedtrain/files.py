@@ -3,15 +3,19 @@ the header of a safetensors file."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 from pathlib import Path
 from typing import Any
 
-__all__ = ["safetensors_header", "write_atomically"]
+__all__ = ["safetensors_header", "write_atomically", "write_buffers"]
 
 _LENGTH_BYTES = 8
+
+_IOV_MAX = 1024
+"""Buffers per ``writev`` (POSIX guarantees at least 16; Linux takes 1,024)."""
 
 
 def write_atomically(out: str | Path, data: bytes) -> Path:
@@ -37,6 +41,23 @@ def write_atomically(out: str | Path, data: bytes) -> Path:
     finally:
         os.close(directory)
     return out
+
+
+def write_buffers(fd: int, buffers: list[memoryview]) -> None:
+    """Write ``buffers`` to ``fd`` in order with a few ``writev`` calls, each outside the GIL,
+    resuming after a short write. Raises ``OSError``."""
+    index = 0
+    while index < len(buffers):
+        batch = buffers[index : index + _IOV_MAX]
+        written = os.writev(fd, batch)
+        if written == 0 and any(len(buffer) for buffer in batch):
+            raise OSError(errno.EIO, "the file system accepted no bytes")
+        for buffer in batch:
+            if written < len(buffer):
+                buffers[index] = buffer[written:]
+                break
+            written -= len(buffer)
+            index += 1
 
 
 def safetensors_header(source: bytes | str | Path) -> dict[str, Any]:

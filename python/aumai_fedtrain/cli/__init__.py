@@ -51,7 +51,7 @@ from aumai_fedtrain.cli.observe import (
     status_command,
 )
 from aumai_fedtrain.cli.plugins import load_evaluator, load_model_init, load_trainer_factory
-from aumai_fedtrain.coordinator import DiLoCoCoordinator
+from aumai_fedtrain.coordinator import DEFAULT_WAITING_MEMORY, DiLoCoCoordinator
 from aumai_fedtrain.inputs import load_model_file
 from aumai_fedtrain.models import GlobalState, LocalUpdate, RoundRecord, TrainingConfig
 from aumai_fedtrain.models import TrainingResult as Result
@@ -66,6 +66,7 @@ PROG_NAME = "aumai-fedtrain"
 MAX_CREDIT_LINES = 50
 MAX_NODES = 1_000_000
 """Most nodes a run may have (a sanity bound: 10,000 virtual nodes on one machine are fine)."""
+_MIB = 1024 * 1024
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,6 +121,18 @@ def _load_config(config_path: Path | None, overrides: dict[str, Any]) -> Trainin
     type=click.IntRange(min=1),
     help="Fewest updates that must count for a round to proceed (default 1).",
 )
+@click.option(
+    "--waiting-memory-mb",
+    type=click.IntRange(min=0),
+    default=DEFAULT_WAITING_MEMORY // _MIB,
+    show_default=True,
+    help="MiB of updates that may wait in memory for an earlier node's; the rest wait on disk.",
+)
+@click.option(
+    "--spill-dir",
+    type=click.Path(exists=True, file_okay=False, writable=True, path_type=Path),
+    help="Where updates wait on disk (default: --checkpoint-dir, else the temporary directory).",
+)
 @aggregation_options
 @engine_options
 @nodes_file_options
@@ -136,6 +149,8 @@ def run(
     model_init_spec: str | None,
     evaluator_spec: str | None,
     min_nodes: int | None,
+    waiting_memory_mb: int,
+    spill_dir: Path | None,
     **options: Any,
 ) -> None:
     """Train with DiLoCo: simulated nodes (in process or on Ray), or real nodes (--nodes-file)."""
@@ -231,7 +246,7 @@ def run(
             f"nodes={len(node_list)}  rounds={config.global_rounds}{resumed}"
         )
 
-    coordinator = DiLoCoCoordinator()
+    coordinator = DiLoCoCoordinator(waiting_memory=waiting_memory_mb * _MIB, spill_dir=spill_dir)
     try:
         with (
             engine_session(engine, pool, quiet=as_json),

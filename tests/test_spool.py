@@ -1,0 +1,255 @@
+"""Updates that wait for an earlier node beyond the coordinator's allowance wait on disk
+(``aumai_fedtrain.spool``), and the run is the same as when they wait in memory."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from aumai_fedtrain import DiLoCoCoordinator, LocalUpdate
+from aumai_fedtrain.cli import cli
+from aumai_fedtrain.models import TrainingConfig, TrainingResult
+from aumai_fedtrain.simulation import simulated_nodes
+from aumai_fedtrain.spool import SpooledUpdate, SpoolError, UpdateSpool
+from tests.test_streaming import NODES, SCRIPT, ScriptedProvider, assert_same_run
+
+NAMES = [node.node_id for node in simulated_nodes(NODES)]
+
+
+def train(
+    provider: ScriptedProvider,
+    backend: str = "native",
+    rounds: int = 2,
+    **coordinator: Any,
+) -> TrainingResult:
+    config = TrainingConfig(num_nodes=NODES, global_rounds=rounds, seed=3)
+    return DiLoCoCoordinator(backend=backend, **coordinator).run_training(
+        config, simulated_nodes(NODES), provider
+    )
+
+
+def spool_spied(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """The node ids written to and read back from the spool, in order."""
+    calls: dict[str, list[str]] = {"put": [], "take": []}
+    put, take = UpdateSpool.put, UpdateSpool.take
+
+    def spied_put(self: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
+        calls["put"].append(update.node_id)
+        return put(self, update)
+
+    def spied_take(self: UpdateSpool, spooled: SpooledUpdate) -> LocalUpdate:
+        calls["take"].append(spooled.node_id)
+        return take(self, spooled)
+
+    monkeypatch.setattr(UpdateSpool, "put", spied_put)
+    monkeypatch.setattr(UpdateSpool, "take", spied_take)
+    return calls
+
+
+def one_update_bytes() -> int:
+    """Bytes of the gradients of one simulated update (the built-in MLP)."""
+    provider = ScriptedProvider(SCRIPT)
+    config = TrainingConfig(num_nodes=NODES, seed=3)
+    state = DiLoCoCoordinator().initialize(
+        config, simulated_nodes(NODES), provider.initial_parameters(config)
+    )
+    provider.configure(config)
+    update = provider.get_updates(1, state, simulated_nodes(NODES))[0]
+    return sum(values.nbytes for values in update.gradients.values())
+
+
+def test_updates_beyond_the_allowance_wait_on_disk_and_the_run_is_unchanged(
+    monkeypatch: pytest.MonkeyPatch, backend_name: str, tmp_path: Path
+) -> None:
+    # Prepare
+    in_memory = train(ScriptedProvider(SCRIPT), backend_name)
+    calls = spool_spied(monkeypatch)
+    provider = ScriptedProvider(SCRIPT)
+
+    # Execute: no update may wait in memory.
+    spilled = train(provider, backend_name, waiting_memory=0, spill_dir=tmp_path)
+
+    # Assert: nodes 2 and 1 arrive before node 0 and wait on disk (their holds released at
+    # once), are read back in node order, and the run is the in-memory one bit for bit.
+    assert calls == {"put": [NAMES[2], NAMES[1]] * 2, "take": [NAMES[1], NAMES[2]] * 2}
+    assert provider.released == [NAMES[i] for i in (2, 1, 0, 4)] * 2
+    assert_same_run(spilled, in_memory)
+    assert list(tmp_path.iterdir()) == []  # the round's directory is gone
+
+
+def test_only_what_exceeds_the_allowance_goes_to_disk_the_last_in_node_order_first(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls = spool_spied(monkeypatch)
+    train(ScriptedProvider(SCRIPT), rounds=1, waiting_memory=one_update_bytes(), spill_dir=tmp_path)
+    # Node 2 waits in memory within the allowance; when node 1 also waits, node 2 (later in
+    # the node list, so folded later) goes to disk.
+    assert calls == {"put": [NAMES[2]], "take": [NAMES[2]]}
+
+
+def test_the_default_allowance_keeps_small_updates_in_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = spool_spied(monkeypatch)
+    train(ScriptedProvider(SCRIPT), rounds=1)
+    assert calls == {"put": [], "take": []}
+
+
+def test_a_waiting_copy_changed_on_disk_drops_its_node_not_the_round(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Prepare: every file the spool writes gets one byte flipped.
+    put = UpdateSpool.put
+
+    def tampered_put(self: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
+        spooled = put(self, update)
+        data = bytearray(spooled.path.read_bytes())
+        data[0] ^= 1
+        spooled.path.write_bytes(bytes(data))
+        return spooled
+
+    monkeypatch.setattr(UpdateSpool, "put", tampered_put)
+
+    # Execute
+    result = train(ScriptedProvider(SCRIPT), rounds=1, waiting_memory=0, spill_dir=tmp_path)
+
+    # Assert
+    record = result.history[0]
+    assert record.participants == [NAMES[0], NAMES[4]]
+    assert set(record.dropped) == {NAMES[1], NAMES[2], NAMES[3]}
+    assert "changed on disk" in record.dropped[NAMES[2]]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_that_refuses_keeps_waiting_updates_in_memory_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # Prepare
+    in_memory = train(ScriptedProvider(SCRIPT))
+
+    def full(self: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(UpdateSpool, "put", full)
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="aumai_fedtrain"):
+        result = train(ScriptedProvider(SCRIPT), waiting_memory=0, spill_dir=tmp_path)
+
+    # Assert: once per round, and nothing lost.
+    warnings = [r.getMessage() for r in caplog.records if "could not move" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "No space left on device" in warnings[0] and "--spill-dir" in warnings[0]
+    assert_same_run(result, in_memory)
+
+
+def test_a_second_update_of_a_node_waiting_on_disk_counts_neither(tmp_path: Path) -> None:
+    provider = ScriptedProvider([2, 1, 2, ("silent", 3), 0, 4])
+    result = train(provider, rounds=1, waiting_memory=0, spill_dir=tmp_path)
+    assert result.history[0].participants == [NAMES[i] for i in (0, 1, 4)]
+    assert result.history[0].dropped[NAMES[2]] == "sent 2 updates for one round"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_round_that_fails_removes_what_waits_on_disk(tmp_path: Path) -> None:
+    provider = ScriptedProvider([2, 1, None])
+    with pytest.raises(TypeError, match="expected Arrivals"):
+        train(provider, rounds=1, waiting_memory=0, spill_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_updates_wait_in_the_checkpoint_directory_by_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    parents: list[Path | None] = []
+    put = UpdateSpool.put
+
+    def located_put(self: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
+        spooled = put(self, update)
+        parents.append(spooled.path.parent.parent)
+        return spooled
+
+    monkeypatch.setattr(UpdateSpool, "put", located_put)
+    config = TrainingConfig(num_nodes=NODES, global_rounds=1, seed=3)
+    DiLoCoCoordinator(waiting_memory=0).run_training(
+        config, simulated_nodes(NODES), ScriptedProvider(SCRIPT), checkpoint_dir=tmp_path
+    )
+    assert parents == [tmp_path, tmp_path]
+    assert not [path for path in tmp_path.iterdir() if "waiting" in path.name]
+
+
+def test_bad_spill_settings_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="waiting_memory must be >= 0 bytes, got -1"):
+        DiLoCoCoordinator(waiting_memory=-1)
+    missing = tmp_path / "missing"
+    with pytest.raises(ValueError, match=r"spill_dir '.*missing' is not a writable directory"):
+        train(ScriptedProvider(SCRIPT), rounds=1, spill_dir=missing)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float64).reshape(3, 4),
+        np.linspace(-1, 1, 7, dtype=np.float32),
+        np.array([np.nan, np.inf, -0.0, 65504.0], dtype=np.float16),
+        np.array(2.5),
+        np.zeros((0, 3), dtype=np.float32),
+        np.arange(20, dtype=np.float64).reshape(4, 5)[:, ::2],  # not contiguous
+    ],
+)
+def test_the_spool_gives_back_exactly_what_it_took(values: np.ndarray, tmp_path: Path) -> None:
+    spool = UpdateSpool(tmp_path)
+    update = LocalUpdate(
+        node_id="n", round_id=1, gradients={"b": values, "a": -values}, loss=0.5, samples_used=3
+    )
+    spooled = spool.put(update)
+    assert spooled.update.gradients == {}
+    back = spool.take(spooled)
+    assert list(back.gradients) == ["b", "a"]
+    for key, expected in update.gradients.items():
+        assert back.gradients[key].dtype == expected.dtype
+        assert back.gradients[key].shape == expected.shape
+        assert back.gradients[key].tobytes() == expected.tobytes()
+    assert back.model_dump(exclude={"gradients"}) == update.model_dump(exclude={"gradients"})
+    assert not spooled.path.exists()
+    spool.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_or_missing_waiting_copy_is_a_spool_error(tmp_path: Path) -> None:
+    spool = UpdateSpool(tmp_path)
+    update = LocalUpdate(
+        node_id="n", round_id=1, gradients={"w": np.ones(8)}, loss=1.0, samples_used=1
+    )
+    spooled = spool.put(update)
+    spooled.path.write_bytes(spooled.path.read_bytes()[:-1])
+    with pytest.raises(SpoolError, match=r"could not be read .*shorter"):
+        spool.take(spooled)
+    with pytest.raises(SpoolError, match="could not be read"):
+        spool.take(spool_put_and_remove(spool, update))
+    spool.close()
+
+
+def spool_put_and_remove(spool: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
+    spooled = spool.put(update)
+    spooled.path.unlink()
+    return spooled
+
+
+def test_run_takes_the_waiting_memory_and_names_a_missing_spill_dir(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(
+        cli,
+        ["run", "--nodes", "2", "--rounds", "1", "--waiting-memory-mb", "0",
+         "--spill-dir", str(tmp_path), "--json"],
+    )  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    missing = runner.invoke(cli, ["run", "--spill-dir", str(tmp_path / "nope")])
+    assert missing.exit_code == 2
+    assert "--spill-dir" in missing.output and "does not exist" in missing.output
