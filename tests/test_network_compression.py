@@ -12,7 +12,9 @@ import json
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
+import httpx
 import numpy as np
 import pytest
 from starlette.applications import Starlette
@@ -21,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from aumai_fedtrain import DiLoCoCoordinator, FederatedNode, LocalUpdate, TrainingConfig
-from aumai_fedtrain.compression import Codec, Encoded, encode
+from aumai_fedtrain.compression import Codec, Encoded, ErrorFeedback, decode, encode
 from aumai_fedtrain.models import CompressionCodec, CompressionConfig, TensorMap, TrainingResult
 from aumai_fedtrain.network import (
     JSON,
@@ -29,6 +31,7 @@ from aumai_fedtrain.network import (
     HttpUpdateProvider,
     LocalNode,
     NodeSettings,
+    QuorumError,
     TrainRequest,
     create_app,
 )
@@ -40,7 +43,12 @@ from aumai_fedtrain.network.auth import (
     sign_body,
     sign_update,
 )
-from aumai_fedtrain.network.compressed import compressed_limit, encode_compressed
+from aumai_fedtrain.network.compressed import (
+    compressed_limit,
+    decode_compressed,
+    encode_compressed,
+    read_compressed,
+)
 from aumai_fedtrain.network.node_state import load_node_state
 from aumai_fedtrain.network.wire import (
     decode_request,
@@ -99,14 +107,20 @@ def sent_bytes(deployment: Deployment, nodes: list[LocalNode]) -> float:
     return sum(metric_values(scrape(node, deployment.token).text)[SENT] for node in nodes)
 
 
-@pytest.mark.parametrize(("codec", "error_feedback"), [("int8", False), ("int4", True)])
+@pytest.mark.parametrize(
+    ("codec", "error_feedback", "wire"), [("int8", False, "binary"), ("int4", True, "json")]
+)
 def test_a_compressed_http_run_matches_the_in_process_run_and_counts_the_bodies_received(
-    cluster: Cluster, codec: CompressionCodec, error_feedback: bool
+    cluster: Cluster, codec: CompressionCodec, error_feedback: bool, wire: Literal["binary", "json"]
 ) -> None:
     deployment, nodes = cluster
     config = compressed_config(codec, error_feedback)
     provider = HttpUpdateProvider(
-        deployment.keys(), token=deployment.token, model_init=initial_model, timeout=REQUEST_TIMEOUT
+        deployment.keys(),
+        token=deployment.token,
+        model_init=initial_model,
+        timeout=REQUEST_TIMEOUT,
+        wire=wire,  # (the requests' format: compressed answers are always safetensors)
     )
     before = sent_bytes(deployment, nodes)
 
@@ -127,8 +141,9 @@ def test_a_compressed_http_run_matches_the_in_process_run_and_counts_the_bodies_
     for record, plain in zip(result.history, uncompressed.history, strict=True):
         assert record.bytes_from_nodes is not None and plain.bytes_from_nodes is not None
         assert record.bytes_from_nodes * 5 < plain.bytes_from_nodes
-        asked = request_body_bytes(record.round_id, shapes, config.compression)
-        assert record.bytes_to_nodes == 3 * asked  # the global parameters go uncompressed
+        if wire == "binary":  # the global parameters go uncompressed
+            asked = request_body_bytes(record.round_id, shapes, config.compression)
+            assert record.bytes_to_nodes == 3 * asked
 
 
 def test_the_cli_runs_real_nodes_with_int8_compression(cluster: Cluster, tmp_path: Path) -> None:
@@ -345,3 +360,68 @@ def test_compression_needs_the_global_model_to_decode_the_nodes_answers() -> Non
     with pytest.raises(ValueError, match=r"'int4' needs the global model .*model_init"):
         provider.configure(config)
     HttpUpdateProvider({"node-0": b"k" * 32}, model_init=initial_model).configure(config)
+
+
+def test_a_retried_round_is_redone_from_the_residual_before_it() -> None:
+    config = TrainingConfig(num_nodes=3)
+    weights = initial_model(config)
+    settings = NodeSettings(
+        node_id="node-1",
+        key=secrets.token_hex(32).encode(),
+        trainer_factory=SimulationTrainer,
+        allow_unsigned_requests=True,
+    )
+    compression = CompressionConfig(codec="int4")
+
+    def train(client: httpx.Client, round_id: int) -> bytes:
+        request = TrainRequest(round_id=round_id, global_weights=weights, compression=compression)
+        answer = client.post(
+            "/train", content=encode_request(request, JSON), headers={"content-type": JSON}
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == SAFETENSORS  # whatever Accept says
+        return answer.content
+
+    with (
+        serve_in_thread(create_app(settings)) as address,
+        httpx.Client(base_url=f"http://{address}", timeout=REQUEST_TIMEOUT) as client,
+    ):
+        bodies = [train(client, round_id) for round_id in (1, 2, 2, 3)]
+
+    model = Codec("int4")
+    first, second, retried, third = (
+        decode_compressed(body, weights, read_compressed(body, weights, model)) for body in bodies
+    )
+    reference = SimulationTrainer("node-1", config)
+    feedback = ErrorFeedback(model)
+    for round_id, got in zip((1, 2, 3), (first, second, third), strict=True):
+        gradients, loss, _ = reference.train(round_id, weights)
+        expected = {key: decode(value) for key, value in feedback.encode(gradients).items()}
+        assert got.loss == loss
+        for key, value in expected.items():
+            assert got.gradients[key].tobytes() == value.tobytes()
+    # the retry is redone from the trainer state and the residual before round 2
+    assert retried.loss == second.loss
+    for key, value in second.gradients.items():
+        assert retried.gradients[key].tobytes() == value.tobytes()
+
+
+def test_the_memory_budget_counts_a_compressed_answer_decoded(cluster: Cluster) -> None:
+    deployment, nodes = cluster
+    config = compressed_config("int4", rounds=1)
+    model = initial_model(config)
+    body_limit = compressed_limit(model, Codec("int4"))
+    provider = HttpUpdateProvider(
+        deployment.keys(),
+        token=deployment.token,
+        model_init=initial_model,
+        timeout=REQUEST_TIMEOUT,
+        memory_budget=2 * body_limit,  # room for two bodies, not for one decoded update
+    )
+
+    with pytest.raises(QuorumError):
+        DiLoCoCoordinator().run_training(config, federated(nodes), provider)
+
+    for reason in provider.failures[1].values():
+        assert reason.startswith("decoding this answer could take ")
+        assert reason.endswith(f"more than the memory budget of {2 * body_limit} bytes")

@@ -139,7 +139,8 @@ class NodeSettings:
         ``factory(node_id, config) -> NodeTrainer``: makes the node's trainer (see
         :mod:`aumai_fedtrain.trainer`).
     config
-        The node's training configuration, passed to the factory.
+        The node's training configuration, passed to the factory (its ``compression`` is not
+        used: the codec is the one each train request names, the coordinator's).
     token
         The coordinator's bearer token; None accepts training requests from anyone.
     max_body_bytes
