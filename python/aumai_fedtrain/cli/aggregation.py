@@ -141,15 +141,10 @@ def with_compression(
     config: TrainingConfig, options: dict[str, Any], real_nodes: bool
 ) -> TrainingConfig:
     """``config`` with the compression options that were given; :class:`InputError` for
-    invalid values, and for a codec with real nodes (they send uncompressed updates)."""
+    invalid values. Simulated and real nodes (``real_nodes``) alike compress with them."""
     given = {name: value for name, value in options.items() if value is not None}
     try:
         compression = CompressionConfig.model_validate({**config.compression.model_dump(), **given})
     except ValidationError as exc:
         raise InputError(f"compression options: {one_line(exc)}") from None
-    if real_nodes and compression.codec != "none":
-        raise InputError(
-            f"--compression {compression.codec}: real nodes (--nodes-file) send uncompressed "
-            "updates for now; compression works with simulated nodes (in process or on Ray)"
-        )
     return config.model_copy(update={"compression": compression})

@@ -13,6 +13,17 @@ every number the coordinator uses and cannot be replayed into another request. T
 travels as ``v2=<hex HMAC>``: its version, then the MAC. The coordinator recomputes the digest
 from the gradients it received and compares signatures in constant time.
 
+A compressed update (:mod:`~aumai_fedtrain.network.compressed`) travels as its safetensors
+body of codes and scales, and its signature covers those bytes as sent: the message is::
+
+    json.dumps({"v": 2, "kind": "compressed-update", "node_id": ..., "round_id": ...,
+                "body_sha256": ..., "nonce": ...}, sort_keys=True, separators=(",", ":"))
+
+with ``body_sha256`` the hex SHA-256 of the body (which holds the loss and samples in its
+metadata), so the coordinator checks it in one pass over the bytes received, before decoding
+anything. Its keys differ from an uncompressed update's message, so neither signature can
+pass for the other.
+
 Signature version 1 (aumai-fedtrain 0.2: a bare hex MAC over ``"v": 1`` and the canonical JSON
 digest, ``gradients_sha256``) cost two JSON renderings of every update, more than moving its
 bytes; a signature of another version than :data:`SIGNATURE_VERSION` is refused with a
@@ -73,10 +84,12 @@ __all__ = [
     "load_secret",
     "new_nonce",
     "secret_from_text",
+    "sign_body",
     "sign_request",
     "sign_update",
     "signature_version",
     "tokens_equal",
+    "verify_body",
     "verify_request",
     "verify_update",
     "warn_if_readable",
@@ -247,6 +260,12 @@ def verify_update(
     Raises :class:`SignatureVersionError` for a signature of another version (one line that
     names both versions); a malformed signature is simply not valid.
     """
+    _check_version(signature)
+    return _same_signature(sign_update(key, update, nonce, verifier), signature)
+
+
+def _check_version(signature: str) -> None:
+    """Raise :class:`SignatureVersionError` for a signature of another version."""
     version = signature_version(signature)
     if version is not None and version != SIGNATURE_VERSION:
         signed = _SIGNED_DIGESTS.get(version, "an unknown digest")
@@ -255,8 +274,43 @@ def verify_update(
             f"signature version {SIGNATURE_VERSION} (over {_SIGNED_DIGESTS[SIGNATURE_VERSION]}); "
             "run the same aumai-fedtrain version on the coordinator and the nodes"
         )
-    expected = sign_update(key, update, nonce, verifier).encode("ascii")
-    return hmac.compare_digest(expected, signature.strip().lower().encode("utf-8", "replace"))
+
+
+def _same_signature(expected: str, given: str) -> bool:
+    """Constant-time comparison of a received signature with the expected one."""
+    return hmac.compare_digest(
+        expected.encode("ascii"), given.strip().lower().encode("utf-8", "replace")
+    )
+
+
+def _body_message(node_id: str, round_id: int, body: bytes, nonce: str) -> bytes:
+    fields = {
+        "v": SIGNATURE_VERSION,
+        "kind": "compressed-update",
+        "node_id": node_id,
+        "round_id": round_id,
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "nonce": nonce,
+    }
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def sign_body(key: bytes, node_id: str, round_id: int, body: bytes, nonce: str = "") -> str:
+    """The signature of a compressed update's ``body`` (as sent) by node ``node_id`` for
+    ``round_id`` and the request with ``nonce``: ``v2=<hex HMAC-SHA256>`` (see the module)."""
+    mac = hmac.new(key, _body_message(node_id, round_id, body, nonce), hashlib.sha256)
+    return f"v{SIGNATURE_VERSION}={mac.hexdigest()}"
+
+
+def verify_body(
+    key: bytes, node_id: str, round_id: int, body: bytes, signature: str, nonce: str = ""
+) -> bool:
+    """Whether ``signature`` is :func:`sign_body` of ``body`` (constant-time comparison).
+
+    Raises :class:`SignatureVersionError` as :func:`verify_update` does.
+    """
+    _check_version(signature)
+    return _same_signature(sign_body(key, node_id, round_id, body, nonce), signature)
 
 
 def tokens_equal(given: str, expected: bytes) -> bool:

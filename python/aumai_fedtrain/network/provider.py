@@ -42,8 +42,16 @@ from typing import Any, Literal
 
 import httpx
 
+from aumai_fedtrain.compression import Codec
 from aumai_fedtrain.coordinator import QuorumError
-from aumai_fedtrain.models import FederatedNode, GlobalState, LocalUpdate, TensorMap, TrainingConfig
+from aumai_fedtrain.models import (
+    CompressionConfig,
+    FederatedNode,
+    GlobalState,
+    LocalUpdate,
+    TensorMap,
+    TrainingConfig,
+)
 from aumai_fedtrain.network.auth import (
     NODE_NONCE_HEADER,
     NONCE_HEADER,
@@ -55,7 +63,14 @@ from aumai_fedtrain.network.auth import (
     check_token,
     new_nonce,
     sign_request,
+    verify_body,
     verify_update,
+)
+from aumai_fedtrain.network.compressed import (
+    CodecMismatchError,
+    compressed_limit,
+    decode_compressed,
+    read_compressed,
 )
 from aumai_fedtrain.network.nodes_file import check_address
 from aumai_fedtrain.network.wire import (
@@ -118,6 +133,8 @@ _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 _JSON_BYTES_PER_BODY_BYTE = 3
 _JSON_BYTES_PER_ITEM = 96
 _JSON_BYTES_PER_BODY_BYTE_UNKNOWN_MODEL = 64
+# Decoding a compressed tensor holds float64 levels, scales per value and their product.
+_DECODE_BYTES_PER_VALUE = 32
 
 
 class _Dropped(Exception):
@@ -160,8 +177,9 @@ class HttpUpdateProvider(UpdateProvider):
     wire
         ``"binary"`` (safetensors bodies) or ``"json"`` (the user guide's JSON).
     max_response_bytes
-        Largest answer accepted from a node (its body as sent: compressed answers are
-        refused); answers larger than an update of the model can be are refused too.
+        Largest answer accepted from a node (its body as sent: HTTP content encodings are
+        refused); answers larger than an update of the model can be are refused too (with
+        compression: than the codes and scales of the model's update, plus a bounded header).
     memory_budget
         Bytes that the answers being read, decoded and checked at once may take; an answer
         waits (within the deadline) for its share, and one that alone needs more is refused.
@@ -259,12 +277,12 @@ class HttpUpdateProvider(UpdateProvider):
         self._hasher = HashVerifier()
 
     def configure(self, config: TrainingConfig) -> None:
-        """Refuse a ``compression`` codec: real nodes send uncompressed updates (for now)."""
-        if config.compression.codec != "none":
+        """Take the run's config; its ``compression`` codec is asked of the nodes, which needs
+        the global model (``model_init``) to decode their answers, else ``ValueError``."""
+        if config.compression.codec != "none" and self.model_init is None:
             raise ValueError(
-                f"compression codec {config.compression.codec!r} is not available with real "
-                "nodes yet (they send uncompressed updates): use codec 'none', or simulated "
-                "nodes (in process or on Ray)"
+                f"compression codec {config.compression.codec!r} needs the global model to "
+                "decode the nodes' updates: give the provider a model_init (or use codec 'none')"
             )
         super().configure(config)
 
@@ -318,9 +336,14 @@ class HttpUpdateProvider(UpdateProvider):
         self._check_nodes(nodes)
         deadline = _RoundDeadline(self.timeout)
         weights = state.parameters if state.parameters is not None else {}
+        compression = self._compression()
         body = encode_request(
-            TrainRequest(round_id=round_id, global_weights=weights), self.wire_format
+            TrainRequest(round_id=round_id, global_weights=weights, compression=compression),
+            self.wire_format,
         )
+        codec = Codec.of(compression) if compression is not None else None
+        if codec is not None and not weights:
+            raise ValueError(f"round {round_id}: compressed updates need the global parameters")
         expected = expected_tensors(weights) if weights else None
         asked, sitting_out = self._bench.split(round_id, nodes)
         if len(asked) < self.min_nodes:  # the quorum needs the benched nodes: probe them all
@@ -331,7 +354,17 @@ class HttpUpdateProvider(UpdateProvider):
         if sitting_out:
             yield Arrivals([], silent=list(sitting_out))
         digest = hashlib.sha256(body).hexdigest()
-        round_ = _Round(round_id, body, digest, expected, deadline, budget, _Progress(len(asked)))
+        round_ = _Round(
+            round_id,
+            body,
+            digest,
+            weights,
+            expected,
+            codec,
+            deadline,
+            budget,
+            _Progress(len(asked)),
+        )
         answers: queue.SimpleQueue[tuple[FederatedNode, _Answer | BaseException]]
         answers = queue.SimpleQueue()
 
@@ -394,12 +427,24 @@ class HttpUpdateProvider(UpdateProvider):
                 f"the quorum is {self.min_nodes} ({reasons})"
             )
 
+    def _compression(self) -> CompressionConfig | None:
+        """The compression the nodes are asked for (None: they send uncompressed updates)."""
+        if self.config is None or self.config.compression.codec == "none":
+            return None
+        return self.config.compression
+
     def default_budget(self, weights: TensorMap) -> int:
         """The default ``memory_budget`` for a model: room for two of its largest answers."""
         if not weights:
             return MIN_MEMORY_BUDGET
-        largest = max_update_bytes(expected_tensors(weights), self.wire_format)
-        return max(MIN_MEMORY_BUDGET, 2 * self.answer_memory(self.wire_format, largest, weights))
+        expected = expected_tensors(weights)
+        largest = max_update_bytes(expected, self.wire_format)
+        need = self.answer_memory(self.wire_format, largest, weights)
+        compression = self._compression()
+        if compression is not None:
+            limit = compressed_limit(weights, Codec.of(compression))
+            need = max(need, _compressed_reservation(limit, expected))
+        return max(MIN_MEMORY_BUDGET, 2 * need)
 
     def answer_memory(self, fmt: str, body_bytes: int, weights: TensorMap) -> int:
         """Bytes of the memory budget that an answer of ``body_bytes`` in ``fmt`` reserves.
@@ -443,7 +488,7 @@ class HttpUpdateProvider(UpdateProvider):
         )
         return {
             "content-type": self.wire_format,
-            "accept": self.wire_format,
+            "accept": SAFETENSORS if round_.codec is not None else self.wire_format,
             "accept-encoding": "identity",
             NONCE_HEADER: nonce,
             NODE_NONCE_HEADER: node_nonce,
@@ -600,13 +645,14 @@ class HttpUpdateProvider(UpdateProvider):
             # Decompressing would let a small answer grow past the limit in memory.
             raise _Dropped(f"answer has content-encoding {encoding!r}; only 'identity' is accepted")
         fmt = media_type(response.headers.get("content-type"))
+        if round_.codec is not None:
+            return self._receive_compressed(
+                response, fmt, node, round_, round_.codec, nonce, traffic
+            )
         limit = self.max_response_bytes
         if round_.expected is not None and fmt in (JSON, SAFETENSORS):
             limit = min(limit, max_update_bytes(round_.expected, fmt))
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise _Dropped(f"answer of {declared} bytes exceeds the limit of {limit} bytes")
-        size = int(declared) if declared.isdigit() else limit
+        size = _declared_size(response, limit)
         reservation = self._reservation(fmt, size, round_.expected)
         with round_.budget.reserve(node.node_id, reservation, round_.deadline) as held:
             content = _read_limited(response, limit, traffic)
@@ -619,6 +665,54 @@ class HttpUpdateProvider(UpdateProvider):
             del content
             self._check(update, response.headers.get(SIGNATURE_HEADER), node, round_, nonce)
             # The update stays in memory until the coordinator folds it: its bytes stay held.
+            held.keep(sum(value.nbytes for value in update.gradients.values()))
+        return update
+
+    def _receive_compressed(
+        self,
+        response: httpx.Response,
+        fmt: str,
+        node: FederatedNode,
+        round_: _Round,
+        codec: Codec,
+        nonce: str,
+        traffic: _Traffic,
+    ) -> LocalUpdate:
+        """Read, check and decode a compressed answer within its share of the memory budget:
+        its size (by the model's codes and scales), header (codec, block size, tensors), node
+        and round, and its signature over the bytes received are checked before decoding."""
+        if fmt != SAFETENSORS:
+            raise _Dropped(
+                f"answer of content type {fmt or '(none)'!r}: this run's updates travel "
+                f"compressed with {codec.name}, as {SAFETENSORS!r}"
+            )
+        assert round_.expected is not None  # (a compressed round has the global parameters)
+        limit = min(self.max_response_bytes, compressed_limit(round_.model, codec))
+        size = _declared_size(response, limit)
+        reservation = _compressed_reservation(size, round_.expected)
+        with round_.budget.reserve(node.node_id, reservation, round_.deadline) as held:
+            content = _read_limited(response, limit, traffic)
+            try:
+                metadata = read_compressed(content, round_.model, codec)
+            except CodecMismatchError as exc:
+                raise _Dropped(str(exc)) from None
+            except WireError as exc:
+                raise _Dropped(f"malformed compressed answer: {exc}") from None
+            _check_sender(
+                metadata.get("node_id"), _int_or_none(metadata.get("round_id")), node, round_
+            )
+            signature, key = _signature_of(response), self.keys[node.node_id]
+            try:
+                valid = verify_body(key, node.node_id, round_.round_id, content, signature, nonce)
+            except SignatureVersionError as exc:
+                raise _Dropped(str(exc)) from None
+            if not valid:
+                raise _Dropped(_BAD_SIGNATURE)
+            try:
+                update = decode_compressed(content, round_.model, metadata)
+            except WireError as exc:
+                raise _Dropped(f"malformed compressed answer: {exc}") from None
+            del content
             held.keep(sum(value.nbytes for value in update.gradients.values()))
         return update
 
@@ -668,15 +762,9 @@ class HttpUpdateProvider(UpdateProvider):
         nonce: str,
     ) -> None:
         """Raise :class:`_Dropped` unless ``update`` is ``node``'s authentic update."""
-        if update.node_id != node.node_id:
-            raise _Dropped(f"the answer is an update of node {update.node_id!r}")
-        if update.round_id != round_.round_id:
-            raise _Dropped(
-                f"replayed or stale update for round {update.round_id}, "
-                f"expected round {round_.round_id}"
-            )
+        _check_sender(update.node_id, update.round_id, node, round_)
         if signature is None:
-            raise _Dropped(f"unsigned update (no {SIGNATURE_HEADER} header)")
+            raise _Dropped(_UNSIGNED)
         if round_.expected is not None:  # (before hashing: a JSON body has no header to check)
             shapes = {key: value.shape for key, value in update.gradients.items()}
             problem = model_mismatch(shapes, round_.expected)
@@ -687,7 +775,51 @@ class HttpUpdateProvider(UpdateProvider):
         except SignatureVersionError as exc:
             raise _Dropped(str(exc)) from None
         if not valid:
-            raise _Dropped("bad signature: tampered with, or signed with another key")
+            raise _Dropped(_BAD_SIGNATURE)
+
+
+_UNSIGNED = f"unsigned update (no {SIGNATURE_HEADER} header)"
+_BAD_SIGNATURE = "bad signature: tampered with, or signed with another key"
+
+
+def _check_sender(
+    node_id: str | None, round_id: int | None, node: FederatedNode, round_: _Round
+) -> None:
+    """Raise :class:`_Dropped` unless an answer's node and round are the asked ones."""
+    if node_id != node.node_id:
+        raise _Dropped(f"the answer is an update of node {node_id!r}")
+    if round_id != round_.round_id:
+        raise _Dropped(
+            f"replayed or stale update for round {round_id}, expected round {round_.round_id}"
+        )
+
+
+def _signature_of(response: httpx.Response) -> str:
+    """The answer's signature header, or :class:`_Dropped` when it has none."""
+    signature: str | None = response.headers.get(SIGNATURE_HEADER)
+    if signature is None:
+        raise _Dropped(_UNSIGNED)
+    return signature
+
+
+def _compressed_reservation(size: int, expected: Expected) -> int:
+    """Bytes that reading and decoding a compressed answer of ``size`` bytes may take: the
+    body, the decoded update, and the temporaries of decoding its largest tensor."""
+    largest = max((math.prod(shape) for shape in expected.values()), default=0)
+    return size + decoded_bytes(expected) + _DECODE_BYTES_PER_VALUE * largest
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _declared_size(response: httpx.Response, limit: int) -> int:
+    """The answer's declared length (``limit`` when it declares none); :class:`_Dropped` when
+    it exceeds ``limit``."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _Dropped(f"answer of {declared} bytes exceeds the limit of {limit} bytes")
+    return int(declared) if declared.isdigit() else limit
 
 
 _Answer = tuple[LocalUpdate | str, "_Traffic"]
@@ -725,7 +857,10 @@ class _Round:
     round_id: int
     body: bytes
     body_sha256: str
+    model: TensorMap
     expected: Expected | None
+    codec: Codec | None
+    """The codec the nodes compress their updates with (None: uncompressed)."""
     deadline: _RoundDeadline
     budget: _MemoryBudget
     progress: _Progress

@@ -3,7 +3,10 @@
 ``POST /train`` takes a :class:`~aumai_fedtrain.network.wire.TrainRequest` (JSON or
 safetensors, by ``Content-Type``), runs the node's trainer from the global weights, and answers
 the :class:`LocalUpdate` (JSON, or safetensors when ``Accept`` names it) with its HMAC
-signature in the ``X-Fedtrain-Signature`` header. ``GET /nonce`` hands out the one-time nonce
+signature in the ``X-Fedtrain-Signature`` header. A request that names a ``compression`` codec
+is answered with the update compressed by it (:mod:`~aumai_fedtrain.network.compressed`,
+signed over the body's bytes); with error feedback the residual is trainer state, kept with
+the rest (and in ``state_dir``). ``GET /nonce`` hands out the one-time nonce
 that a ``POST /train`` must be signed with (see :mod:`~aumai_fedtrain.network.auth`); ``GET
 /health`` tells that the node is up. ``GET /metrics`` answers the node's counters in the
 Prometheus text format (requests by outcome, training time, bytes in and out:
@@ -51,7 +54,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from aumai_fedtrain.models import LocalUpdate, TensorMap, TrainingConfig
+from aumai_fedtrain.compression import Codec, CompressingTrainer, Encoded
+from aumai_fedtrain.models import CompressionConfig, LocalUpdate, TensorMap, TrainingConfig
 from aumai_fedtrain.network.auth import (
     NODE_NONCE_HEADER,
     NONCE_HEADER,
@@ -60,13 +64,16 @@ from aumai_fedtrain.network.auth import (
     SIGNATURE_HEADER,
     check_nonce,
     new_nonce,
+    sign_body,
     sign_update,
     tokens_equal,
     verify_request,
 )
+from aumai_fedtrain.network.compressed import encode_compressed
 from aumai_fedtrain.network.node_state import NodeState, load_node_state, save_node_state
 from aumai_fedtrain.network.wire import (
     DEFAULT_MAX_BODY_BYTES,
+    SAFETENSORS,
     NonceAnswer,
     TrainRequest,
     WireError,
@@ -76,7 +83,13 @@ from aumai_fedtrain.network.wire import (
     response_media_type,
 )
 from aumai_fedtrain.observability.prometheus import NodeMetrics
-from aumai_fedtrain.trainer import NodeTrainer, TrainerFactory, TrainerResultError, as_update
+from aumai_fedtrain.trainer import (
+    NodeTrainer,
+    TrainerFactory,
+    TrainerResultError,
+    TrainResult,
+    as_update,
+)
 from aumai_fedtrain.verification import HashVerifier
 
 __all__ = [
@@ -126,7 +139,8 @@ class NodeSettings:
         ``factory(node_id, config) -> NodeTrainer``: makes the node's trainer (see
         :mod:`aumai_fedtrain.trainer`).
     config
-        The node's training configuration, passed to the factory.
+        The node's training configuration, passed to the factory (its ``compression`` is not
+        used: the codec is the one each train request names, the coordinator's).
     token
         The coordinator's bearer token; None accepts training requests from anyone.
     max_body_bytes
@@ -189,6 +203,23 @@ class _Nonces:
         return issued is not None and time.monotonic() - issued <= NONCE_LIFETIME_SECONDS
 
 
+class _NodeTrainer(CompressingTrainer):
+    """The node's trainer: it trains as the user's trainer does (the node checks the result
+    before it compresses it), and keeps the error-feedback residual of the codec that the
+    coordinator asks for in its state, as :class:`CompressingTrainer` does."""
+
+    def train(self, round_id: int, parameters: TensorMap) -> TrainResult:
+        """The user's trainer's result, uncompressed."""
+        return self.trainer.train(round_id, parameters)
+
+    def encode(self, gradients: TensorMap, compression: CompressionConfig) -> dict[str, Encoded]:
+        """``gradients`` encoded by the ``compression`` codec (with the residual when its
+        error feedback is on, which then keeps what this encoding lost)."""
+        self.feedback.codec = Codec.of(compression)
+        self.feedback.enabled = compression.error_feedback
+        return self.feedback.encode(gradients)
+
+
 class _Node:
     """State and endpoints of one node.
 
@@ -240,9 +271,12 @@ class _Node:
             logger.error("round %d: cannot save the node state: %s", round_id, exc)
             raise WireError(f"the node cannot save its state: {exc.strerror or exc}", 500) from None
 
-    def _new_trainer(self) -> NodeTrainer:
+    def _new_trainer(self) -> _NodeTrainer:
+        node_id = self.settings.node_id
         try:
-            return self.settings.trainer_factory(self.settings.node_id, self.settings.config)
+            return _NodeTrainer(
+                self.settings.trainer_factory(node_id, self.settings.config), Codec(), node_id
+            )
         except Exception as exc:
             raise RuntimeError(
                 f"the trainer factory failed for node {self.settings.node_id!r}: "
@@ -293,6 +327,8 @@ class _Node:
             body = await _read_body(request, self.settings.max_body_bytes, self.metrics)
             train_request = await run_in_threadpool(self._decode, body, content_type, nonce, signed)
             fmt = response_media_type(request.headers.get("accept"))
+            if train_request.compression is not None:
+                fmt = SAFETENSORS  # a compressed update has no JSON form
             content, signature = await run_in_threadpool(self._train, train_request, nonce, fmt)
         except WireError as exc:
             return _problem(str(exc), exc.status)
@@ -368,10 +404,17 @@ class _Node:
         _check_finite(request.global_weights)
         started = time.perf_counter()
         with self._lock:
-            update = self._train_round(request.round_id, request.global_weights)
+            update, encoded = self._train_round(request)
             self._save(request.round_id)
             self.rounds_trained += 1
-        signature = sign_update(self.settings.key, update, nonce, self._verifier)
+        if encoded is not None:
+            content = encode_compressed(update, encoded)
+            signature = sign_body(
+                self.settings.key, update.node_id, update.round_id, content, nonce
+            )
+        else:
+            content = encode_update(update, fmt)
+            signature = sign_update(self.settings.key, update, nonce, self._verifier)
         logger.info(
             "round %d: trained on %d samples, loss %.6f (%.3f s)",
             update.round_id,
@@ -379,13 +422,16 @@ class _Node:
             update.loss,
             time.perf_counter() - started,
         )
-        return encode_update(update, fmt), signature
+        return content, signature
 
-    def _train_round(self, round_id: int, weights: TensorMap) -> LocalUpdate:
-        """Train ``round_id`` by the round policy (see the class doc), under the lock.
+    def _train_round(self, request: TrainRequest) -> tuple[LocalUpdate, dict[str, Encoded] | None]:
+        """Train the request's round by the round policy (see the class doc), under the lock:
+        the update, and its encoding when the request asks for compression.
 
-        When training fails, the trainer, its state and the last round stay as they were.
+        When training or encoding fails, the trainer, its state and the last round stay as
+        they were.
         """
+        round_id = request.round_id
         trainer, before = self._trainer, self._state_before_last_round
         restore: TensorMap | None
         if round_id == self._last_round:  # asked again: redo it from the state before it
@@ -402,7 +448,10 @@ class _Node:
         else:
             restore = before = _copy(trainer.state_dict())
         try:
-            update = self._run(trainer, round_id, weights)
+            update = self._run(trainer, round_id, request.global_weights)
+            encoded = None
+            if request.compression is not None:
+                encoded = _encode(trainer, update, request.compression)
         except Exception:
             if restore is not None:
                 trainer.load_state_dict(restore)
@@ -410,7 +459,7 @@ class _Node:
         if trainer is not self._trainer:
             logger.warning("round %d: a new run: fresh trainer state", round_id)
         self._trainer, self._state_before_last_round, self._last_round = trainer, before, round_id
-        return update
+        return update, encoded
 
     def _run(self, trainer: NodeTrainer, round_id: int, weights: TensorMap) -> LocalUpdate:
         """The trainer's update for ``round_id``, or :class:`WireError` (422 or 500)."""
@@ -433,6 +482,18 @@ class _Node:
                 logger.error("round %d: %s", round_id, message)
                 raise WireError(message, 500)
         return update
+
+
+def _encode(
+    trainer: _NodeTrainer, update: LocalUpdate, compression: CompressionConfig
+) -> dict[str, Encoded]:
+    """The update's gradients encoded as the request asks, or :class:`WireError` (500)."""
+    try:
+        return trainer.encode(update.gradients, compression)
+    except ValueError as exc:  # e.g. values beyond fp16's range
+        message = f"cannot compress the update with {compression.codec}: {exc}"
+        logger.error("round %d: %s", update.round_id, message)
+        raise WireError(message, 500) from None
 
 
 def _copy(state: TensorMap) -> TensorMap:

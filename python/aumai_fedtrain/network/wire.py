@@ -26,11 +26,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aumai_fedtrain.inputs import describe_validation_error
-from aumai_fedtrain.models import LocalUpdate, TensorMap, as_stored, stored_name
+from aumai_fedtrain.models import (
+    CompressionConfig,
+    LocalUpdate,
+    TensorMap,
+    as_stored,
+    stored_name,
+)
 from aumai_fedtrain.screening import model_mismatch
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
+    "FORMAT_KEY",
     "JSON",
     "MAX_HEADER_BYTES",
     "MAX_TENSORS",
@@ -43,6 +50,7 @@ __all__ = [
     "TrainRequest",
     "WireError",
     "body_media_type",
+    "bounded_header",
     "count_values",
     "decode_nonce",
     "decode_request",
@@ -57,6 +65,8 @@ __all__ = [
     "response_media_type",
     "safetensors_body_bytes",
     "update_body_bytes",
+    "update_from_metadata",
+    "update_metadata",
 ]
 
 JSON = "application/json"
@@ -86,9 +96,11 @@ Expected = Mapping[str, tuple[int, ...]]
 """The model an update must match: tensor name -> shape; a :class:`TensorShape` also names
 the dtype (a plain tuple: float64)."""
 
-_FORMAT_KEY = "aumai-fedtrain"
+FORMAT_KEY = "aumai-fedtrain"
+"""The safetensors metadata key that names what a body is (a request, an update, ...)."""
 _REQUEST_KIND = "train-request/1"
 _UPDATE_KIND = "local-update/1"
+_COMPRESSION_KEY = "compression"
 _RESERVED_NAME = "__metadata__"
 _HEADER_LENGTH_BYTES = 8
 _DEFAULT_DTYPE_NAME = "F64"
@@ -123,12 +135,16 @@ class TrainRequest(BaseModel):
 
     Empty ``global_weights`` ask the node to start from its initial model (the first round of
     a run whose coordinator sends no parameters, as in the user guide's Pattern 3).
+    ``compression`` (absent: none) asks the node to answer its update compressed with that
+    codec (:mod:`~aumai_fedtrain.network.compressed`); in a safetensors request it is the
+    JSON text of the metadata's ``compression``.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     round_id: Annotated[int, Field(ge=0)]
     global_weights: TensorMap = Field(default_factory=dict)
+    compression: CompressionConfig | None = None
 
 
 class NonceAnswer(BaseModel):
@@ -161,12 +177,17 @@ def response_media_type(accept: str | None) -> str:
 def encode_request(request: TrainRequest, fmt: str) -> bytes:
     """Serialise a train request as ``fmt`` (:data:`JSON` or :data:`SAFETENSORS`)."""
     if _check_format(fmt) == JSON:
-        return request.model_dump_json().encode("utf-8")
-    return _pack(request.global_weights, _request_metadata(request.round_id))
+        return request.model_dump_json(exclude_none=True).encode("utf-8")
+    return _pack(request.global_weights, _request_metadata(request.round_id, request.compression))
 
 
-def _request_metadata(round_id: int) -> dict[str, str]:
-    return {_FORMAT_KEY: _REQUEST_KIND, "round_id": str(round_id)}
+def _request_metadata(
+    round_id: int, compression: CompressionConfig | None = None
+) -> dict[str, str]:
+    metadata = {FORMAT_KEY: _REQUEST_KIND, "round_id": str(round_id)}
+    if compression is not None:
+        metadata[_COMPRESSION_KEY] = compression.model_dump_json()
+    return metadata
 
 
 def decode_request(body: bytes, content_type: str) -> TrainRequest:
@@ -174,23 +195,30 @@ def decode_request(body: bytes, content_type: str) -> TrainRequest:
     if body_media_type(content_type) == JSON:
         return _validate(TrainRequest, body, "train request")
     tensors, metadata = _unpack(body, _REQUEST_KIND)
-    return _validate(
-        TrainRequest,
-        {"round_id": _field(metadata, "round_id"), "global_weights": tensors},
-        "train request",
-    )
+    fields: dict[str, object] = {
+        "round_id": _field(metadata, "round_id"),
+        "global_weights": tensors,
+    }
+    if _COMPRESSION_KEY in metadata:
+        try:
+            fields[_COMPRESSION_KEY] = json.loads(metadata[_COMPRESSION_KEY])
+        except json.JSONDecodeError:
+            raise WireError("invalid train request: its compression is not JSON") from None
+    return _validate(TrainRequest, fields, "train request")
 
 
 def encode_update(update: LocalUpdate, fmt: str) -> bytes:
     """Serialise a local update as ``fmt`` (:data:`JSON` or :data:`SAFETENSORS`)."""
     if _check_format(fmt) == JSON:
         return update.model_dump_json().encode("utf-8")
-    return _pack(update.gradients, _update_metadata(update))
+    return _pack(update.gradients, update_metadata(update))
 
 
-def _update_metadata(update: LocalUpdate) -> dict[str, str]:
+def update_metadata(update: LocalUpdate, kind: str = _UPDATE_KIND) -> dict[str, str]:
+    """The ``__metadata__`` of an update's safetensors body of ``kind``: its scalar fields as
+    strings."""
     return {
-        _FORMAT_KEY: _UPDATE_KIND,
+        FORMAT_KEY: kind,
         "node_id": update.node_id,
         "round_id": str(update.round_id),
         "loss": repr(update.loss),
@@ -229,16 +257,18 @@ def _item_bytes(shape: tuple[int, ...]) -> int:
     return _ITEM_BYTES[_dtype_of(shape)]
 
 
-def request_body_bytes(round_id: int, shapes: Expected) -> int:
+def request_body_bytes(
+    round_id: int, shapes: Expected, compression: CompressionConfig | None = None
+) -> int:
     """Bytes of the safetensors body of a train request for ``round_id`` with a model of
     ``shapes`` (what :func:`encode_request` makes), computed without building it."""
-    return safetensors_body_bytes(shapes, _request_metadata(round_id))
+    return safetensors_body_bytes(shapes, _request_metadata(round_id, compression))
 
 
 def update_body_bytes(update: LocalUpdate) -> int:
     """Bytes of ``update``'s safetensors body (what :func:`encode_update` makes), computed
     without building it."""
-    return safetensors_body_bytes(expected_tensors(update.gradients), _update_metadata(update))
+    return safetensors_body_bytes(expected_tensors(update.gradients), update_metadata(update))
 
 
 def decode_update(body: bytes, content_type: str, expected: Expected | None = None) -> LocalUpdate:
@@ -255,9 +285,15 @@ def decode_update(body: bytes, content_type: str, expected: Expected | None = No
             _check_json_counts(body, expected)
         return _validate(LocalUpdate, body, "update")
     tensors, metadata = _unpack(body, _UPDATE_KIND, expected)
+    return update_from_metadata(metadata, tensors)
+
+
+def update_from_metadata(metadata: Mapping[str, str], gradients: TensorMap) -> LocalUpdate:
+    """The update of a safetensors body's ``metadata`` (see :func:`update_metadata`) and
+    ``gradients``; :class:`WireError` names a missing or invalid field."""
     fields = {name: _field(metadata, name) for name in ("node_id", "round_id", "samples_used")}
     return _validate(
-        LocalUpdate, {**fields, "loss": _field(metadata, "loss"), "gradients": tensors}, "update"
+        LocalUpdate, {**fields, "loss": _field(metadata, "loss"), "gradients": gradients}, "update"
     )
 
 
@@ -336,10 +372,10 @@ def _unpack(
     from safetensors.numpy import load
 
     metadata = _check_header(_read_header(body, expected), expected)
-    if metadata.get(_FORMAT_KEY) != kind:
+    if metadata.get(FORMAT_KEY) != kind:
         raise WireError(
-            f"safetensors body is not a {kind} (metadata {_FORMAT_KEY!r} is "
-            f"{metadata.get(_FORMAT_KEY)!r})"
+            f"safetensors body is not a {kind} (metadata {FORMAT_KEY!r} is "
+            f"{metadata.get(FORMAT_KEY)!r})"
         )
     try:
         tensors = load(body)
@@ -355,6 +391,12 @@ def _read_header(body: bytes, expected: Expected | None) -> dict[str, Any]:
     limit = MAX_HEADER_BYTES
     if expected is not None:
         limit = min(limit, max_update_bytes(expected, SAFETENSORS) - _values_bytes(expected))
+    return bounded_header(body, limit)
+
+
+def bounded_header(body: bytes, limit: int) -> dict[str, Any]:
+    """The JSON header of a safetensors body (a dict, ``__metadata__`` included), read without
+    decoding any tensor; :class:`WireError` when malformed or longer than ``limit`` bytes."""
     length = int.from_bytes(body[:_HEADER_LENGTH_BYTES], "little")
     if len(body) < _HEADER_LENGTH_BYTES or length > len(body) - _HEADER_LENGTH_BYTES:
         raise WireError("malformed safetensors body (its header length exceeds the body)")
@@ -399,7 +441,7 @@ def _check_header(header: dict[str, Any], expected: Expected | None) -> dict[str
     return metadata if isinstance(metadata, dict) else {}
 
 
-def _field(metadata: dict[str, str], name: str) -> str:
+def _field(metadata: Mapping[str, str], name: str) -> str:
     if name not in metadata:
         raise WireError(f"safetensors metadata lacks {name!r}")
     return metadata[name]
