@@ -27,7 +27,6 @@ from aumai_fedtrain.compression import (
     encode,
     encode_body,
 )
-from aumai_fedtrain.network import HttpUpdateProvider
 from aumai_fedtrain.providers import InProcessProvider
 from aumai_fedtrain.simulation import (
     SimulationProvider,
@@ -277,10 +276,3 @@ def test_the_cli_compresses_on_request_and_names_bad_options() -> None:
     assert refused.stderr.strip() == (
         "Error: compression options: block_size: must be a power of two from 8 to 65536, got 100"
     )
-
-
-def test_real_nodes_refuse_a_codec_they_cannot_send_yet() -> None:
-    provider = HttpUpdateProvider({"node-000": b"k" * 32})
-
-    with pytest.raises(ValueError, match="not available with real nodes yet"):
-        provider.configure(TrainingConfig(compression=CompressionConfig(codec="int4")))

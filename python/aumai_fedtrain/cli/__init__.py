@@ -178,7 +178,7 @@ def run(
         raise InputError("--checkpoint-dir is empty: name a folder (e.g. --checkpoint-dir ./ckpt)")
     config = _load_config(config_path, {"num_nodes": nodes, "global_rounds": rounds, "seed": seed})
     config = with_aggregation(config, aggregation, simulated=network.get("nodes_file") is None)
-    config = with_compression(config, compression, real_nodes=network.get("nodes_file") is not None)
+    config = with_compression(config, compression)
     progress = RoundProgress(config.global_rounds, enabled=not as_json and is_terminal())
     if trainer_spec is None and network.get("nodes_file") is None:
         for option, spec in (("--model-init", model_init_spec), ("--evaluator", evaluator_spec)):

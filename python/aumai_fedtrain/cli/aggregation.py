@@ -137,11 +137,9 @@ def with_aggregation(
     return config.model_copy(update={"aggregation": aggregation})
 
 
-def with_compression(
-    config: TrainingConfig, options: dict[str, Any], real_nodes: bool
-) -> TrainingConfig:
+def with_compression(config: TrainingConfig, options: dict[str, Any]) -> TrainingConfig:
     """``config`` with the compression options that were given; :class:`InputError` for
-    invalid values. Simulated and real nodes (``real_nodes``) alike compress with them."""
+    invalid values. Simulated and real nodes alike compress with them."""
     given = {name: value for name, value in options.items() if value is not None}
     try:
         compression = CompressionConfig.model_validate({**config.compression.model_dump(), **given})
