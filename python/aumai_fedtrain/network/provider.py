@@ -488,6 +488,7 @@ class HttpUpdateProvider(UpdateProvider):
         )
         return {
             "content-type": self.wire_format,
+            "content-length": str(len(round_.body)),
             "accept": SAFETENSORS if round_.codec is not None else self.wire_format,
             "accept-encoding": "identity",
             NONCE_HEADER: nonce,
@@ -579,7 +580,7 @@ class HttpUpdateProvider(UpdateProvider):
                 with client.stream(
                     "POST",
                     url,
-                    content=round_.body,
+                    content=_body_slices(round_.body),
                     headers=self._headers(node, round_, nonce, node_nonce),
                     timeout=remaining,
                     extensions={"trace": attempt.trace},
@@ -1133,6 +1134,18 @@ def _read_some(response: httpx.Response, limit: int, traffic: _Traffic | None) -
         if size >= limit:
             break
     return b"".join(chunks)[:limit]
+
+
+_REQUEST_SLICE_BYTES = 1 << 20
+"""Bytes of the request body handed to the HTTP stack at a time (it copies what it is given:
+with the whole body, each of the round's requests in flight would hold a copy of the model)."""
+
+
+def _body_slices(body: bytes) -> Iterator[bytes]:
+    """``body`` in slices of :data:`_REQUEST_SLICE_BYTES` (sent with its ``content-length``,
+    so not chunked), each copied only as it is sent."""
+    for start in range(0, len(body), _REQUEST_SLICE_BYTES):
+        yield body[start : start + _REQUEST_SLICE_BYTES]
 
 
 def _read_limited(response: httpx.Response, limit: int, traffic: _Traffic | None) -> bytes:
