@@ -457,3 +457,47 @@ def test_repeated_node_log_lines_are_shown_once_per_window_with_a_count(
         "another line",
         "socket.accept() out of system resource (and 4 more times in 10 s)",
     ]
+
+
+def test_a_request_body_cut_off_by_the_node_is_not_counted_as_sent() -> None:
+    # Prepare: a node that hands out a nonce, then resets every POST after 64 KiB of a 40 MB
+    # body (more than the loopback socket buffers take, so the upload fails midway).
+    big = GlobalState(parameters={"w": np.zeros(5_000_000)})
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    stop = threading.Event()
+    posts: list[int] = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(REQUEST_TIMEOUT)
+                head = conn.recv(65536)
+                if head.startswith(b"GET /nonce "):
+                    nonce = json.dumps({"nonce": secrets.token_hex(16)}).encode()
+                    conn.sendall(http_answer(nonce, "application/json"))
+                    continue
+                posts.append(len(head))
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    provider = HttpUpdateProvider({"cut": KEY}, timeout=20, retries=1, backoff=0.1)
+    try:
+        # Execute
+        with pytest.raises(QuorumError, match="cut"):
+            provider.get_updates(1, big, [FederatedNode(node_id="cut", address=address)])
+    finally:
+        stop.set()
+        thread.join(timeout=COMMAND_TIMEOUT)
+        server.close()
+
+    # Assert: every attempt was cut off, and no body counts as sent.
+    assert len(posts) >= 2
+    stats = provider.round_stats(1)
+    assert stats is not None and stats.bytes_to_nodes == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import aumai_fedtrain.cli as cli_module
 from aumai_fedtrain import DiLoCoCoordinator, LocalUpdate
+from aumai_fedtrain import spool as spool_module
 from aumai_fedtrain.cli import cli
 from aumai_fedtrain.models import TrainingConfig, TrainingResult
 from aumai_fedtrain.simulation import simulated_nodes
@@ -80,7 +84,7 @@ def test_updates_beyond_the_allowance_wait_on_disk_and_the_run_is_unchanged(
     assert calls == {"put": [NAMES[2], NAMES[1]] * 2, "take": [NAMES[1], NAMES[2]] * 2}
     assert provider.released == [NAMES[i] for i in (2, 1, 0, 4)] * 2
     assert_same_run(spilled, in_memory)
-    assert list(tmp_path.iterdir()) == []  # the round's directory is gone
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_only_what_exceeds_the_allowance_goes_to_disk_the_last_in_node_order_first(
@@ -102,29 +106,31 @@ def test_the_default_allowance_keeps_small_updates_in_memory(
 
 
 def test_a_waiting_copy_changed_on_disk_drops_its_node_not_the_round(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    # Prepare: every file the spool writes gets one byte flipped.
+    # Prepare: the first byte of every update the spool writes is flipped on disk.
     put = UpdateSpool.put
 
     def tampered_put(self: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
         spooled = put(self, update)
-        data = bytearray(spooled.path.read_bytes())
-        data[0] ^= 1
-        spooled.path.write_bytes(bytes(data))
+        assert self._fd is not None
+        first = os.pread(self._fd, 1, spooled.offset)
+        os.pwrite(self._fd, bytes([first[0] ^ 1]), spooled.offset)
         return spooled
 
     monkeypatch.setattr(UpdateSpool, "put", tampered_put)
 
     # Execute
-    result = train(ScriptedProvider(SCRIPT), rounds=1, waiting_memory=0, spill_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="aumai_fedtrain"):
+        result = train(ScriptedProvider(SCRIPT), rounds=1, waiting_memory=0, spill_dir=tmp_path)
 
-    # Assert
+    # Assert: the round goes on without them, and the disk is named apart from the drops.
     record = result.history[0]
     assert record.participants == [NAMES[0], NAMES[4]]
     assert set(record.dropped) == {NAMES[1], NAMES[2], NAMES[3]}
-    assert "changed on disk" in record.dropped[NAMES[2]]
-    assert list(tmp_path.iterdir()) == []
+    assert record.dropped[NAMES[2]] == "its waiting copy changed on disk"
+    disk = [r.getMessage() for r in caplog.records if "read back from disk" in r.getMessage()]
+    assert len(disk) == 2 and NAMES[1] in disk[0] and "check the disk" in disk[0]
 
 
 def test_a_disk_that_refuses_keeps_waiting_updates_in_memory_and_says_so(
@@ -157,31 +163,56 @@ def test_a_second_update_of_a_node_waiting_on_disk_counts_neither(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_round_that_fails_removes_what_waits_on_disk(tmp_path: Path) -> None:
+def test_a_round_that_fails_closes_what_waits_on_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls = spool_spied(monkeypatch)
+    closed: list[UpdateSpool] = []
+    close = UpdateSpool.close
+
+    def spied_close(self: UpdateSpool) -> None:
+        closed.append(self)
+        close(self)
+
+    monkeypatch.setattr(UpdateSpool, "close", spied_close)
     provider = ScriptedProvider([2, 1, None])
     with pytest.raises(TypeError, match="expected Arrivals"):
         train(provider, rounds=1, waiting_memory=0, spill_dir=tmp_path)
+    assert calls["put"] == [NAMES[2], NAMES[1]]
+    assert len(closed) == 1 and closed[0]._fd is None
     assert list(tmp_path.iterdir()) == []
 
 
-def test_updates_wait_in_the_checkpoint_directory_by_default(
+def test_updates_wait_in_the_checkpoint_directory_by_default_in_a_file_no_one_sees(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    parents: list[Path | None] = []
-    put = UpdateSpool.put
+    # Prepare: where the spool makes its file, and what the directory shows after each write.
+    made_in: list[str | None] = []
+    seen: list[list[str]] = []
+    mkstemp, put = tempfile.mkstemp, UpdateSpool.put
 
-    def located_put(self: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
+    def recorded_mkstemp(**kwargs: Any) -> tuple[int, str]:
+        made_in.append(kwargs.get("dir"))
+        return mkstemp(**kwargs)
+
+    def looked_put(self: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
         spooled = put(self, update)
-        parents.append(spooled.path.parent.parent)
+        seen.append(sorted(path.name for path in tmp_path.iterdir()))
         return spooled
 
-    monkeypatch.setattr(UpdateSpool, "put", located_put)
+    monkeypatch.setattr(spool_module.tempfile, "mkstemp", recorded_mkstemp)
+    monkeypatch.setattr(UpdateSpool, "put", looked_put)
+
+    # Execute
     config = TrainingConfig(num_nodes=NODES, global_rounds=1, seed=3)
     DiLoCoCoordinator(waiting_memory=0).run_training(
         config, simulated_nodes(NODES), ScriptedProvider(SCRIPT), checkpoint_dir=tmp_path
     )
-    assert parents == [tmp_path, tmp_path]
-    assert not [path for path in tmp_path.iterdir() if "waiting" in path.name]
+
+    # Assert: one file for the round, in the checkpoint directory, never visible there.
+    assert made_in == [tmp_path]
+    assert len(seen) == 2
+    assert all(not [name for name in names if "waiting" in name] for names in seen)
 
 
 def test_bad_spill_settings_are_named(tmp_path: Path) -> None:
@@ -210,6 +241,7 @@ def test_the_spool_gives_back_exactly_what_it_took(values: np.ndarray, tmp_path:
     )
     spooled = spool.put(update)
     assert spooled.update.gradients == {}
+    assert list(tmp_path.iterdir()) == []  # the file is unlinked at once
     back = spool.take(spooled)
     assert list(back.gradients) == ["b", "a"]
     for key, expected in update.gradients.items():
@@ -217,32 +249,60 @@ def test_the_spool_gives_back_exactly_what_it_took(values: np.ndarray, tmp_path:
         assert back.gradients[key].shape == expected.shape
         assert back.gradients[key].tobytes() == expected.tobytes()
     assert back.model_dump(exclude={"gradients"}) == update.model_dump(exclude={"gradients"})
-    assert not spooled.path.exists()
     spool.close()
-    assert list(tmp_path.iterdir()) == []
 
 
-def test_a_truncated_or_missing_waiting_copy_is_a_spool_error(tmp_path: Path) -> None:
+def test_a_truncated_waiting_copy_or_a_closed_spool_is_a_spool_error(tmp_path: Path) -> None:
     spool = UpdateSpool(tmp_path)
     update = LocalUpdate(
         node_id="n", round_id=1, gradients={"w": np.ones(8)}, loss=1.0, samples_used=1
     )
-    spooled = spool.put(update)
-    spooled.path.write_bytes(spooled.path.read_bytes()[:-1])
+    first, second = spool.put(update), spool.put(update)
+    assert spool._fd is not None
+    os.ftruncate(spool._fd, second.offset + 63)  # one byte short of the second
+    assert spool.take(first).gradients["w"].tolist() == [1.0] * 8
     with pytest.raises(SpoolError, match=r"could not be read .*shorter"):
-        spool.take(spooled)
-    with pytest.raises(SpoolError, match="could not be read"):
-        spool.take(spool_put_and_remove(spool, update))
+        spool.take(second)
+    spool.close()
+    with pytest.raises(SpoolError, match="the spool was closed"):
+        spool.take(first)
+
+
+def test_a_failed_write_leaves_the_spool_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    spool = UpdateSpool(tmp_path)
+    update = LocalUpdate(
+        node_id="n", round_id=1, gradients={"w": np.arange(4.0)}, loss=1.0, samples_used=1
+    )
+    first = spool.put(update)
+    write_buffers = spool_module.write_buffers
+
+    def half_then_full(fd: int, buffers: list[memoryview]) -> None:
+        write_buffers(fd, [buffers[0][:10]])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "write_buffers", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        spool.put(update)
+    monkeypatch.setattr(spool_module, "write_buffers", write_buffers)
+    third = spool.put(update)
+    assert third.offset == first.offset + 32
+    assert spool.take(third).gradients["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
     spool.close()
 
 
-def spool_put_and_remove(spool: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
-    spooled = spool.put(update)
-    spooled.path.unlink()
-    return spooled
+def test_run_takes_the_waiting_memory_and_names_a_missing_spill_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    made: list[dict[str, Any]] = []
 
+    class Recorded(DiLoCoCoordinator):
+        def __init__(self, **kwargs: Any) -> None:
+            made.append(kwargs)
+            super().__init__(**kwargs)
 
-def test_run_takes_the_waiting_memory_and_names_a_missing_spill_dir(tmp_path: Path) -> None:
+    monkeypatch.setattr(cli_module, "DiLoCoCoordinator", Recorded)
     runner = CliRunner()
     ok = runner.invoke(
         cli,
@@ -250,6 +310,7 @@ def test_run_takes_the_waiting_memory_and_names_a_missing_spill_dir(tmp_path: Pa
          "--spill-dir", str(tmp_path), "--json"],
     )  # fmt: skip
     assert ok.exit_code == 0, ok.output
+    assert made == [{"waiting_memory": 0, "spill_dir": tmp_path}]
     missing = runner.invoke(cli, ["run", "--spill-dir", str(tmp_path / "nope")])
     assert missing.exit_code == 2
     assert "--spill-dir" in missing.output and "does not exist" in missing.output

@@ -215,9 +215,7 @@ class _StreamedMean:
         if waiting is None:
             return
         update, hold = waiting
-        if isinstance(update, SpooledUpdate):
-            update.path.unlink(missing_ok=True)
-        else:
+        if not isinstance(update, SpooledUpdate):  # (on disk, its space returns at close)
             self._waiting_bytes -= _gradient_bytes(update)
         if hold is not None:
             hold.let_go()
@@ -275,6 +273,14 @@ class _StreamedMean:
                 try:
                     update = self._spool.take(waiting_update)
                 except SpoolError as exc:
+                    # The coordinator's disk failed, not the node: said apart from the drops.
+                    logger.warning(
+                        "the update of node %s could not be read back from disk (%s): it does "
+                        "not count this round; check the disk of the spill directory",
+                        waiting_update.node_id,
+                        exc,
+                        extra={"event": "spill_failed", "node_id": waiting_update.node_id},
+                    )
                     self._refused[waiting_update.node_id] = (
                         self._position[waiting_update.node_id],
                         str(exc),
@@ -338,9 +344,10 @@ class DiLoCoCoordinator:
         update (:data:`DEFAULT_WAITING_MEMORY`); beyond it they wait on disk, so the
         coordinator holds the running sum, the answers in flight and at most this much.
     spill_dir
-        An existing directory where those updates wait (in a private subdirectory, removed
-        at the end of each round): the checkpoint directory by default, else the system's
-        temporary directory. Choose a disk, not a ``tmpfs`` (which is memory).
+        An existing directory where those updates wait, in one file per round that is
+        unlinked as soon as it is made (nothing is left behind, even by a killed run): the
+        checkpoint directory by default, else the system's temporary directory. Choose a
+        disk, not a ``tmpfs`` (which is memory).
     """
 
     def __init__(

@@ -2,18 +2,18 @@
 
 The streamed mean folds updates in node-list order, so an update that arrives before an
 earlier node's waits. Beyond the coordinator's allowance for waiting updates
-(``DiLoCoCoordinator(waiting_memory=...)``) they wait here: each update's gradients are written
-as raw bytes to a file of a private directory (mode 0700, created on first use, removed by
-:meth:`UpdateSpool.close`), their SHA-256 kept in memory, and read back (the digest checked)
-when their turn comes. Only the gradients go to disk; the update's other fields stay in memory.
+(``DiLoCoCoordinator(waiting_memory=...)``) they wait here: each update's gradients are
+appended as raw bytes to one file per round, their SHA-256 kept in memory, and read back (the
+digest checked) when their turn comes. The file is unlinked as soon as it is made (mode 0600):
+nothing is visible in its directory, and the space returns to the file system when the spool
+is closed or the process dies, killed or not. Only the gradients go to disk; the update's other
+fields stay in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,9 @@ from aumai_fedtrain.files import write_buffers
 from aumai_fedtrain.models import LocalUpdate
 
 __all__ = ["SpoolError", "SpooledUpdate", "UpdateSpool"]
+
+_READ_BYTES = 8 * 1024 * 1024
+"""Bytes read back at a time (each read is copied into the update's arrays)."""
 
 
 class SpoolError(OSError):
@@ -42,7 +45,7 @@ class SpooledUpdate:
     """An update whose gradients wait on disk: the update without them, and where they are."""
 
     update: LocalUpdate
-    path: Path
+    offset: int
     entries: tuple[_Entry, ...]
     sha256: bytes
 
@@ -52,80 +55,82 @@ class SpooledUpdate:
 
 
 class UpdateSpool:
-    """A private directory of waiting updates' gradients (see the module).
+    """One round's waiting updates on disk (see the module); close it at the end of the round.
 
     Parameters
     ----------
     parent
-        Where the directory is made; the system's temporary directory (``TMPDIR``) by default.
+        Where the (at once unlinked) file is made; the system's temporary directory
+        (``TMPDIR``) by default.
     """
 
     def __init__(self, parent: str | Path | None = None) -> None:
         self._parent = parent
-        self._directory: Path | None = None
-        self._count = 0
+        self._fd: int | None = None
+        self._end = 0
 
     def put(self, update: LocalUpdate) -> SpooledUpdate:
-        """Write ``update``'s gradients to a new file; raises ``OSError`` (nothing left behind)."""
-        if self._directory is None:
-            self._directory = Path(
-                tempfile.mkdtemp(prefix="aumai-fedtrain-waiting-", dir=self._parent)
-            )
-        self._count += 1
-        path = self._directory / f"{self._count}.bin"
+        """Append ``update``'s gradients to the file; raises ``OSError`` (the file as before)."""
+        if self._fd is None:
+            fd, name = tempfile.mkstemp(prefix="aumai-fedtrain-waiting-", dir=self._parent)
+            os.unlink(name)
+            self._fd = fd
         arrays = [np.asarray(values, order="C") for values in update.gradients.values()]
         views = [array.reshape(-1).data.cast("B") for array in arrays]
         digest = hashlib.sha256()
         for view in views:
             digest.update(view)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        offset = self._end
         try:
-            write_buffers(fd, views)
+            write_buffers(self._fd, views)
         except BaseException:
-            os.close(fd)
-            path.unlink(missing_ok=True)
+            os.ftruncate(self._fd, offset)
+            os.lseek(self._fd, offset, os.SEEK_SET)
             raise
-        os.close(fd)
+        self._end = offset + sum(len(view) for view in views)
         entries = tuple(
             _Entry(key, array.dtype, array.shape)
             for key, array in zip(update.gradients, arrays, strict=True)
         )
         return SpooledUpdate(
-            update.model_copy(update={"gradients": {}}), path, entries, digest.digest()
+            update.model_copy(update={"gradients": {}}), offset, entries, digest.digest()
         )
 
     def take(self, spooled: SpooledUpdate) -> LocalUpdate:
-        """Read ``spooled``'s gradients back and delete their file; :class:`SpoolError` when
-        they are not what was written."""
-        try:
-            with spooled.path.open("rb", buffering=0) as handle:
-                gradients = {entry.key: _read_array(handle, entry) for entry in spooled.entries}
-                trailing = handle.read(1)
-        except OSError as exc:
-            raise SpoolError(f"its waiting copy {spooled.path} could not be read ({exc})") from None
-        finally:
-            spooled.path.unlink(missing_ok=True)
+        """Read ``spooled``'s gradients back; :class:`SpoolError` when they cannot be read or
+        are not what was written."""
+        if self._fd is None:
+            raise SpoolError("its waiting copy is gone: the spool was closed")
+        gradients: dict[str, np.ndarray] = {}
+        offset = spooled.offset
         digest = hashlib.sha256()
-        for values in gradients.values():
-            digest.update(values.reshape(-1).data.cast("B"))
-        if trailing or digest.digest() != spooled.sha256:
-            raise SpoolError(f"its waiting copy {spooled.path} changed on disk")
+        try:
+            for entry in spooled.entries:
+                values = np.empty(entry.shape, dtype=entry.dtype)
+                view = values.reshape(-1).data.cast("B")
+                _read_into(self._fd, view, offset)
+                digest.update(view)
+                offset += len(view)
+                gradients[entry.key] = values
+        except OSError as exc:
+            raise SpoolError(f"its waiting copy on disk could not be read ({exc})") from None
+        if digest.digest() != spooled.sha256:
+            raise SpoolError("its waiting copy changed on disk")
         return spooled.update.model_copy(update={"gradients": gradients})
 
     def close(self) -> None:
-        """Remove the directory and whatever still waits in it."""
-        if self._directory is not None:
-            shutil.rmtree(self._directory, ignore_errors=True)
-            self._directory = None
+        """Close the file: the file system takes its space back."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
-def _read_array(handle: io.FileIO, entry: _Entry) -> np.ndarray:
-    values = np.empty(entry.shape, dtype=entry.dtype)
-    view = values.reshape(-1).data.cast("B")
+def _read_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the file's bytes from ``offset``."""
     done = 0
     while done < len(view):
-        read = handle.readinto(view[done:])
-        if not read:
-            raise SpoolError("the file is shorter than what was written")
-        done += read
-    return values
+        data = os.pread(fd, min(_READ_BYTES, len(view) - done), offset + done)
+        if not data:
+            raise OSError("the file is shorter than what was written")
+        view[done : done + len(data)] = data
+        done += len(data)

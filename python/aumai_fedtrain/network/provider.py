@@ -577,6 +577,7 @@ class HttpUpdateProvider(UpdateProvider):
                 remaining = deadline.remaining()
                 if remaining <= 0:
                     raise too_late
+                attempt.body_sent = False  # (the nonce request's empty body set it)
                 with client.stream(
                     "POST",
                     url,
