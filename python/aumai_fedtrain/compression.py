@@ -73,6 +73,7 @@ __all__ = [
     "compressing",
     "decode",
     "decode_body",
+    "decode_bytes",
     "encode",
     "encode_body",
 ]

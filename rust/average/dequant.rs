@@ -32,8 +32,8 @@ const LANES: usize = 32;
 /// at least this many.
 const MIN_BLOCK: usize = 8;
 
-/// Output elements per block (32 KiB of float64), kept in the core's first-level cache while
-/// every term is added to it.
+/// Output elements per block (128 KiB of float64), kept in the core's second-level cache while
+/// every term is added to it (4,096 measured the same at N = 100 x P = 10^6).
 const DEQUANT_BLOCK: usize = 16 * 1024;
 
 /// Terms decoded and added to a block in one pass.
@@ -293,9 +293,9 @@ fn add_group<const FIRST: bool>(acc: &mut [f64], group: &Group<'_, '_>, precisio
                 (Levels::E3m0, Single) => fused::<FIRST, Blockwise<E3m0, Single32>>(acc, group),
                 (Levels::E3m0, Half) => fused::<FIRST, Blockwise<E3m0, Half16>>(acc, group),
             },
-            (Codes::Fp16(_), _) => fused::<FIRST, Halves>(acc, group),
-            (Codes::Bf16(_), Half) => fused::<FIRST, Brains<Half16>>(acc, group),
-            (Codes::Bf16(_), Single | Double) => fused::<FIRST, Brains<Wide>>(acc, group),
+            (Codes::Fp16(_), _) => fused::<FIRST, Sixteen<Halves>>(acc, group),
+            (Codes::Bf16(_), Half) => fused::<FIRST, Sixteen<Brains<Half16>>>(acc, group),
+            (Codes::Bf16(_), Single | Double) => fused::<FIRST, Sixteen<Brains<Wide>>>(acc, group),
         },
     );
 }
@@ -463,8 +463,11 @@ impl Level for E3m0 {
 trait Round {
     /// `level * scale`, exact, rounded to the model's type.
     fn product(level: f32, scale: f32) -> f64;
-    /// A float32 value rounded to the model's type.
-    fn single(value: f32) -> f64;
+    /// A float32 value rounded to the model's type (as it is, for float32 and wider).
+    #[inline(always)]
+    fn single(value: f32) -> f64 {
+        f64::from(value)
+    }
 }
 
 /// A float64 model: the product is exact, a float32 stays as it is.
@@ -479,20 +482,12 @@ impl Round for Wide {
     fn product(level: f32, scale: f32) -> f64 {
         f64::from(level) * f64::from(scale)
     }
-    #[inline(always)]
-    fn single(value: f32) -> f64 {
-        f64::from(value)
-    }
 }
 
 impl Round for Single32 {
     #[inline(always)]
     fn product(level: f32, scale: f32) -> f64 {
         f64::from(level * scale)
-    }
-    #[inline(always)]
-    fn single(value: f32) -> f64 {
-        f64::from(value)
     }
 }
 
@@ -590,37 +585,37 @@ fn half_to_f32(bits: u16) -> f32 {
     f32::from_bits(sign | if rest >= 0x7c00 { special } else { scaled })
 }
 
-/// An fp16 term: every half is exactly a value of any model's float type (16 bits or wider).
-struct Halves<'a>(&'a [u8]);
+/// How a 16-bit code becomes the model's value.
+trait Float16 {
+    fn value(bits: u16) -> f64;
+}
 
-impl<'a> Decoder<'a> for Halves<'a> {
-    fn new(codes: Codes<'a>) -> Self {
-        let Codes::Fp16(codes) = codes else {
-            unreachable!("a group holds one codec")
-        };
-        Self(codes)
-    }
+/// fp16: every half is exactly a value of any model's float type (16 bits or wider).
+struct Halves;
+
+impl Float16 for Halves {
     #[inline(always)]
-    fn prefetch(&self, start: usize) {
-        prefetch(self.0, 2 * start + PREFETCH_AHEAD);
-    }
-    #[inline(always)]
-    fn chunk(&self, start: usize) -> [f64; LANES] {
-        let codes = chunk16(self.0, start);
-        std::array::from_fn(|lane| f64::from(half_to_f32(codes[lane])))
-    }
-    #[inline(always)]
-    fn one(&self, index: usize) -> f64 {
-        f64::from(half_to_f32(bits16(self.0, index)))
+    fn value(bits: u16) -> f64 {
+        f64::from(half_to_f32(bits))
     }
 }
 
-/// A bf16 term: the float32 of its bits, rounded to the model's type by `R`.
-struct Brains<'a, R>(&'a [u8], std::marker::PhantomData<R>);
+/// bf16: the float32 of its bits, rounded to the model's type by `R`.
+struct Brains<R>(std::marker::PhantomData<R>);
 
-impl<'a, R: Round> Decoder<'a> for Brains<'a, R> {
+impl<R: Round> Float16 for Brains<R> {
+    #[inline(always)]
+    fn value(bits: u16) -> f64 {
+        R::single(f32::from_bits(u32::from(bits) << 16))
+    }
+}
+
+/// A term of 16-bit codes, decoded by `F`.
+struct Sixteen<'a, F>(&'a [u8], std::marker::PhantomData<F>);
+
+impl<'a, F: Float16> Decoder<'a> for Sixteen<'a, F> {
     fn new(codes: Codes<'a>) -> Self {
-        let Codes::Bf16(codes) = codes else {
+        let (Codes::Fp16(codes) | Codes::Bf16(codes)) = codes else {
             unreachable!("a group holds one codec")
         };
         Self(codes, std::marker::PhantomData)
@@ -632,11 +627,11 @@ impl<'a, R: Round> Decoder<'a> for Brains<'a, R> {
     #[inline(always)]
     fn chunk(&self, start: usize) -> [f64; LANES] {
         let codes = chunk16(self.0, start);
-        std::array::from_fn(|lane| R::single(f32::from_bits(u32::from(codes[lane]) << 16)))
+        std::array::from_fn(|lane| F::value(codes[lane]))
     }
     #[inline(always)]
     fn one(&self, index: usize) -> f64 {
-        R::single(f32::from_bits(u32::from(bits16(self.0, index)) << 16))
+        F::value(bits16(self.0, index))
     }
 }
 
