@@ -282,16 +282,16 @@ fn add_group<const FIRST: bool>(acc: &mut [f64], group: &Group<'_, '_>, precisio
     simd::dispatch(
         #[inline(always)]
         || match (group.terms[0], precision) {
-            (Codes::Blockwise { levels, .. }, _) => match (levels, precision) {
-                (Levels::Int8, Double) => fused::<FIRST, Blockwise<Int8, Wide>>(acc, group),
-                (Levels::Int8, Single) => fused::<FIRST, Blockwise<Int8, Single32>>(acc, group),
-                (Levels::Int8, Half) => fused::<FIRST, Blockwise<Int8, Half16>>(acc, group),
-                (Levels::Int4, Double) => fused::<FIRST, Blockwise<Int4, Wide>>(acc, group),
-                (Levels::Int4, Single) => fused::<FIRST, Blockwise<Int4, Single32>>(acc, group),
-                (Levels::Int4, Half) => fused::<FIRST, Blockwise<Int4, Half16>>(acc, group),
-                (Levels::E3m0, Double) => fused::<FIRST, Blockwise<E3m0, Wide>>(acc, group),
-                (Levels::E3m0, Single) => fused::<FIRST, Blockwise<E3m0, Single32>>(acc, group),
-                (Levels::E3m0, Half) => fused::<FIRST, Blockwise<E3m0, Half16>>(acc, group),
+            (Codes::Blockwise { levels, block, .. }, _) => match (levels, precision) {
+                (Levels::Int8, Double) => blockwise::<FIRST, Int8, Wide>(acc, group, block),
+                (Levels::Int8, Single) => blockwise::<FIRST, Int8, Single32>(acc, group, block),
+                (Levels::Int8, Half) => blockwise::<FIRST, Int8, Half16>(acc, group, block),
+                (Levels::Int4, Double) => blockwise::<FIRST, Int4, Wide>(acc, group, block),
+                (Levels::Int4, Single) => blockwise::<FIRST, Int4, Single32>(acc, group, block),
+                (Levels::Int4, Half) => blockwise::<FIRST, Int4, Half16>(acc, group, block),
+                (Levels::E3m0, Double) => blockwise::<FIRST, E3m0, Wide>(acc, group, block),
+                (Levels::E3m0, Single) => blockwise::<FIRST, E3m0, Single32>(acc, group, block),
+                (Levels::E3m0, Half) => blockwise::<FIRST, E3m0, Half16>(acc, group, block),
             },
             (Codes::Fp16(_), _) => fused::<FIRST, Sixteen<Halves>>(acc, group),
             (Codes::Bf16(_), Half) => fused::<FIRST, Sixteen<Brains<Half16>>>(acc, group),
@@ -304,20 +304,35 @@ fn add_group<const FIRST: bool>(acc: &mut [f64], group: &Group<'_, '_>, precisio
 /// hardware prefetchers alone read interleaved streams of codes at a few GB/s.
 const PREFETCH_AHEAD: usize = 2048;
 
-/// Ask the CPU to bring the cache line of `codes[at]` in, if `at` is in `codes`.
+/// Ask the CPU to bring the cache line of `codes[at]` in (past the end of `codes`, a line
+/// that is never read: a prefetch does not fault).
 #[inline(always)]
 fn prefetch(codes: &[u8], at: usize) {
     #[cfg(target_arch = "x86_64")]
-    if at < codes.len() {
-        // SAFETY: `at` is in bounds; a prefetch reads nothing and writes nothing.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                codes.as_ptr().add(at).cast(),
-            );
-        }
+    // SAFETY: a prefetch reads nothing into the program and writes nothing, whatever the
+    // address; the pointer is only computed (wrapping), never dereferenced.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            codes.as_ptr().wrapping_add(at).cast(),
+        );
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (codes, at);
+}
+
+/// [`fused`] for blockwise terms of blocks of `block` values: one scale per chunk for blocks
+/// of [`LANES`] or more.
+#[inline(always)]
+fn blockwise<const FIRST: bool, L: Level, R: Round>(
+    acc: &mut [f64],
+    group: &Group<'_, '_>,
+    block: usize,
+) {
+    if block >= LANES {
+        fused::<FIRST, Blockwise<L, R, true>>(acc, group);
+    } else {
+        fused::<FIRST, Blockwise<L, R, false>>(acc, group);
+    }
 }
 
 /// Decodes one term's values as the model's float type holds them, widened to float64.
@@ -502,8 +517,9 @@ impl Round for Half16 {
     }
 }
 
-/// A blockwise term: levels `L`, rounded to the model's type by `R`.
-struct Blockwise<'a, L, R> {
+/// A blockwise term: levels `L`, rounded to the model's type by `R`; `WIDE` when its blocks
+/// hold [`LANES`] values or more.
+struct Blockwise<'a, L, R, const WIDE: bool> {
     codes: &'a [u8],
     scales: &'a [f32],
     /// `log2` of the block size.
@@ -511,18 +527,21 @@ struct Blockwise<'a, L, R> {
     codec: std::marker::PhantomData<(L, R)>,
 }
 
-impl<L, R> Blockwise<'_, L, R> {
+impl<L, R, const WIDE: bool> Blockwise<'_, L, R, WIDE> {
     /// The scale of each value `start..start + LANES` (`start` a multiple of [`LANES`]): one
-    /// per run of [`MIN_BLOCK`] values, the same for a larger block.
+    /// when `WIDE`, else one per run of [`MIN_BLOCK`] values.
     #[inline(always)]
     fn scales_of(&self, start: usize) -> [f32; LANES] {
+        if WIDE {
+            return [self.scales[start >> self.shift]; LANES];
+        }
         let runs: [f32; LANES / MIN_BLOCK] =
             std::array::from_fn(|run| self.scales[(start + run * MIN_BLOCK) >> self.shift]);
         std::array::from_fn(|lane| runs[lane / MIN_BLOCK])
     }
 }
 
-impl<'a, L: Level, R: Round> Decoder<'a> for Blockwise<'a, L, R> {
+impl<'a, L: Level, R: Round, const WIDE: bool> Decoder<'a> for Blockwise<'a, L, R, WIDE> {
     fn new(codes: Codes<'a>) -> Self {
         let Codes::Blockwise {
             codes,
