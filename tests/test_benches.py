@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from aumai_fedtrain.backend import native_available
+
 BENCHES = Path(__file__).resolve().parent.parent / "benches"
 TIMEOUT = 300
 
@@ -98,3 +100,15 @@ def test_ray_benchmark_runs_aumai_at_two_node_counts() -> None:
     assert [row.split(" | ")[1] for row in rows] == ["8", "16"]
     losses = [row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows]
     assert all(float(loss) > 0 for loss in losses)
+
+
+def test_compression_benchmark_prints_every_codec_beside_the_plain_averages() -> None:
+    backend = "native" if native_available() else "python"
+    output = run_bench(str(BENCHES / "bench_compression.py"), "--quick", "--backend", backend)
+
+    rows = ["float64 weighted_average", "float32 weighted_average"]
+    rows += [f"{codec} average_encoded" for codec in ("int8", "int4", "e3m0", "fp16", "bf16")]
+    assert [row for row in rows if f"| {row} |" not in output] == [], output
+    assert "| float64 weighted_average | " in output and "| 1.00x |" in output
+    assert all(f"| {codec} | " in output for codec in ("int8", "int4", "e3m0", "fp16", "bf16"))
+    assert output.count("load average") == 2

@@ -13,6 +13,8 @@ reproduces, and serve as the fallback when the extension is unavailable:
 - :func:`wire_digest` is the SHA-256 of a binary layout of the map (its keys, dtypes, shapes
   and little-endian bytes, :mod:`aumai_fedtrain.digest`), what update signatures cover.
 - :func:`max_abs` is the largest magnitude of each value of many maps, what screening bounds.
+- :func:`dequantise_average` is the weighted average of one key's compressed updates:
+  :func:`aumai_fedtrain.compression.decode` of each, then :func:`weighted_average`.
 """
 
 from __future__ import annotations
@@ -448,3 +450,32 @@ def weighted_average(
     total = WeightedSum()
     total.fold(updates, weights, labels)
     return total.finish()
+
+
+def dequantise_average(
+    codec: str,
+    block_size: int,
+    dtype: str,
+    count: int,
+    codes: Sequence[np.ndarray],
+    scales: Sequence[np.ndarray | None],
+    weights: Sequence[float],
+) -> np.ndarray:
+    """The weighted average of ``count`` values that each update encodes with ``codec``.
+
+    The reference of the native kernel: each update's ``codes`` (its code bytes as a uint8
+    array) and ``scales`` (float32 block scales, None for fp16 and bf16) decoded by
+    :func:`aumai_fedtrain.compression.decode` to ``dtype`` (``"float16"``, ``"float32"`` or
+    ``"float64"``), then :func:`weighted_average` of the decoded arrays, as a flat array of
+    ``dtype``. :func:`aumai_fedtrain.compression.average_encoded` checks the codes and
+    weights before calling it.
+    """
+    # compression imports the models, which use the backends: import it when first needed.
+    from aumai_fedtrain.compression import decode_bytes
+
+    with np.errstate(over="ignore", invalid="ignore"):  # NaN and inf decode as they are
+        decoded = [
+            {"": decode_bytes(codec, block_size, dtype, count, piece, block_scales)}
+            for piece, block_scales in zip(codes, scales, strict=True)
+        ]
+    return weighted_average(decoded, weights)[""]

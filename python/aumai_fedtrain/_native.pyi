@@ -127,6 +127,34 @@ def weighted_average(
         (naming the key and the update).
     """
 
+def dequantise_average(
+    codec: str,
+    block_size: int,
+    dtype: str,
+    count: int,
+    codes: Sequence[np.ndarray],
+    scales: Sequence[np.ndarray | None],
+    weights: Sequence[float],
+) -> np.ndarray:
+    """The weighted average of ``count`` values that each update encodes with ``codec``
+    (``aumai_fedtrain._fallback.dequantise_average``, bit for bit), in one pass over the
+    compressed bytes with the GIL released, on every core for large inputs.
+
+    Each update's code bytes (a contiguous uint8 array) and float32 block scales (contiguous;
+    None for ``fp16`` and ``bf16``) are decoded ``LANES`` values at a time in a register and
+    added, ``acc = acc + (w_i * x_i)`` in update order, to a float64 block of the output that
+    stays in cache; the last pass divides by the weights' ordered sum and the block is rounded
+    once to ``dtype``. A value decodes as ``compression.decode`` decodes it: ``level * scale``
+    exact, rounded once to ``dtype`` (a float32 product for ``float32``, the same rounding).
+
+    Raises
+    ------
+    ValueError
+        An unknown codec or dtype, code or scale arrays of the wrong length, a block size that
+        is not a power of two >= 8, non-contiguous arrays, weights as
+        :func:`weighted_average` refuses them, or all-zero weights.
+    """
+
 class WeightedSum:
     """A running per-key weighted mean: :meth:`fold` batches of updates as they come,
     :meth:`finish` once (``aumai_fedtrain._fallback.WeightedSum``, bit for bit).

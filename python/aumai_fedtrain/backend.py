@@ -61,6 +61,17 @@ class Backend(Protocol):
         labels: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]: ...
 
+    def dequantise_average(
+        self,
+        codec: str,
+        block_size: int,
+        dtype: str,
+        count: int,
+        codes: Sequence[np.ndarray],
+        scales: Sequence[np.ndarray | None],
+        weights: Sequence[float],
+    ) -> np.ndarray: ...
+
 
 def _load_native() -> tuple[ModuleType | None, str | None]:
     """The native extension if it is usable, else None and what is wrong with it."""

@@ -31,13 +31,19 @@ whatever the model's size: ``codes`` (every tensor's codes, in the model's sorte
 each tensor starting on a byte) and ``scales`` (every block's float32 scale, in the same
 order), and the codec in the metadata; the receiver knows the model's shapes and dtypes, so
 the header names no per-tensor layout. :func:`decode_body` reads it back.
+
+**At the coordinator** (:func:`average_encoded`): the weighted mean of encoded updates is
+computed without decoding them first: the backend's kernel reads each update's codes and
+scales once, decodes them in registers and adds them into the float64 average, with the
+bits of decoding each update (:func:`decode`) and averaging the decoded arrays
+(``weighted_average``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -45,6 +51,8 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from aumai_fedtrain._fallback import EMPTY_UPDATES_MESSAGE, _check_weights
+from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.models import (
     CompressionCodec,
     CompressionConfig,
@@ -61,9 +69,11 @@ __all__ = [
     "CompressingTrainer",
     "Encoded",
     "ErrorFeedback",
+    "average_encoded",
     "compressing",
     "decode",
     "decode_body",
+    "decode_bytes",
     "encode",
     "encode_body",
 ]
@@ -181,6 +191,164 @@ def decode(encoded: Encoded) -> np.ndarray:
         per_value = np.repeat(encoded.scales.astype(np.float64), codec.block_size)[:count]
         wide = levels * per_value
     return wide.astype(encoded.dtype).reshape(encoded.shape)
+
+
+def decode_bytes(
+    codec: str,
+    block_size: int,
+    dtype: str,
+    count: int,
+    codes: np.ndarray,
+    scales: np.ndarray | None,
+) -> np.ndarray:
+    """:func:`decode` of ``count`` values given as their code bytes (a uint8 array) and
+    block scales, to a flat array of ``dtype``."""
+    chosen, model_dtype = Codec(codec, block_size), np.dtype(dtype)  # type: ignore[arg-type]
+    typed = _codes_from_bytes(codes, chosen, model_dtype)
+    return decode(Encoded(chosen, typed, scales, (count,), model_dtype))
+
+
+def average_encoded(
+    updates: Sequence[Mapping[str, Encoded]],
+    weights: Sequence[float],
+    labels: Sequence[str] | None = None,
+    backend: str | None = None,
+) -> TensorMap:
+    """Per-key weighted mean of encoded updates, dequantised inside the average.
+
+    The result is, bit for bit, ``weighted_average`` of the decoded updates
+    (``[{key: decode(e) for key, e in u.items()} for u in updates]``): per key, over the
+    updates that carry a non-empty value for it, ``sum(w_i * x_i) / sum(w_i)`` accumulated in
+    float64 in update order and rounded once to the model's float type. The native backend
+    gets it in one pass over the compressed bytes, never making a decoded copy of an update.
+
+    Parameters
+    ----------
+    updates
+        One map of key to :class:`Encoded` per node. The encodings of one key must agree in
+        codec (and block size for a blockwise codec), shape and float dtype.
+    weights
+        One finite, non-negative real number per update, as ``weighted_average`` takes them.
+    labels
+        Names of the updates for error messages; ``"update #i"`` by default.
+    backend
+        ``"native"``, ``"python"``, or None for the default (:func:`backend.get_backend`).
+
+    Returns
+    -------
+    TensorMap
+        Key (in order of first appearance) to the average in the encodings' shape and dtype;
+        an empty float64 array for a key that no update carries non-empty.
+
+    Raises
+    ------
+    ValueError
+        Empty ``updates``, weights as ``weighted_average`` refuses them, encodings of one key
+        that differ in codec, block size, shape or dtype (naming the key and both updates),
+        codes or scales that do not hold the encoding's values, or all-zero weights for a key.
+    TypeError
+        A weight that is not a real number, an update that is not a mapping, or a value that
+        is not an :class:`Encoded`.
+    """
+    if len(updates) == 0:
+        raise ValueError(EMPTY_UPDATES_MESSAGE)
+    checked, _ = _check_weights(weights, len(updates))
+    names = list(labels) if labels is not None else [f"update #{i}" for i in range(len(updates))]
+    if len(names) != len(updates):
+        raise ValueError(f"got {len(names)} labels for {len(updates)} updates")
+    carriers: dict[str, list[tuple[str, float, Encoded]]] = {}
+    for update, weight, label in zip(updates, checked, names, strict=True):
+        if not isinstance(update, Mapping):
+            raise TypeError(f"{label}: an update must be a mapping, got {type(update).__name__}")
+        for key, encoded in update.items():
+            if not isinstance(encoded, Encoded):
+                raise TypeError(
+                    f"{label}: gradient {key!r} is {type(encoded).__name__}, expected Encoded"
+                )
+            entries = carriers.setdefault(key, [])
+            if math.prod(encoded.shape):
+                _check_encoded(key, label, encoded)
+                entries.append((label, weight, encoded))
+    for key, entries in carriers.items():
+        for label, _, encoded in entries[1:]:
+            _check_agrees(key, (label, encoded), entries[0][0::2])
+    chosen = get_backend(backend)
+    result: TensorMap = {}
+    for key, entries in carriers.items():
+        if not entries:
+            result[key] = np.empty(0, dtype=np.float64)
+            continue
+        key_weights = [weight for _, weight, _ in entries]
+        if math.fsum(key_weights) == 0:
+            raise ValueError(f"gradient {key!r}: all weights of the updates that carry it are zero")
+        first = entries[0][2]
+        if first.codec.name == "none":
+            values = [{key: encoded.codes.reshape(first.shape)} for _, _, encoded in entries]
+            result[key] = chosen.weighted_average(values, key_weights)[key]
+            continue
+        flat = chosen.dequantise_average(
+            first.codec.name,
+            first.codec.block_size,
+            first.dtype.name,
+            math.prod(first.shape),
+            [_bytes_of(encoded.codes) for _, _, encoded in entries],
+            [encoded.scales for _, _, encoded in entries],
+            key_weights,
+        )
+        result[key] = flat.reshape(first.shape)
+    return result
+
+
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_encoded(key: str, label: str, encoded: Encoded) -> None:
+    """A ``ValueError`` unless ``encoded``'s codes and scales hold its values."""
+    site = f"gradient {key!r} from {label}"
+    codec, dtype, count = encoded.codec, np.dtype(encoded.dtype), math.prod(encoded.shape)
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{site}: dtype {dtype} is not float16, float32 or float64")
+    code_dtype = _codes_from_bytes(np.empty(0, np.uint8), codec, dtype).dtype
+    codes = encoded.codes
+    if (
+        not isinstance(codes, np.ndarray)
+        or codes.dtype != code_dtype
+        or codes.size * (code_dtype.itemsize) != _code_bytes(codec, count, dtype)
+    ):
+        raise ValueError(
+            f"{site}: {codec.name} codes of {count} values are "
+            f"{_code_bytes(codec, count, dtype) // code_dtype.itemsize} {code_dtype} values"
+        )
+    if codec.blockwise:
+        blocks = math.ceil(count / codec.block_size)
+        scales = encoded.scales
+        if (
+            not isinstance(scales, np.ndarray)
+            or scales.dtype != np.float32
+            or scales.shape != (blocks,)
+        ):
+            raise ValueError(f"{site}: {codec.name} scales are {blocks} float32 values")
+
+
+def _check_agrees(key: str, entry: tuple[str, Encoded], first: tuple[str, Encoded]) -> None:
+    """A ``ValueError`` unless ``entry``'s encoding agrees with the key's ``first``."""
+    (label, encoded), (first_label, reference) = entry, first
+    codec, first_codec = encoded.codec, reference.codec
+    for what, mine, theirs in (
+        ("shape", encoded.shape, reference.shape),
+        ("codec", codec.name, first_codec.name),
+        (
+            "block size",
+            codec.block_size if codec.blockwise else None,
+            first_codec.block_size if first_codec.blockwise else None,
+        ),
+        ("dtype", np.dtype(encoded.dtype), np.dtype(reference.dtype)),
+    ):
+        if mine != theirs:
+            raise ValueError(
+                f"gradient {key!r}: {what} {mine} from {label} does not match "
+                f"{what} {theirs} from {first_label}"
+            )
 
 
 def _block_scales(values: np.ndarray, codec: Codec) -> np.ndarray:

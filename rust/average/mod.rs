@@ -21,6 +21,7 @@
 //! [`WeightedSum`] computes the same result fold by fold as updates arrive (one float64
 //! accumulator per key, the updates not kept), with the same kernel and the same bits.
 
+mod dequant;
 mod kernel;
 mod running;
 
@@ -30,6 +31,7 @@ use crate::array::{Array, ArrayData, F16};
 use crate::error::AverageError;
 use crate::key::Key;
 use crate::{parallel, simd};
+pub use dequant::{dequantise_average, Codes, DequantError, Levels};
 use kernel::{fused_groups, Start, Term};
 pub use running::WeightedSum;
 
@@ -57,9 +59,12 @@ pub struct Average {
 
 /// The float types a result can take, narrowest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Precision {
+pub enum Precision {
+    /// float16.
     Half,
+    /// float32.
     Single,
+    /// float64.
     Double,
 }
 

@@ -6,10 +6,12 @@
 //! by NumPy, lists are copied into Rust vectors. The GIL is then released while the core
 //! hashes or averages.
 //!
+//! - `dequant`: the average of compressed updates, dequantised in its pass;
 //! - `input`: the entries of a gradient map and the kind of each value;
 //! - `lists`: lists and tuples of numbers;
 //! - `source`: values as core values, NumPy arrays through one array view.
 
+mod dequant;
 mod input;
 mod lists;
 mod robust;
@@ -38,6 +40,8 @@ use source::{average_source, gradient_sources, hash_source, Source, Take};
 /// Native hot paths of aumai-fedtrain (same contract as `aumai_fedtrain._fallback`).
 #[pymodule]
 mod _native {
+    #[pymodule_export]
+    use super::dequant::dequantise_average;
     #[pymodule_export]
     use super::robust::{median, pairwise_squared_distances, squared_distances, trimmed_mean};
     #[pymodule_export]
