@@ -70,6 +70,7 @@ __all__ = [
     "Encoded",
     "ErrorFeedback",
     "average_encoded",
+    "code_bytes",
     "compressing",
     "decode",
     "decode_body",
@@ -313,11 +314,11 @@ def _check_encoded(key: str, label: str, encoded: Encoded) -> None:
     if (
         not isinstance(codes, np.ndarray)
         or codes.dtype != code_dtype
-        or codes.size * (code_dtype.itemsize) != _code_bytes(codec, count, dtype)
+        or codes.size * (code_dtype.itemsize) != code_bytes(codec, count, dtype)
     ):
         raise ValueError(
             f"{site}: {codec.name} codes of {count} values are "
-            f"{_code_bytes(codec, count, dtype) // code_dtype.itemsize} {code_dtype} values"
+            f"{code_bytes(codec, count, dtype) // code_dtype.itemsize} {code_dtype} values"
         )
     if codec.blockwise:
         blocks = math.ceil(count / codec.block_size)
@@ -470,7 +471,7 @@ def decode_body(body: bytes, model: Mapping[str, np.ndarray]) -> dict[str, Encod
     for key in sorted(model):
         dtype, shape = np.asarray(model[key]).dtype, np.asarray(model[key]).shape
         count = math.prod(shape)
-        width = _code_bytes(codec, count, dtype)
+        width = code_bytes(codec, count, dtype)
         if byte_at + width > raw.size:
             raise ValueError(f"the compressed body is too short for tensor {key!r}")
         piece = raw[byte_at : byte_at + width]
@@ -505,7 +506,7 @@ def _bytes_of(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(codes).reshape(-1).view(np.uint8)
 
 
-def _code_bytes(codec: Codec, count: int, dtype: np.dtype[Any]) -> int:
+def code_bytes(codec: Codec, count: int, dtype: np.dtype[Any]) -> int:
     """Bytes of one tensor's codes of ``count`` values."""
     if codec.name == "none":
         return count * dtype.itemsize

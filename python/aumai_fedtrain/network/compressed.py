@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from aumai_fedtrain.compression import Codec, Encoded, _code_bytes, decode, decode_body, encode_body
+from aumai_fedtrain.compression import Codec, Encoded, code_bytes, decode, decode_body, encode_body
 from aumai_fedtrain.models import LocalUpdate, TensorMap
 from aumai_fedtrain.network.wire import (
     FORMAT_KEY,
@@ -66,7 +66,7 @@ def _layout(model: TensorMap, codec: Codec) -> tuple[int, int]:
     """Bytes of the codes and number of scales of an update of ``model`` encoded by ``codec``."""
     codes = scales = 0
     for value in model.values():
-        codes += _code_bytes(codec, value.size, value.dtype)
+        codes += code_bytes(codec, value.size, value.dtype)
         if codec.blockwise:
             scales += math.ceil(value.size / codec.block_size)
     return codes, scales
