@@ -24,6 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import cast
 
+from pydantic import ValidationError
+
 from aumai_fedtrain.coordinator import DiLoCoCoordinator, DivergenceError
 from aumai_fedtrain.models import (
     AggregationConfig,
@@ -177,7 +179,11 @@ def main() -> None:
     config = experiment_config(args.quick)
     attacks: list[str] = [CLEAN, *args.attacks]
     rules: list[AggregationRule] = ["mean", *(rule for rule in args.rules if rule != "mean")]
-    AggregationConfig.model_validate({"rule": "centered_clip", **args.options})  # fail early
+    try:
+        AggregationConfig.model_validate({"rule": "centered_clip", **args.options})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        parser.error(f"--options: {'.'.join(map(str, error['loc']))}: {error['msg']}")
     # The clean mean is every gap's baseline; the mean under attack only when it is asked for.
     cases = [
         (rule, attack)
