@@ -22,7 +22,10 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import cast
+
+import numpy as np
 
 from pydantic import ValidationError
 
@@ -30,7 +33,9 @@ from aumai_fedtrain.coordinator import DiLoCoCoordinator, DivergenceError
 from aumai_fedtrain.models import (
     AggregationConfig,
     AggregationRule,
+    LocalUpdate,
     SimulationConfig,
+    TensorMap,
     TrainingConfig,
 )
 from aumai_fedtrain.simulation import (
@@ -46,6 +51,8 @@ from aumai_fedtrain.simulation import (
 
 RULES: tuple[AggregationRule, ...] = ("mean", "median", "trimmed_mean", "centered_clip", "krum")
 CLEAN = "none"
+VALUE_ATTACKS = ("scale", "sign_flip", "noise", "alie")
+"""The attacks that reach the rules (screening drops the others)."""
 
 
 @dataclass
@@ -63,9 +70,11 @@ def test_loss(
     attack: str,
     attackers: int,
     options: dict[str, object] | None = None,
+    watch: Callable[[int, list[LocalUpdate], TensorMap], None] | None = None,
 ) -> float | None:
     """Final test loss of one run (None when the run diverged); ``options`` are further
-    :class:`AggregationConfig` fields for the robust rules."""
+    :class:`AggregationConfig` fields for the robust rules; ``watch(round, accepted updates,
+    aggregate)`` sees every round."""
     extra = options if options and rule != "mean" else {}
     aggregation = AggregationConfig.model_validate(
         {"rule": rule, "trim_fraction": 0.25, "krum_f": 2, **extra}
@@ -84,12 +93,51 @@ def test_loss(
             updates = provider.get_updates(round_id, state, nodes)
             accepted, _ = coordinator.screen(state, updates)
             state = coordinator.run_round(state, accepted)
+            if watch is not None:
+                watch(round_id, accepted, state.global_weights)
     except DivergenceError:
         return None
     assert state.parameters is not None
     features, labels = SyntheticTask(config.simulation, config.seed, cache_size=0).eval_set()
     half = len(labels) // 2
     return mlp.evaluate(state.parameters, features[half:], labels[half:])[0]
+
+
+def _flat(gradients: TensorMap) -> np.ndarray:
+    return np.concatenate(
+        [np.asarray(value, dtype=np.float64).ravel() for value in gradients.values()]
+    )
+
+
+def print_geometry(config: TrainingConfig, attacks: list[str], attackers: int) -> None:
+    """Where the attackers' updates sit among the honest ones in a ``centered_clip`` run:
+    L2 norms of the honest mean, of the honest updates' and the attackers' distances from it,
+    and of the errors of the rule's aggregate and of the plain mean of every update."""
+
+    bad = {node.node_id for node in simulated_nodes(config.num_nodes)[-attackers:]}
+
+    def watch(round_id: int, updates: list[LocalUpdate], aggregate: TensorMap) -> None:
+        if round_id not in (1, 10, 40, config.global_rounds):
+            return
+        honest = np.stack([_flat(u.gradients) for u in updates if u.node_id not in bad])
+        attacking = np.stack([_flat(u.gradients) for u in updates if u.node_id in bad])
+        center = honest.mean(axis=0)
+        spread = float(np.median(np.linalg.norm(honest - center, axis=1)))
+        everyone = np.concatenate([honest, attacking]).mean(axis=0)
+        print(
+            f"| {attack} | {round_id} | {np.linalg.norm(center):.3f} | {spread:.3f} | "
+            f"{np.linalg.norm(attacking - center, axis=1).max() / spread:.2f} | "
+            f"{np.linalg.norm(_flat(aggregate) - center):.3f} | "
+            f"{np.linalg.norm(everyone - center):.3f} |"
+        )
+
+    print(
+        "| attack | round | honest mean | honest distance, median | attacker / median | "
+        "centered_clip error | mean error |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for attack in attacks:
+        test_loss(config, "centered_clip", attack, attackers, watch=watch)
 
 
 def gap(loss: float | None, clean: float | None) -> str:
@@ -175,8 +223,17 @@ def main() -> None:
     )
     parser.add_argument("--processes", type=int, default=1, help="runs in parallel")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--geometry",
+        action="store_true",
+        help="instead: where the attackers sit among the honest updates (first seed)",
+    )
     args = parser.parse_args()
     config = experiment_config(args.quick)
+    if args.geometry:
+        seeded = config.model_copy(update={"seed": args.seeds[0]})
+        print_geometry(seeded, [a for a in args.attacks if a in VALUE_ATTACKS], args.attackers)
+        return
     attacks: list[str] = [CLEAN, *args.attacks]
     rules: list[AggregationRule] = ["mean", *(rule for rule in args.rules if rule != "mean")]
     try:

@@ -219,3 +219,19 @@ def test_the_attack_script_screens_one_rule_with_options() -> None:
         .splitlines()[-1]
         .endswith("error: --options: bucket_size: Input should be greater than 0")
     )
+
+
+def test_the_attack_script_shows_where_the_attacker_sits() -> None:
+    completed = _script("--geometry", "--attacks", "sign_flip", "alie", "nan")
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split(" | ") for line in completed.stdout.splitlines() if line[2:3].isalpha()]
+    assert [(row[0], row[1]) for row in rows[1:]] == [  # nan never reaches a rule
+        ("| sign_flip", "1"),
+        ("| sign_flip", "3"),
+        ("| alie", "1"),
+        ("| alie", "3"),
+    ]
+    ratios = {row[0][2:]: float(row[4]) for row in rows[1:] if row[1] == "1"}
+    # -x is farther from the honest mean than x; ALIE sits at the honest updates' distance.
+    assert ratios["sign_flip"] > 1.2
+    assert 0.8 < ratios["alie"] < 1.2
