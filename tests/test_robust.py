@@ -144,7 +144,8 @@ def test_bucket_means_and_bucketed_rules_are_bit_exact_on_both_backends(
     assert len(native) == len(python) == robust.bucket_count(len(updates), size)
     for left, right in zip(native, python, strict=True):
         assert_same_bits(left, right)
-    rule = data.draw(st.sampled_from(["median", "trimmed_mean", "centered_clip"]))
+    rules: list[AggregationRule] = ["median", "trimmed_mean", "centered_clip"]
+    rule = data.draw(st.sampled_from(rules))
     config = AggregationConfig(rule=rule, bucket_size=size)
     local = [
         LocalUpdate(node_id=f"n{i}", round_id=2, gradients=u, loss=1.0, samples_used=1)
