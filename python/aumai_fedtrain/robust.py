@@ -377,7 +377,7 @@ def _median_value(values: Sequence[float]) -> float:
     return (ordered[half - 1] + ordered[half]) * 0.5
 
 
-def check_centered_clip(tau: float | None, iterations: int, radius_multiple: float) -> None:
+def _check_centered_clip(tau: float | None, iterations: int, radius_multiple: float) -> None:
     """``ValueError`` naming the option when CenteredClip's parameters are invalid."""
     if tau is not None and not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"centered_clip: clip radius tau = {tau!r} must be finite and > 0")
@@ -416,7 +416,7 @@ def centered_clip(
         or shapes differ from the updates', no updates, keys or shapes that differ, or
         non-finite values.
     """
-    check_centered_clip(tau, iterations, radius_multiple)
+    _check_centered_clip(tau, iterations, radius_multiple)
     chosen = get_backend(backend)
     maps = _checked("centered_clip", updates, chosen)
     work = kernels(chosen)
@@ -642,12 +642,6 @@ class RobustAggregator:
         """The mean's weights of ``updates`` (``aggregation_weights``)."""
         return update_weights(updates, self.weighting)
 
-    @property
-    def needs_previous(self) -> bool:
-        """Whether :meth:`average` needs the previous round's aggregate (``centered_clip``
-        started from it: ``clip_start = "previous"``)."""
-        return self.config.rule == "centered_clip" and self.config.clip_start == "previous"
-
     def average(
         self,
         updates: Sequence[LocalUpdate],
@@ -655,7 +649,7 @@ class RobustAggregator:
     ) -> TensorMap:
         """Aggregate ``updates`` with the configured rule; ``previous`` is the previous round's
         aggregate (``GlobalState.global_weights``, which checkpoints keep), needed after round 1
-        when :attr:`needs_previous`."""
+        with ``clip_start = "previous"``."""
         if self.streams:
             return self._mean.average(updates)
         return aggregate(
