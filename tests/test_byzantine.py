@@ -81,12 +81,15 @@ def test_bad_attack_settings_are_value_errors() -> None:
         corrupt(updates, everyone, 0)
 
 
-def _run(rule: AggregationRule, attack: Attack | None, rounds: int = ROUNDS) -> list[float]:
-    """Eval losses per round of the built-in task, 8 nodes, node-003 attacking."""
+def _run(
+    rule: AggregationRule, attack: Attack | None, rounds: int = ROUNDS, **options: Any
+) -> list[float]:
+    """Eval losses per round of the built-in task, 8 nodes, node-003 attacking; ``options``
+    are further :class:`AggregationConfig` fields."""
     config = TrainingConfig(
         num_nodes=8,
         global_rounds=rounds,
-        aggregation=AggregationConfig(rule=rule, krum_f=2),
+        aggregation=AggregationConfig(rule=rule, krum_f=2, **options),
     )
     provider = (
         SimulationProvider()
@@ -107,9 +110,11 @@ def test_screening_stops_nan_and_inflated_samples_before_any_rule(
     seen: list[set[str]] = []
     average = RobustAggregator.average
 
-    def spy(self: RobustAggregator, updates: Sequence[LocalUpdate]) -> TensorMap:
+    def spy(
+        self: RobustAggregator, updates: Sequence[LocalUpdate], previous: Any = None
+    ) -> TensorMap:
         seen.append({update.node_id for update in updates})
-        return average(self, updates)
+        return average(self, updates, previous)
 
     running_sum = RobustAggregator.running_sum
 
@@ -149,6 +154,16 @@ def test_robust_rules_hold_a_scaled_attacker_that_wrecks_the_mean() -> None:
         assert _run(rule, "scale")[-1] < 1.25 * clean, rule
 
 
+@pytest.mark.parametrize("rule", ["median", "centered_clip"])
+def test_bucketed_rules_hold_a_scaled_attacker_through_the_coordinator(
+    rule: AggregationRule,
+) -> None:
+    clean = _run("mean", None)[-1]
+    bucketed = _run(rule, "scale", bucket_size=2)
+    assert bucketed[-1] < 1.25 * clean
+    assert bucketed != _run(rule, "scale")  # the buckets changed what the rule saw
+
+
 @pytest.mark.parametrize("attack", ["sign_flip", "noise", "alie"])
 def test_the_recommended_rule_holds_every_value_attack(attack: Attack) -> None:
     clean = _run("mean", None)[-1]
@@ -177,3 +192,46 @@ def test_the_attack_experiment_script_prints_its_table() -> None:
         "| nan",
     ]
     assert "| none | " in completed.stdout and "(+0.0%)" in completed.stdout
+
+
+def _script(*options: str) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).resolve().parents[1] / "examples" / "robust_attacks.py"
+    return subprocess.run(
+        [sys.executable, str(script), "--quick", "--seeds", "0", *options],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+
+
+def test_the_attack_script_screens_one_rule_with_options() -> None:
+    options = ["--attacks", "alie", "--rules", "centered_clip", "--processes", "2"]
+    completed = _script(*options, "--options", '{"bucket_size": 2}')
+    assert completed.returncode == 0, completed.stderr
+    assert 'robust rules\' options: {"bucket_size": 2}' in completed.stdout
+    assert "| attack | mean | centered_clip |" in completed.stdout
+    assert "| alie | not run | " in completed.stdout  # the mean runs clean only, as the baseline
+    bad = _script(*options, "--options", '{"bucket_size": 0}')
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip()
+        .splitlines()[-1]
+        .endswith("error: --options: bucket_size: Input should be greater than 0")
+    )
+
+
+def test_the_attack_script_shows_where_the_attacker_sits() -> None:
+    completed = _script("--geometry", "--attacks", "sign_flip", "alie", "nan")
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split(" | ") for line in completed.stdout.splitlines() if line[2:3].isalpha()]
+    assert [(row[0], row[1]) for row in rows[1:]] == [  # nan never reaches a rule
+        ("| sign_flip", "1"),
+        ("| sign_flip", "3"),
+        ("| alie", "1"),
+        ("| alie", "3"),
+    ]
+    ratios = {row[0][2:]: float(row[4]) for row in rows[1:] if row[1] == "1"}
+    # -x is farther from the honest mean than x; ALIE sits at the honest updates' distance.
+    assert ratios["sign_flip"] > 1.2
+    assert 0.8 < ratios["alie"] < 1.2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,13 @@ from hypothesis import strategies as st
 from aumai_fedtrain import robust
 from aumai_fedtrain.aggregation import average_updates
 from aumai_fedtrain.backend import get_backend, native_available
+from aumai_fedtrain.checkpoint import Checkpoint, checkpoint_lock, load_checkpoint, save_checkpoint
 from aumai_fedtrain.coordinator import DiLoCoCoordinator
 from aumai_fedtrain.models import (
     AggregationConfig,
     AggregationRule,
     FederatedNode,
+    GlobalState,
     LocalUpdate,
     TrainingConfig,
 )
@@ -121,6 +124,42 @@ def test_centered_clip_is_bit_exact_on_both_backends(
 
 @needs_native
 @SETTINGS
+@given(updates=update_sets(), data=st.data())
+def test_centered_clip_from_a_start_with_a_radius_multiple_is_bit_exact_on_both_backends(
+    updates: Maps, data: st.DataObject
+) -> None:
+    start = data.draw(st.one_of(st.none(), st.sampled_from(updates)))
+    multiple = data.draw(st.floats(0.05, 4.0))
+    both("centered_clip", updates, radius_multiple=multiple, start=start)
+
+
+@needs_native
+@SETTINGS
+@given(updates=update_sets(), size=st.integers(1, 4), seed=st.integers(-5, 5), data=st.data())
+def test_bucket_means_and_bucketed_rules_are_bit_exact_on_both_backends(
+    updates: Maps, size: int, seed: int, data: st.DataObject
+) -> None:
+    native = robust.bucket_means(updates, size, seed, 2, backend="native")
+    python = robust.bucket_means(updates, size, seed, 2, backend="python")
+    assert len(native) == len(python) == robust.bucket_count(len(updates), size)
+    for left, right in zip(native, python, strict=True):
+        assert_same_bits(left, right)
+    rules: list[AggregationRule] = ["median", "trimmed_mean", "centered_clip"]
+    rule = data.draw(st.sampled_from(rules))
+    config = AggregationConfig(rule=rule, bucket_size=size)
+    local = [
+        LocalUpdate(node_id=f"n{i}", round_id=2, gradients=u, loss=1.0, samples_used=1)
+        for i, u in enumerate(updates)
+    ]
+    weights = [1.0] * len(local)
+    left = robust.aggregate(local, config, weights, "native", seed=seed)
+    assert_same_bits(left, robust.aggregate(local, config, weights, "python", seed=seed))
+    for key, value in left.items():  # bucketing keeps the carriers' float type
+        assert value.dtype == np.result_type(*(update[key] for update in updates)), key
+
+
+@needs_native
+@SETTINGS
 @given(updates=update_sets(), multiple=st.floats(0.1, 3.0))
 def test_norm_clipping_is_bit_exact_on_both_backends(updates: Maps, multiple: float) -> None:
     native = robust.clip_norms(updates, multiple, backend="native")
@@ -216,6 +255,159 @@ def test_norm_clipping_scales_long_updates_to_the_multiple_of_the_median_norm(
 
 
 # --- errors --------------------------------------------------------------------------------------
+
+
+def test_centered_clip_from_a_start_steps_towards_the_updates(backend_name: str) -> None:
+    updates = [{"w": np.array([x, 0.0])} for x in (1.0, 3.0, 5.0)]
+    start = {"w": np.array([0.0, 0.0])}
+    # A radius past every distance: one step lands on the mean, whatever the start.
+    far = robust.centered_clip(updates, tau=100.0, iterations=1, backend=backend_name, start=start)
+    np.testing.assert_array_equal(far["w"], [3.0, 0.0])
+    # Radius 1: each update pulls by at most 1/N, so one step moves the start by exactly 1.
+    near = robust.centered_clip(updates, tau=1.0, iterations=1, backend=backend_name, start=start)
+    np.testing.assert_allclose(near["w"], [1.0, 0.0], rtol=0, atol=1e-15)
+    from_median = robust.centered_clip(updates, tau=1.0, iterations=1, backend=backend_name)
+    np.testing.assert_array_equal(from_median["w"], [3.0, 0.0])  # the median is the mean here
+
+
+def test_the_default_radius_is_the_multiple_of_the_median_distance_from_the_start(
+    backend_name: str,
+) -> None:
+    updates = [u.gradients for u in round_updates(5)]
+    start = {key: value * 0.5 for key, value in updates[1].items()}
+    distances = [math.sqrt(d) for d in robust.numpy_squared_distances(updates, start)]
+    radius = 0.3 * sorted(distances)[2]
+    assert_same_bits(
+        robust.centered_clip(updates, backend=backend_name, radius_multiple=0.3, start=start),
+        robust.centered_clip(updates, tau=radius, backend=backend_name, start=start),
+    )
+    median_start = robust.centered_clip(updates, backend=backend_name)
+    assert_same_bits(
+        median_start, robust.centered_clip(updates, backend=backend_name, radius_multiple=1.0)
+    )
+
+
+def test_buckets_are_a_partition_drawn_from_the_seed_and_round() -> None:
+    first = robust.buckets(8, 3, seed=7, round_id=4)
+    assert [len(bucket) for bucket in first] == [3, 3, 2]
+    assert sorted(i for bucket in first for i in bucket) == list(range(8))
+    assert all(bucket == sorted(bucket) for bucket in first)
+    assert robust.buckets(8, 3, seed=7, round_id=4) == first  # deterministic
+    others = {str(robust.buckets(8, 3, seed=7, round_id=r)) for r in range(1, 9)}
+    others |= {str(robust.buckets(8, 3, seed=s, round_id=4)) for s in range(8)}
+    assert len(others) > 8  # other rounds and seeds draw other buckets
+    singles = robust.buckets(5, 1, seed=0, round_id=1)
+    assert sorted(singles) == [[i] for i in range(5)]
+    assert robust.buckets(3, 5, seed=0, round_id=1) == [[0, 1, 2]]
+
+
+def test_bucket_means_average_each_bucket(backend_name: str) -> None:
+    updates = [u.gradients for u in round_updates(7)]
+    means = robust.bucket_means(updates, 2, seed=3, round_id=5, backend=backend_name)
+    for bucket, mean in zip(robust.buckets(7, 2, seed=3, round_id=5), means, strict=True):
+        for key in ("w", "b"):
+            expected = np.mean([updates[i][key] for i in bucket], axis=0)
+            np.testing.assert_allclose(mean[key], expected, rtol=1e-15, atol=1e-15)
+
+
+def test_bucketing_then_the_median_of_the_bucket_means(backend_name: str) -> None:
+    updates = round_updates(6)
+    config = AggregationConfig(rule="median", bucket_size=2)
+    result = robust.aggregate(updates, config, [1.0] * 6, backend_name, seed=11)
+    means = robust.bucket_means([u.gradients for u in updates], 2, 11, 1, backend_name)
+    assert_same_bits(result, robust.median(means, backend_name))
+    unbucketed = robust.aggregate(updates, AggregationConfig(rule="median"), [1.0] * 6)
+    assert not np.array_equal(result["w"], unbucketed["w"])
+
+
+def test_new_option_values_out_of_range_are_value_errors(backend_name: str) -> None:
+    updates = [u.gradients for u in round_updates(3)]
+    for multiple in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match=r"^centered_clip: radius multiple .* must be"):
+            robust.centered_clip(updates, radius_multiple=multiple, backend=backend_name)
+    with pytest.raises(ValueError, match=r"^centered_clip: the start has keys \['w'\]"):
+        robust.centered_clip(updates, start={"w": updates[0]["w"]}, backend=backend_name)
+    bad_shape = {"w": updates[0]["w"], "b": np.zeros(7)}
+    with pytest.raises(ValueError, match=r"^centered_clip: the start's 'b' has shape \(7,\)"):
+        robust.centered_clip(updates, start=bad_shape, backend=backend_name)
+    nan_start = {"w": updates[0]["w"] * np.nan, "b": updates[0]["b"]}
+    with pytest.raises(ValueError, match=r"^centered_clip: the start's 'w' has non-finite"):
+        robust.centered_clip(updates, start=nan_start, backend=backend_name)
+    with pytest.raises(ValueError, match=r"^bucketing: bucket size 0 must be >= 1$"):
+        robust.bucket_means(updates, 0, 0, 1, backend_name)
+    for bad in (
+        {"clip_radius_multiple": 0.0},
+        {"clip_start": "mean"},
+        {"bucket_size": 0},
+        {"rule": "mean", "bucket_size": 2},
+    ):
+        with pytest.raises(ValueError, match=r"clip_radius_multiple|clip_start|bucket_size"):
+            AggregationConfig.model_validate(bad)
+
+
+def test_the_previous_start_needs_the_previous_aggregate_after_round_one(
+    backend_name: str,
+) -> None:
+    config = TrainingConfig(
+        num_nodes=5, aggregation=AggregationConfig(rule="centered_clip", clip_start="previous")
+    )
+    aggregator = robust.RobustAggregator(config, backend_name)
+    first = round_updates(5)
+    assert_same_bits(  # round 1 has no previous aggregate: it starts from the median
+        aggregator.average(first), robust.centered_clip([u.gradients for u in first])
+    )
+    second = [u.model_copy(update={"round_id": 2}) for u in first]
+    with pytest.raises(ValueError, match=r"^centered_clip: clip_start 'previous' needs the "):
+        aggregator.average(second)
+    previous = aggregator.average(first)
+    assert_same_bits(
+        aggregator.average(second, previous),
+        robust.centered_clip([u.gradients for u in second], start=previous),
+    )
+
+
+def test_the_previous_aggregate_survives_a_checkpoint_bit_for_bit(
+    tmp_path: Path, backend_name: str
+) -> None:
+    """The hook's state is ``GlobalState.global_weights``: a resumed round aggregates alike."""
+    aggregation = AggregationConfig(rule="centered_clip", clip_start="previous", bucket_size=2)
+    config = TrainingConfig(num_nodes=6, aggregation=aggregation, seed=5)
+    updates = round_updates(6)
+    float32 = [
+        u.model_copy(update={"gradients": {k: v.astype(np.float32) for k, v in g.items()}})
+        for u, g in ((u, u.gradients) for u in updates)
+    ]
+    aggregator = robust.RobustAggregator(config, backend_name, num_nodes=6)
+    for batch in (updates, float32):
+        state = GlobalState(round_id=1, global_weights=aggregator.average(batch))
+        checkpoint = Checkpoint(
+            config=config,
+            node_ids=[u.node_id for u in batch],
+            state=state,
+            credits={},
+            history=[],
+            elapsed=0.0,
+        )
+        with checkpoint_lock(tmp_path):
+            save_checkpoint(tmp_path, checkpoint)
+        loaded = load_checkpoint(tmp_path)
+        assert loaded is not None
+        assert_same_bits(loaded.state.global_weights, state.global_weights)
+        second = [u.model_copy(update={"round_id": 2}) for u in batch]
+        resumed = robust.RobustAggregator(loaded.config, backend_name, num_nodes=6)
+        assert_same_bits(
+            resumed.average(second, loaded.state.global_weights),
+            aggregator.average(second, state.global_weights),
+        )
+
+
+def test_krum_counts_buckets_when_the_run_starts() -> None:
+    nodes = [FederatedNode(node_id=f"n{i}", address="sim://") for i in range(8)]
+    bucketed = AggregationConfig(rule="krum", krum_f=1, bucket_size=2)
+    DiLoCoCoordinator().initialize(TrainingConfig(num_nodes=8, aggregation=bucketed), nodes)
+    too_many = bucketed.model_copy(update={"krum_f": 2})
+    with pytest.raises(ValueError, match=r"^krum: N = 4 updates is too few for f = 2"):
+        DiLoCoCoordinator().initialize(TrainingConfig(num_nodes=8, aggregation=too_many), nodes)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -378,7 +570,9 @@ def test_run_aggregates_with_the_rule_chosen_on_the_command_line() -> None:
     median = _eval_loss("--aggregation", "median")
     krum = _eval_loss("--aggregation", "krum", "--krum-f", "1", "--krum-m", "1")
     clipped = _eval_loss("--aggregation", "median", "--norm-clip", "0.5")
-    assert len({mean, median, krum, clipped}) == 4
+    bucketed = _eval_loss("--aggregation", "median", "--bucket-size", "2")
+    wider = _eval_loss("--aggregation", "centered_clip", "--clip-radius-multiple", "0.25")
+    assert len({mean, median, krum, clipped, bucketed, wider}) == 6
 
 
 @pytest.mark.parametrize(
@@ -388,6 +582,14 @@ def test_run_aggregates_with_the_rule_chosen_on_the_command_line() -> None:
         (["--aggregation", "trimmed_mean", "--trim-fraction", "0.5"], "trim_fraction"),
         (["--aggregation", "krum"], "krum: N = 3 updates is too few for f = 2"),
         (["--norm-clip", "-1"], "norm_clip"),
+        (["--bucket-size", "2"], "bucket_size = 2 needs a robust rule"),
+        (["--aggregation", "median", "--bucket-size", "0"], "bucket_size"),
+        (["--clip-radius-multiple", "0"], "clip_radius_multiple"),
+        (["--clip-start", "last"], "Invalid value for '--clip-start'"),
+        (
+            ["--nodes", "8", "--aggregation", "krum", "--krum-f", "2", "--bucket-size", "2"],
+            "krum: N = 4 updates is too few for f = 2",
+        ),
     ],
 )
 def test_bad_aggregation_options_exit_2_with_one_line(options: list[str], message: str) -> None:

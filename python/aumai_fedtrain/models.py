@@ -24,6 +24,7 @@ from pydantic import (
     PlainValidator,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -226,7 +227,12 @@ class AggregationConfig(_Model):
     (clip radius ``clip_radius``, None: the round's median distance from the median;
     ``clip_iterations`` steps) or multi-``krum`` (``krum_f`` assumed attackers, ``krum_m``
     selected, None: ``N - krum_f``). ``norm_clip`` first scales every update down to at most
-    that multiple of the round's median update norm, whatever the rule.
+    that multiple of the round's median update norm, whatever the rule. ``centered_clip``
+    starts from ``clip_start``: the coordinate-wise ``median`` of the round, or the
+    ``previous`` round's aggregate; without ``clip_radius`` its radius is
+    ``clip_radius_multiple`` x the round's median distance from the start. ``bucket_size``
+    > 1 first averages random buckets of that many updates (drawn from the seed and round)
+    and applies the robust rule to the bucket means (not with the mean).
     """
 
     model_config = ConfigDict(
@@ -240,6 +246,18 @@ class AggregationConfig(_Model):
     krum_f: Annotated[int, Field(ge=0)] = 2
     krum_m: PositiveInt | None = None
     norm_clip: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    clip_start: Literal["median", "previous"] = "median"
+    clip_radius_multiple: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    bucket_size: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _bucketing_needs_a_robust_rule(self) -> AggregationConfig:
+        if self.bucket_size > 1 and self.rule == "mean":
+            raise ValueError(
+                f"bucket_size = {self.bucket_size} needs a robust rule (bucketing the mean "
+                "changes nothing but its weights)"
+            )
+        return self
 
 
 CompressionCodec = Literal["none", "fp16", "bf16", "int8", "int4", "e3m0"]

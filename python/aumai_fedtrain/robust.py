@@ -14,9 +14,15 @@ float32 result; every rule computes in float64 and rounds once at the end):
   the summed squared L2 distances to its ``N - f - 2`` nearest neighbours and average the ``m``
   best-scored updates;
 - :func:`centered_clip`: CenteredClip (Karimireddy et al. 2021, as in hivemind), started from
-  the round's coordinate-wise median (stateless: the previous round's aggregate is not kept);
+  the round's coordinate-wise median or (``clip_start = "previous"``) from the previous round's
+  aggregate, which the coordinator passes from ``GlobalState.global_weights`` (so checkpoints
+  already keep it); its default radius is a multiple of the round's median distance from the
+  start;
 - :func:`clip_norms`: per-update L2 norm clipping to a multiple of the round's median norm,
-  applied before any rule (:func:`aggregate` composes them).
+  applied before any rule (:func:`aggregate` composes them);
+- :func:`bucket_means`: bucketing (Karimireddy, He & Jaggi 2022): the means of random buckets
+  of ``s`` updates, drawn from the run's seed and the round, which the robust rule then
+  combines (after norm clipping).
 
 Sample weights buy no influence: the robust rules weigh every update equally, whatever
 ``samples_used`` a node claims (only the plain mean weighs by samples, and screening caps the
@@ -60,6 +66,9 @@ __all__ = [
     "LANES",
     "RobustAggregator",
     "aggregate",
+    "bucket_count",
+    "bucket_means",
+    "buckets",
     "centered_clip",
     "clip_norms",
     "krum",
@@ -69,6 +78,10 @@ __all__ = [
 
 LANES = 8
 """Lanes of every sum of squares (see the module docstring)."""
+
+_SEED_MODULUS = 1 << 128
+_BUCKETS = 0xB0C4E7
+"""The tag of the bucketing stream in its seed sequence ``(seed, tag, round)``."""
 
 
 class Kernels(Protocol):
@@ -364,46 +377,127 @@ def _median_value(values: Sequence[float]) -> float:
     return (ordered[half - 1] + ordered[half]) * 0.5
 
 
+def _check_centered_clip(tau: float | None, iterations: int, radius_multiple: float) -> None:
+    """``ValueError`` naming the option when CenteredClip's parameters are invalid."""
+    if tau is not None and not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"centered_clip: clip radius tau = {tau!r} must be finite and > 0")
+    if iterations < 1:
+        raise ValueError(f"centered_clip: iterations = {iterations} must be >= 1")
+    if not (math.isfinite(radius_multiple) and radius_multiple > 0):
+        raise ValueError(
+            f"centered_clip: radius multiple {radius_multiple!r} must be finite and > 0"
+        )
+
+
 def centered_clip(
     updates: Sequence[Mapping[str, np.ndarray]],
     tau: float | None = None,
     iterations: int = 3,
     backend: str | None = None,
+    *,
+    radius_multiple: float = 1.0,
+    start: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """CenteredClip: from ``v`` = the coordinate-wise median, ``iterations`` times
-    ``v <- v + sum_i c_i (x_i - v) / N`` with ``c_i = min(1, tau / ||x_i - v||)``.
+    """CenteredClip: from ``v`` = ``start`` (default: the coordinate-wise median),
+    ``iterations`` times ``v <- v + sum_i c_i (x_i - v) / N`` with
+    ``c_i = min(1, tau / ||x_i - v||)``.
 
     Each step is computed as the weighted mean of ``x_1 .. x_N, v`` with weights
     ``c_1 .. c_N, N - sum(c)`` (the backend's ``weighted_average``). ``tau`` is the clip radius
-    in L2 norm; None takes the median of the distances ``||x_i - v||`` from the start (the
-    round's own scale) and keeps it for every iteration.
+    in L2 norm; None takes ``radius_multiple`` x the median of the distances ``||x_i - v||``
+    from the start (the round's own scale) and keeps it for every iteration. ``start`` is
+    typically the previous round's aggregate (Karimireddy et al. 2021); it must have the
+    updates' keys and shapes.
 
     Raises
     ------
     ValueError
-        A non-positive ``tau`` or ``iterations``, no updates, keys or shapes that differ, or
+        A non-positive ``tau``, ``iterations`` or ``radius_multiple``, a ``start`` whose keys
+        or shapes differ from the updates', no updates, keys or shapes that differ, or
         non-finite values.
     """
-    if tau is not None and not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"centered_clip: clip radius tau = {tau!r} must be finite and > 0")
-    if iterations < 1:
-        raise ValueError(f"centered_clip: iterations = {iterations} must be >= 1")
+    _check_centered_clip(tau, iterations, radius_multiple)
     chosen = get_backend(backend)
     maps = _checked("centered_clip", updates, chosen)
     work = kernels(chosen)
-    center = work.median(maps)
+    center = work.median(maps) if start is None else _start(start, maps[0])
     count = len(maps)
     radius = tau
     for _ in range(iterations):
         distances = [math.sqrt(d) for d in work.squared_distances(maps, center)]
         if radius is None:
-            radius = _median_value(distances)
+            radius = radius_multiple * _median_value(distances)
         weights = [1.0 if d <= radius else radius / d for d in distances]
         kept = 0.0
         for weight in weights:
             kept = kept + weight
         center = _mean(chosen, [*maps, center], [*weights, max(0.0, count - kept)])
     return _in_carriers_dtype(center, maps)
+
+
+def _start(
+    start: Mapping[str, np.ndarray], first: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``start`` as float64 arrays in ``first``'s key order (``ValueError`` when it does not
+    match the updates' keys and shapes, or is not finite)."""
+    if start.keys() != first.keys():
+        raise ValueError(
+            f"centered_clip: the start has keys {sorted(start)}, the updates {sorted(first)}"
+        )
+    center = {}
+    for key, value in first.items():
+        array = np.asarray(start[key], dtype=np.float64)
+        if array.shape != value.shape:
+            raise ValueError(
+                f"centered_clip: the start's {key!r} has shape {array.shape}, the updates' "
+                f"{value.shape}"
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(f"centered_clip: the start's {key!r} has non-finite values")
+        center[key] = array
+    return center
+
+
+def bucket_count(count: int, size: int) -> int:
+    """How many buckets :func:`buckets` makes of ``count`` updates: ``ceil(count / size)``."""
+    return -(-count // size)
+
+
+def buckets(count: int, size: int, seed: int, round_id: int) -> list[list[int]]:
+    """The update indices ``0 .. count - 1`` in random buckets of ``size`` (the last one
+    smaller when ``size`` does not divide ``count``), each bucket in ascending order.
+
+    The permutation is drawn from ``(seed, round_id)`` alone, so a run, its resume and every
+    backend bucket a round alike.
+    """
+    if size < 1:
+        raise ValueError(f"bucketing: bucket size {size} must be >= 1")
+    rng = np.random.default_rng(np.random.SeedSequence((seed % _SEED_MODULUS, _BUCKETS, round_id)))
+    order = [int(i) for i in rng.permutation(count)]
+    return [sorted(order[i : i + size]) for i in range(0, count, size)]
+
+
+def bucket_means(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    size: int,
+    seed: int,
+    round_id: int,
+    backend: str | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Bucketing (Karimireddy, He & Jaggi 2022): the unweighted mean of each bucket of
+    :func:`buckets`, in bucket order, as float64 maps (a bucket of one is its update).
+
+    Raises
+    ------
+    ValueError
+        A bucket size below 1, no updates, keys or shapes that differ, or non-finite values.
+    """
+    chosen = get_backend(backend)
+    maps = _checked("bucketing", updates, chosen)
+    return [
+        _mean(chosen, [maps[i] for i in bucket], [1.0] * len(bucket))
+        for bucket in buckets(len(maps), size, seed, round_id)
+    ]
 
 
 def clip_norms(
@@ -440,22 +534,67 @@ def aggregate(
     config: AggregationConfig,
     weights: Sequence[float],
     backend: str | None = None,
+    *,
+    seed: int = 0,
+    previous: Mapping[str, np.ndarray] | None = None,
 ) -> TensorMap:
     """The configured rule over ``updates``, after norm clipping when ``config.norm_clip`` is
-    set. ``weights`` are used by the mean alone (the robust rules are unweighted)."""
+    set, then bucketing when ``config.bucket_size > 1`` (buckets drawn from ``seed`` and the
+    updates' round). ``weights`` are used by the mean alone (the robust rules are unweighted).
+
+    ``previous`` is the previous round's aggregate: ``centered_clip`` starts from it when
+    ``config.clip_start`` is ``"previous"``. It may be None (or empty) only in round 1, where
+    the rule starts from the median.
+
+    Raises
+    ------
+    ValueError
+        ``clip_start = "previous"`` without ``previous`` after round 1, and the rules' errors.
+    """
     gradients: list[Mapping[str, np.ndarray]] = [update.gradients for update in updates]
     if config.norm_clip is not None:
         gradients = list(clip_norms(gradients, config.norm_clip, backend))
     labels = [update.node_id for update in updates]
     if config.rule == "mean":
         return get_backend(backend).weighted_average(gradients, weights, labels)
+    round_id = updates[0].round_id if updates else 0
+    inputs = gradients
+    if config.bucket_size > 1:
+        inputs = list(bucket_means(gradients, config.bucket_size, seed, round_id, backend))
+    return _in_carriers_dtype(_robust_rule(inputs, config, round_id, previous, backend), gradients)
+
+
+def _robust_rule(
+    gradients: Sequence[Mapping[str, np.ndarray]],
+    config: AggregationConfig,
+    round_id: int,
+    previous: Mapping[str, np.ndarray] | None,
+    backend: str | None,
+) -> dict[str, np.ndarray]:
+    """The configured robust rule (not the mean) over ``gradients``."""
     if config.rule == "median":
         return median(gradients, backend)
     if config.rule == "trimmed_mean":
         return trimmed_mean(gradients, config.trim_fraction, backend)
     if config.rule == "krum":
         return krum(gradients, config.krum_f, config.krum_m, backend)
-    return centered_clip(gradients, config.clip_radius, config.clip_iterations, backend)
+    start = None
+    if config.clip_start == "previous":
+        if previous:
+            start = previous
+        elif round_id > 1:
+            raise ValueError(
+                f"centered_clip: clip_start 'previous' needs the previous round's aggregate "
+                f"in round {round_id} (none was given)"
+            )
+    return centered_clip(
+        gradients,
+        config.clip_radius,
+        config.clip_iterations,
+        backend,
+        radius_multiple=config.clip_radius_multiple,
+        start=start,
+    )
 
 
 class RobustAggregator:
@@ -480,10 +619,12 @@ class RobustAggregator:
     ) -> None:
         self.config = config.aggregation
         self.weighting = config.aggregation_weights
+        self.seed = config.seed
         self._backend = backend
         self._mean = GradientAverager(config.aggregation_weights, backend)
         if num_nodes is not None and self.config.rule == "krum":
-            check_krum(num_nodes, self.config.krum_f, self.config.krum_m)
+            count = bucket_count(num_nodes, self.config.bucket_size)
+            check_krum(count, self.config.krum_f, self.config.krum_m)
 
     @property
     def streams(self) -> bool:
@@ -501,8 +642,21 @@ class RobustAggregator:
         """The mean's weights of ``updates`` (``aggregation_weights``)."""
         return update_weights(updates, self.weighting)
 
-    def average(self, updates: Sequence[LocalUpdate]) -> TensorMap:
-        """Aggregate ``updates`` with the configured rule."""
+    def average(
+        self,
+        updates: Sequence[LocalUpdate],
+        previous: Mapping[str, np.ndarray] | None = None,
+    ) -> TensorMap:
+        """Aggregate ``updates`` with the configured rule; ``previous`` is the previous round's
+        aggregate (``GlobalState.global_weights``, which checkpoints keep), needed after round 1
+        with ``clip_start = "previous"``."""
         if self.streams:
             return self._mean.average(updates)
-        return aggregate(updates, self.config, self.weights(updates), self._backend)
+        return aggregate(
+            updates,
+            self.config,
+            self.weights(updates),
+            self._backend,
+            seed=self.seed,
+            previous=previous,
+        )

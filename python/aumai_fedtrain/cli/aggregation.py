@@ -16,7 +16,7 @@ from aumai_fedtrain.models import (
     CompressionConfig,
     TrainingConfig,
 )
-from aumai_fedtrain.robust import check_krum
+from aumai_fedtrain.robust import bucket_count, check_krum
 
 __all__ = [
     "AGGREGATION_OPTIONS",
@@ -58,6 +58,30 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (
         ("--clip-iterations", "clip_iterations"),
         {"type": int, "help": "centered_clip: clipping iterations (default 3)."},
+    ),
+    (
+        ("--clip-start", "clip_start"),
+        {
+            "type": click.Choice(["median", "previous"]),
+            "help": "centered_clip: start from the round's coordinate-wise median (default) or "
+            "the previous round's aggregate.",
+        },
+    ),
+    (
+        ("--clip-radius-multiple", "clip_radius_multiple"),
+        {
+            "type": float,
+            "help": "centered_clip without --clip-radius: the radius as this multiple of the "
+            "round's median distance from the start (default 1).",
+        },
+    ),
+    (
+        ("--bucket-size", "bucket_size"),
+        {
+            "type": int,
+            "help": "Robust rules: average random buckets of this many updates first, then "
+            "apply the rule to the bucket means (default 1: no bucketing).",
+        },
     ),
     (
         ("--krum-f", "krum_f"),
@@ -131,7 +155,8 @@ def with_aggregation(
     try:
         aggregation = AggregationConfig.model_validate(merged)
         if simulated and aggregation.rule == "krum":
-            check_krum(config.num_nodes, aggregation.krum_f, aggregation.krum_m)
+            buckets = bucket_count(config.num_nodes, aggregation.bucket_size)
+            check_krum(buckets, aggregation.krum_f, aggregation.krum_m)
     except (ValidationError, ValueError) as exc:
         raise InputError(f"aggregation options: {one_line(exc)}") from None
     return config.model_copy(update={"aggregation": aggregation})
