@@ -598,3 +598,39 @@ def test_bad_aggregation_options_exit_2_with_one_line(options: list[str], messag
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3  # click's usage lines for a bad choice
+
+
+def test_the_coordinator_starts_centered_clip_from_the_previous_aggregate(tmp_path: Path) -> None:
+    # Prepare
+    from aumai_fedtrain.simulation import SimulationProvider, simulated_nodes
+
+    def train(start: str, rounds: int, resume: bool = False, folder: str = "a") -> GlobalState:
+        aggregation = AggregationConfig(rule="centered_clip", clip_start=start)  # type: ignore[arg-type]
+        config = TrainingConfig(num_nodes=4, global_rounds=rounds, seed=5, aggregation=aggregation)
+        result = DiLoCoCoordinator().run_training(
+            config,
+            simulated_nodes(4),
+            SimulationProvider(),
+            checkpoint_dir=tmp_path / folder,
+            resume=resume,
+        )
+        assert result.final_state is not None and result.final_state.parameters is not None
+        return result.final_state
+
+    # Execute: 3 rounds from the previous aggregate, straight and resumed after round 2, and
+    # 3 rounds from the median.
+    straight = train("previous", 3)
+    train("previous", 2, folder="b")
+    resumed = train("previous", 3, resume=True, folder="b")
+    median = train("median", 3, folder="c")
+
+    # Assert: the start is used (rounds 2 and 3 differ from the median's), and it survives a
+    # resume bit for bit.
+    assert straight.parameters is not None and median.parameters is not None
+    assert resumed.parameters is not None
+    for key, values in straight.parameters.items():
+        assert resumed.parameters[key].tobytes() == values.tobytes(), key
+    assert any(
+        not np.array_equal(values, median.parameters[key])
+        for key, values in straight.parameters.items()
+    )

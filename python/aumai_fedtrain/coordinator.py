@@ -390,10 +390,16 @@ class DiLoCoCoordinator:
         params = _initial_parameters(parameters)
         return GlobalState(round_id=0, parameters=params, momentum=zero_momentum(params))
 
-    def collect_updates(self, updates: Sequence[LocalUpdate]) -> TensorMap:
-        """Average the updates' gradients per key (``ValueError`` when there are none)."""
+    def collect_updates(
+        self, updates: Sequence[LocalUpdate], previous: TensorMap | None = None
+    ) -> TensorMap:
+        """Aggregate the updates' gradients per key (``ValueError`` when there are none);
+        ``previous`` is the previous round's aggregate, which ``clip_start="previous"`` starts
+        from."""
         if not updates:
             raise ValueError(EMPTY_ROUND_MESSAGE)
+        if isinstance(self._averager, RobustAggregator):
+            return self._averager.average(updates, previous)
         return self._averager.average(updates)
 
     def screen(
@@ -432,7 +438,7 @@ class DiLoCoCoordinator:
         """Average screened ``updates``, take the outer step, check it and credit the nodes."""
         phases = phases if phases is not None else _Phases()
         with phases.timed("aggregate"):
-            delta = self.collect_updates(updates)
+            delta = self.collect_updates(updates, state.global_weights)
         return self._step(state, delta, updates, phases)
 
     def _step(
