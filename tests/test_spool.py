@@ -97,6 +97,20 @@ def test_only_what_exceeds_the_allowance_goes_to_disk_the_last_in_node_order_fir
     assert calls == {"put": [NAMES[2]], "take": [NAMES[2]]}
 
 
+def test_each_round_says_how_many_updates_waited_on_disk(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    with caplog.at_level(logging.INFO, logger="aumai_fedtrain"):
+        train(ScriptedProvider(SCRIPT), waiting_memory=0, spill_dir=tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "waited on disk" in r.getMessage()]
+    mib = 2 * one_update_bytes() / (1024 * 1024)
+    assert lines == [
+        f"round {r}: 2 updates waited on disk for an earlier node ({mib:.1f} MiB beyond "
+        "waiting_memory)"
+        for r in (1, 2)
+    ]
+
+
 def test_the_default_allowance_keeps_small_updates_in_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

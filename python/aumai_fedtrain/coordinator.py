@@ -142,6 +142,8 @@ class _StreamedMean:
         self._waiting_bytes = 0
         """Bytes of the gradients of the waiting updates held in memory."""
         self._spill_failed = False
+        self.spilled = (0, 0)
+        """Updates moved to disk this round, and their gradients' bytes."""
         self._sent: Counter[str] = Counter()
         self._silent: set[str] = set()
         """Nodes the provider said send no update this round."""
@@ -243,6 +245,7 @@ class _StreamedMean:
                 )
                 return
             self._waiting[position] = (spooled, None)
+            self.spilled = (self.spilled[0] + 1, self.spilled[1] + _gradient_bytes(update))
             self._waiting_bytes -= _gradient_bytes(update)
             if hold is not None:
                 hold.let_go()
@@ -697,6 +700,16 @@ class DiLoCoCoordinator:
             with phases.timed("collect"):
                 failures = run.provider.round_failures(round_id)
             stream.end(failures)
+        count, nbytes = stream.spilled
+        if count:
+            logger.info(
+                "round %d: %d updates waited on disk for an earlier node (%.1f MiB beyond "
+                "waiting_memory)",
+                round_id,
+                count,
+                nbytes / (1024 * 1024),
+                extra={"event": "spilled", "round_id": round_id, "updates": count},
+            )
         return stream
 
     def _require_config(self) -> TrainingConfig:
