@@ -244,9 +244,10 @@ class _StreamedMean:
                     extra={"event": "spill_failed"},
                 )
                 return
+            nbytes = _gradient_bytes(update)
             self._waiting[position] = (spooled, None)
-            self.spilled = (self.spilled[0] + 1, self.spilled[1] + _gradient_bytes(update))
-            self._waiting_bytes -= _gradient_bytes(update)
+            self.spilled = (self.spilled[0] + 1, self.spilled[1] + nbytes)
+            self._waiting_bytes -= nbytes
             if hold is not None:
                 hold.let_go()
             if self._waiting_bytes <= self._waiting_memory:
