@@ -73,19 +73,23 @@ def check_parity(
         same_bits(got[key], expected[key])
 
 
-@given(
-    data=st.data(),
-    codec=st.sampled_from(CODECS),
-    block=st.sampled_from([8, 16, 64]),
-    dtype=st.sampled_from(DTYPES),
-    shape=hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=45),
-    nodes=st.integers(1, 11),
-)
-@settings(
+ANY_ENCODINGS = {
+    "data": st.data(),
+    "block": st.sampled_from([8, 16, 64]),
+    "dtype": st.sampled_from(DTYPES),
+    "shape": hnp.array_shapes(min_dims=1, max_dims=2, min_side=0, max_side=45),
+    "nodes": st.integers(1, 11),
+}
+"""Strategies of arbitrary encodings of one key by each of ``nodes`` updates (with a codec)."""
+PARITY_SETTINGS = settings(
     max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+@given(codec=st.sampled_from(CODECS), **ANY_ENCODINGS)
+@PARITY_SETTINGS
 def test_any_codes_and_scales_average_as_decoding_then_averaging(
     backend_name: str,
     data: st.DataObject,

@@ -44,6 +44,7 @@ from aumai_fedtrain.network.auth import (
     sign_update,
 )
 from aumai_fedtrain.network.compressed import (
+    MAX_COMPRESSED_HEADER_BYTES,
     compressed_limit,
     decode_compressed,
     encode_compressed,
@@ -64,6 +65,7 @@ from aumai_fedtrain.simulation import (
     simulated_nodes,
 )
 from tests.helpers import run_cli
+from tests.test_encoded_stream import spy_on_folds
 from tests.test_network_nodes import (
     REQUEST_TIMEOUT,
     Deployment,
@@ -111,9 +113,14 @@ def sent_bytes(deployment: Deployment, nodes: list[LocalNode]) -> float:
     ("codec", "error_feedback", "wire"), [("int8", False, "binary"), ("int4", True, "json")]
 )
 def test_a_compressed_http_run_matches_the_in_process_run_and_counts_the_bodies_received(
-    cluster: Cluster, codec: CompressionCodec, error_feedback: bool, wire: Literal["binary", "json"]
+    cluster: Cluster,
+    codec: CompressionCodec,
+    error_feedback: bool,
+    wire: Literal["binary", "json"],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     deployment, nodes = cluster
+    folds = spy_on_folds(monkeypatch)
     config = compressed_config(codec, error_feedback)
     provider = HttpUpdateProvider(
         deployment.keys(),
@@ -126,6 +133,8 @@ def test_a_compressed_http_run_matches_the_in_process_run_and_counts_the_bodies_
 
     result = DiLoCoCoordinator().run_training(config, federated(nodes), provider)
 
+    # the answers reach the mean encoded and are dequantised inside its folds
+    assert folds and set(folds) == {"fold_encoded"}
     answered = sent_bytes(deployment, nodes) - before
     reference = in_process(config)
     uncompressed = in_process(config.model_copy(update={"compression": CompressionConfig()}))
@@ -410,22 +419,35 @@ def test_a_retried_round_is_redone_from_the_residual_before_it() -> None:
         assert retried.gradients[key].tobytes() == value.tobytes()
 
 
-def test_the_memory_budget_counts_a_compressed_answer_decoded(cluster: Cluster) -> None:
+def test_the_memory_budget_counts_a_compressed_answer_as_its_codes_and_scales(
+    cluster: Cluster,
+) -> None:
+    """An answer reserves its body and the codes and scales read out of it (it is never
+    decoded), and keeps its codes and scales held until folded: a budget of two bodies is
+    enough (it was not while answers were decoded on arrival), one of the codes and scales
+    alone is not."""
     deployment, nodes = cluster
     config = compressed_config("int4", rounds=1)
     model = initial_model(config)
     body_limit = compressed_limit(model, Codec("int4"))
-    provider = HttpUpdateProvider(
-        deployment.keys(),
-        token=deployment.token,
-        model_init=initial_model,
-        timeout=REQUEST_TIMEOUT,
-        memory_budget=2 * body_limit,  # room for two bodies, not for one decoded update
-    )
+    codes_and_scales = body_limit - MAX_COMPRESSED_HEADER_BYTES
 
+    def provider(budget: int) -> HttpUpdateProvider:
+        return HttpUpdateProvider(
+            deployment.keys(),
+            token=deployment.token,
+            model_init=initial_model,
+            timeout=REQUEST_TIMEOUT,
+            memory_budget=budget,
+        )
+
+    enough = provider(2 * body_limit)
+    result = DiLoCoCoordinator().run_training(config, federated(nodes), enough)
+    assert enough.failures == {1: {}} and result.rounds_completed == 1
+
+    short = provider(codes_and_scales)
     with pytest.raises(QuorumError):
-        DiLoCoCoordinator().run_training(config, federated(nodes), provider)
-
-    for reason in provider.failures[1].values():
+        DiLoCoCoordinator().run_training(config, federated(nodes), short)
+    for reason in short.failures[1].values():
         assert reason.startswith("decoding this answer could take ")
-        assert reason.endswith(f"more than the memory budget of {2 * body_limit} bytes")
+        assert reason.endswith(f"more than the memory budget of {codes_and_scales} bytes")

@@ -327,14 +327,7 @@ class WeightedSum:
         """
         self._check_open()
         checked, total = _check_weights(weights, len(updates), self._folded, self._weight_total)
-        first = self._folded
-        names = (
-            list(labels)
-            if labels is not None
-            else [f"update #{first + i}" for i in range(len(updates))]
-        )
-        if len(names) != len(updates):
-            raise ValueError(f"got {len(names)} labels for {len(updates)} updates")
+        names = _labels(labels, self._folded, len(updates))
         carriers = _carriers(updates, checked, names)
         for key, entries in carriers.items():
             known = self._sums.get(key)
@@ -358,6 +351,41 @@ class WeightedSum:
             self._sums[key] = key_sum
         self._folded += len(updates)
         self._weight_total = total
+
+    def fold_encoded(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        """Add encoded ``updates`` (maps of key to :class:`aumai_fedtrain.compression.Encoded`
+        of a blockwise or 16-bit codec) weighted by ``weights`` after those already folded:
+        :meth:`fold` of the decoded updates (:func:`aumai_fedtrain.compression.decode`), which
+        is what it does. A failed fold leaves the sum unchanged.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`fold` does; codes or scales that do not hold their tensor's values, or
+            the codec ``none`` (its values are plain arrays: :meth:`fold` them).
+        TypeError
+            As :meth:`fold` does, or a value that is not an ``Encoded``.
+        RuntimeError
+            The sum is finished.
+        """
+        # compression imports the models, which use the backends: import it when first needed.
+        from aumai_fedtrain.compression import decode_map
+
+        self._check_open()
+        _check_weights(weights, len(updates), self._folded, self._weight_total)
+        names = _labels(labels, self._folded, len(updates))
+        decoded = []
+        for update, label in zip(updates, names, strict=True):
+            for key, encoded in update.items() if isinstance(update, Mapping) else ():
+                if getattr(getattr(encoded, "codec", None), "name", None) == "none":
+                    raise ValueError(f'gradient {key!r} from {label}: codec "none" has no codes')
+            decoded.append(decode_map(update, label))
+        self.fold(decoded, weights, names)
 
     def finish(self) -> dict[str, np.ndarray]:
         """The per-key means, keys in order of first appearance (see :func:`weighted_average`);
@@ -393,6 +421,14 @@ class WeightedSum:
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError("this WeightedSum is finished: start a new one for another mean")
+
+
+def _labels(labels: Sequence[str] | None, first: int, count: int) -> list[str]:
+    """``labels`` as a list (``update #i`` from ``first`` by default), checked to be ``count``."""
+    names = list(labels) if labels is not None else [f"update #{first + i}" for i in range(count)]
+    if len(names) != count:
+        raise ValueError(f"got {len(names)} labels for {count} updates")
+    return names
 
 
 def _carriers(

@@ -188,6 +188,32 @@ class WeightedSum:
             The sum is finished.
         """
 
+    def fold_encoded(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        """Add encoded ``updates`` (maps of key to ``compression.Encoded`` of a blockwise or
+        16-bit codec) weighted by ``weights`` after those already folded: bit for bit ``fold``
+        of the decoded updates (``_fallback.WeightedSum.fold_encoded``), in any interleaving
+        with plain folds. Each key's codes and scales are read in one pass with the GIL
+        released (on every core for large tensors), decoded in registers as
+        ``dequantise_average`` decodes them and added, ``acc = acc + (w_i * x_i)``, into the
+        key's float64 accumulator: no decoded copy of an update is made. A failed fold adds
+        nothing.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`fold` does; codes or scales that do not hold their tensor's values, a
+            dtype that is not float16/32/64, or the codec ``none`` (naming key and update).
+        TypeError
+            As :meth:`fold` does, or a value that is not an ``Encoded``.
+        RuntimeError
+            The sum is finished.
+        """
+
     def finish(self) -> dict[str, np.ndarray]:
         """The per-key means, keys in order of first appearance; the sum is spent afterwards.
 

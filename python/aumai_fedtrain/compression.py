@@ -36,7 +36,10 @@ the header names no per-tensor layout. :func:`decode_body` reads it back.
 computed without decoding them first: the backend's kernel reads each update's codes and
 scales once, decodes them in registers and adds them into the float64 average, with the
 bits of decoding each update (:func:`decode`) and averaging the decoded arrays
-(``weighted_average``).
+(``weighted_average``). A streamed mean takes them one fold at a time the same way
+(``WeightedSum.fold_encoded``): an :class:`EncodedUpdate` (what a compressed HTTP answer
+becomes) is screened from its codes and scales (:func:`max_abs_encoded`) and folded without a
+decoded copy; whatever needs its values takes :meth:`EncodedUpdate.decoded`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any, get_args
 
 import numpy as np
+from pydantic import ConfigDict
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
@@ -56,6 +60,7 @@ from aumai_fedtrain.backend import get_backend
 from aumai_fedtrain.models import (
     CompressionCodec,
     CompressionConfig,
+    LocalUpdate,
     TensorMap,
     TrainingConfig,
     check_block_size,
@@ -68,6 +73,7 @@ __all__ = [
     "CodecName",
     "CompressingTrainer",
     "Encoded",
+    "EncodedUpdate",
     "ErrorFeedback",
     "average_encoded",
     "code_bytes",
@@ -75,8 +81,10 @@ __all__ = [
     "decode",
     "decode_body",
     "decode_bytes",
+    "decode_map",
     "encode",
     "encode_body",
+    "max_abs_encoded",
 ]
 
 CodecName = CompressionCodec
@@ -138,6 +146,114 @@ class Encoded:
     def nbytes(self) -> int:
         """Bytes of the codes and scales."""
         return self.codes.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+
+class EncodedUpdate(LocalUpdate):
+    """A node's update whose pseudo-gradient is still encoded: ``gradients`` is empty and
+    ``encoded`` holds each tensor's codes and scales (in the model's dtypes and shapes).
+
+    The streamed mean screens it from its codes and scales and folds it with the backend's
+    ``WeightedSum.fold_encoded``, bit for bit as its decoded values; whatever needs the
+    values (robust rules, a round's list of updates) takes :meth:`decoded`.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    encoded: dict[str, Encoded]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the codes and scales."""
+        return sum(tensor.nbytes for tensor in self.encoded.values())
+
+    def decoded(self) -> LocalUpdate:
+        """The update with its values decoded (:func:`decode`) into ``gradients``."""
+        gradients = decode_map(self.encoded, f"node {self.node_id}")
+        return self.without_tensors().model_copy(update={"gradients": gradients})
+
+    def without_tensors(self) -> LocalUpdate:
+        """A plain :class:`LocalUpdate` of the same node, round, loss and samples, without
+        gradients."""
+        return LocalUpdate(
+            node_id=self.node_id,
+            round_id=self.round_id,
+            gradients={},
+            loss=self.loss,
+            samples_used=self.samples_used,
+        )
+
+
+def max_abs_encoded(encoded: Mapping[str, Encoded]) -> list[float]:
+    """Per tensor, in the map's order, the largest ``|x|`` of the values it decodes to (the
+    backend's ``max_abs`` of :func:`decode`'s arrays: NaN when one is NaN, ``0.0`` for an
+    empty tensor), computed from the codes and scales without decoding them.
+
+    A blockwise tensor's is the largest of each block's ``|scale| * max |level|`` (exact in
+    float64), rounded to the tensor's dtype as decoding rounds each value (rounding is
+    monotonic); a 16-bit float's the largest magnitude of its bits, in the tensor's dtype.
+    """
+    return [_max_abs_of(tensor) for tensor in encoded.values()]
+
+
+_NIBBLE_MAGNITUDE = np.array(
+    [max(abs((byte & 0x0F) - 8), abs((byte >> 4) - 8)) for byte in range(256)], dtype=np.uint8
+)
+"""The larger magnitude of the two signed 4-bit codes of each byte (``nibble - 8``)."""
+
+
+def _zero_times_infinity(encoded: Encoded) -> bool:
+    """Whether a block of infinite scale holds a code 0 (which decodes to NaN)."""
+    assert encoded.scales is not None
+    block, count = encoded.codec.block_size, math.prod(encoded.shape)
+    for index in np.flatnonzero(np.isinf(encoded.scales)):
+        start, stop = int(index) * block, min((int(index) + 1) * block, count)
+        if encoded.codec.name == "int8":
+            codes = encoded.codes[start:stop]
+        else:  # (blocks start on a byte: a block holds an even number of values)
+            codes = _unpack_nibbles(encoded.codes[start // 2 : (stop + 1) // 2], stop - start)
+        if not codes.all():
+            return True
+    return False
+
+
+def _max_abs_of(encoded: Encoded) -> float:
+    codec, count, dtype = encoded.codec, math.prod(encoded.shape), np.dtype(encoded.dtype)
+    if count == 0:
+        return 0.0
+    if codec.name == "none":
+        largest = np.max(np.abs(encoded.codes))  # NaN propagates
+        return float(largest)
+    if codec.name in ("fp16", "bf16"):
+        # A float's magnitude orders as its bits without the sign; NaNs are the largest.
+        top = int((_bytes_of(encoded.codes).view(np.uint16) & 0x7FFF).max())
+        if codec.name == "fp16":
+            return math.nan if top > 0x7C00 else float(np.uint16(top).view(np.float16))
+        if top > 0x7F80:
+            return math.nan
+        with np.errstate(over="ignore"):
+            return float(np.uint32(top << 16).view(np.float32).astype(dtype))
+    assert encoded.scales is not None
+    if np.isinf(encoded.scales).any() and _zero_times_infinity(encoded):
+        return math.nan
+    if codec.name == "int8":
+        starts = np.arange(0, count, codec.block_size)
+        codes = encoded.codes.view(np.int8)
+        highest = np.maximum.reduceat(codes, starts).astype(np.int16)
+        lowest = np.minimum.reduceat(codes, starts).astype(np.int16)
+        levels = np.maximum(np.abs(highest), np.abs(lowest)).astype(np.float64)
+    else:
+        magnitudes = _NIBBLE_MAGNITUDE[encoded.codes]
+        if count % 2:  # the last byte's high nibble is padding, not a value
+            magnitudes[-1] = abs(int(encoded.codes[-1] & 0x0F) - 8)
+        largest = np.maximum.reduceat(magnitudes, np.arange(0, count, codec.block_size) // 2)
+        levels = (
+            _e3m0_levels(largest.astype(np.int8))
+            if codec.name == "e3m0"
+            else largest.astype(np.float64)
+        )
+    with np.errstate(invalid="ignore", over="ignore"):
+        products = levels * np.abs(encoded.scales.astype(np.float64))
+        return float(np.float64(products.max()).astype(dtype))
 
 
 def encode(values: np.ndarray, codec: Codec) -> Encoded:
@@ -259,16 +375,9 @@ def average_encoded(
         raise ValueError(f"got {len(names)} labels for {len(updates)} updates")
     carriers: dict[str, list[tuple[str, float, Encoded]]] = {}
     for update, weight, label in zip(updates, checked, names, strict=True):
-        if not isinstance(update, Mapping):
-            raise TypeError(f"{label}: an update must be a mapping, got {type(update).__name__}")
-        for key, encoded in update.items():
-            if not isinstance(encoded, Encoded):
-                raise TypeError(
-                    f"{label}: gradient {key!r} is {type(encoded).__name__}, expected Encoded"
-                )
+        for key, encoded in _checked_tensors(update, label):
             entries = carriers.setdefault(key, [])
             if math.prod(encoded.shape):
-                _check_encoded(key, label, encoded)
                 entries.append((label, weight, encoded))
     for key, entries in carriers.items():
         for label, _, encoded in entries[1:]:
@@ -298,6 +407,32 @@ def average_encoded(
         )
         result[key] = flat.reshape(first.shape)
     return result
+
+
+def decode_map(update: Mapping[str, Encoded], label: str = "the update") -> TensorMap:
+    """Every tensor of ``update`` decoded (:func:`decode`; NaN and inf as they are), after
+    checking that each is an :class:`Encoded` whose codes and scales hold its values
+    (``ValueError`` / ``TypeError`` naming the key and ``label``)."""
+    tensors = list(_checked_tensors(update, label))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return {key: decode(encoded) for key, encoded in tensors}
+
+
+def _checked_tensors(update: object, label: str) -> list[tuple[str, Encoded]]:
+    """The ``(key, encoding)`` pairs of ``update``, checked to be a mapping of
+    :class:`Encoded` whose non-empty codes and scales hold their values."""
+    if not isinstance(update, Mapping):
+        raise TypeError(f"{label}: an update must be a mapping, got {type(update).__name__}")
+    pairs: list[tuple[str, Encoded]] = []
+    for key, encoded in update.items():
+        if not isinstance(encoded, Encoded):
+            raise TypeError(
+                f"{label}: gradient {key!r} is {type(encoded).__name__}, expected Encoded"
+            )
+        if math.prod(encoded.shape):
+            _check_encoded(key, label, encoded)
+        pairs.append((key, encoded))
+    return pairs
 
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -11,10 +12,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import numpy as np
 
 from aumai_fedtrain.aggregation import GradientAverager, weighted_mean_loss
+from aumai_fedtrain.backend import RunningSum
 from aumai_fedtrain.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -23,6 +26,7 @@ from aumai_fedtrain.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from aumai_fedtrain.compression import EncodedUpdate
 from aumai_fedtrain.credits import CreditTracker
 from aumai_fedtrain.models import (
     MAX_LISTED_NODES,
@@ -106,6 +110,18 @@ class _Hold:
             self._release()
 
 
+class _EncodedRunningSum(RunningSum, Protocol):
+    """A backend's running sum, which both backends' ``WeightedSum`` are: it folds encoded
+    updates too."""
+
+    def fold_encoded(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        labels: Sequence[str] | None = None,
+    ) -> None: ...
+
+
 class _StreamedMean:
     """One round's weighted mean, folded as the updates arrive.
 
@@ -116,7 +132,10 @@ class _StreamedMean:
     and averaging the whole round's list in node-list order give, while the coordinator holds
     the running sum and the waiting updates, never the round's updates at once. Waiting
     updates beyond ``waiting_memory`` bytes wait on disk in ``spool`` (the last in node order
-    first), and their :class:`Arrivals` hold is released then.
+    first), and their :class:`Arrivals` hold is released then. An
+    :class:`~aumai_fedtrain.compression.EncodedUpdate` stays encoded throughout: screened
+    from its codes and scales, held and spilled as them, and folded with the running sum's
+    ``fold_encoded`` (dequantised inside the fold, bit for bit as its decoded values).
     """
 
     def __init__(
@@ -131,7 +150,7 @@ class _StreamedMean:
         self._screen = screen
         self._averager = averager
         self._phases = phases
-        self._sum = averager.running_sum()
+        self._sum = cast(_EncodedRunningSum, averager.running_sum())
         self._position = {node.node_id: index for index, node in enumerate(nodes)}
         self._settled = [False] * len(nodes)
         self._head = 0
@@ -302,23 +321,43 @@ class _StreamedMean:
         self._fold(ready, holds)
 
     def _fold(self, ready: list[LocalUpdate], holds: list[_Hold]) -> None:
-        """Fold ``ready`` (in node order) into the sum, then let go of ``holds``."""
+        """Fold ``ready`` (in node order) into the sum, then let go of ``holds``: each run of
+        plain updates with ``fold``, each run of encoded ones with ``fold_encoded``."""
         if ready:
+            weights = self._averager.weights(ready)
+            labels = [update.node_id for update in ready]
+            at = 0
             with self._phases.timed("aggregate"):
-                self._sum.fold(
-                    [update.gradients for update in ready],
-                    self._averager.weights(ready),
-                    [update.node_id for update in ready],
-                )
+                for encoded, group in itertools.groupby(
+                    ready, key=lambda update: isinstance(update, EncodedUpdate)
+                ):
+                    run = list(group)
+                    span = slice(at, at + len(run))
+                    at += len(run)
+                    if encoded:
+                        codes = [u.encoded for u in run if isinstance(u, EncodedUpdate)]
+                        self._sum.fold_encoded(codes, weights[span], labels[span])
+                    else:
+                        values = [update.gradients for update in run]
+                        self._sum.fold(values, weights[span], labels[span])
             self._folded.update(update.node_id for update in ready)
-            self.counted.extend(update.model_copy(update={"gradients": {}}) for update in ready)
+            self.counted.extend(_without_gradients(update) for update in ready)
         ready.clear()
         for hold in holds:
             hold.let_go()
 
 
 def _gradient_bytes(update: LocalUpdate) -> int:
-    return sum(values.nbytes for values in update.gradients.values())
+    """Bytes of an update's gradients as held: an encoded update's codes and scales."""
+    encoded = update.nbytes if isinstance(update, EncodedUpdate) else 0
+    return encoded + sum(values.nbytes for values in update.gradients.values())
+
+
+def _without_gradients(update: LocalUpdate) -> LocalUpdate:
+    """A plain update of ``update``'s node, round, loss and samples, without its tensors."""
+    if isinstance(update, EncodedUpdate):
+        return update.without_tensors()
+    return update.model_copy(update={"gradients": {}})
 
 
 _END = object()

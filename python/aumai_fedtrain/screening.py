@@ -12,6 +12,12 @@ finite in float64 but beyond float32's range is a dropped update, never an infin
 model. These bounds keep a node that holds a valid key from
 overflowing the weights, the average or the outer step; they do not make a plausible but wrong
 update harmless (that is what robust aggregation is for).
+
+An :class:`~aumai_fedtrain.compression.EncodedUpdate` (a compressed answer, still encoded) is
+screened from its codes and scales with the same outcome as its decoded values: keys and
+shapes from its tensors, magnitudes from :func:`~aumai_fedtrain.compression.max_abs_encoded`;
+it counts as it is (its values decode to the model's dtypes). :func:`screen_updates`, which
+gives a round's list to rules that need the values, decodes those that count.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from aumai_fedtrain.backend import get_backend
+from aumai_fedtrain.compression import Encoded, EncodedUpdate, max_abs_encoded
 from aumai_fedtrain.models import FederatedNode, LocalUpdate, TensorMap, TrainingConfig
 
 __all__ = [
@@ -140,15 +147,14 @@ def screen_update(
             f"claims {update.samples_used} samples, more than the {limit} it may process in a "
             "round (max_samples)"
         )
+    tensors = _tensors(update)
     if shapes is not None:
-        mismatch = model_mismatch(
-            {key: value.shape for key, value in update.gradients.items()}, shapes
-        )
+        mismatch = model_mismatch({key: value.shape for key, value in tensors.items()}, shapes)
         if mismatch is not None:
             return mismatch
     if magnitudes is None:
-        magnitudes = get_backend().max_abs([update.gradients])[0]
-    for key, magnitude in zip(update.gradients, magnitudes, strict=True):
+        magnitudes = _magnitudes([update])[0]
+    for key, magnitude in zip(tensors, magnitudes, strict=True):
         dtype = dtypes.get(key) if dtypes is not None else None
         problem = _value_problem(key, magnitude, config.max_abs_update, dtype)
         if problem is not None:
@@ -185,8 +191,7 @@ class RoundScreen:
 
     def check(self, updates: Sequence[LocalUpdate]) -> list[LocalUpdate | str]:
         """Per update, why it must not count, or the update cast to the model's dtypes."""
-        # Every value of every update in one native pass (on every core for large batches).
-        magnitudes = get_backend().max_abs([update.gradients for update in updates])
+        magnitudes = _magnitudes(updates)
         outcomes: list[LocalUpdate | str] = []
         for update, update_magnitudes in zip(updates, magnitudes, strict=True):
             reason = screen_update(
@@ -200,18 +205,48 @@ class RoundScreen:
             )
             if reason is not None:
                 outcomes.append(reason)
+            elif isinstance(update, EncodedUpdate):
+                outcomes.append(self._encoded_outcome(update))
             elif self.dtypes is not None:
                 outcomes.append(in_model_dtype(update, self.dtypes))
             else:
                 outcomes.append(update)
         return outcomes
 
+    def _encoded_outcome(self, update: EncodedUpdate) -> LocalUpdate:
+        """An encoded update that passed: as it is when its tensors decode to the model's
+        dtypes (or the run has no model), else decoded and cast to them."""
+        dtypes = self.dtypes
+        if dtypes is None or all(
+            np.dtype(tensor.dtype) == dtypes[key] for key, tensor in update.encoded.items()
+        ):
+            return update
+        return in_model_dtype(update.decoded(), dtypes)
+
     def shape_conflict(self, update: LocalUpdate) -> str | None:
         """In a run without a model: why a non-empty gradient's shape differs from the one
         an update that counted before sent for its key (else note the update's shapes)."""
         if self.shapes is not None:
             return None
-        return _shape_conflict(update.gradients, self._seen_shapes)
+        return _shape_conflict(_tensors(update), self._seen_shapes)
+
+
+def _tensors(update: LocalUpdate) -> Mapping[str, np.ndarray | Encoded]:
+    """An update's tensors: its encodings when it is still encoded, else its gradients."""
+    return update.encoded if isinstance(update, EncodedUpdate) else update.gradients
+
+
+def _magnitudes(updates: Sequence[LocalUpdate]) -> list[list[float]]:
+    """Per update, per tensor, the largest ``|x|`` of its values: the plain updates' in one
+    native pass of the backend's ``max_abs`` (on every core for large batches), the encoded
+    ones' from their codes and scales."""
+    plain = get_backend().max_abs(
+        [{} if isinstance(update, EncodedUpdate) else update.gradients for update in updates]
+    )
+    return [
+        max_abs_encoded(update.encoded) if isinstance(update, EncodedUpdate) else row
+        for update, row in zip(updates, plain, strict=True)
+    ]
 
 
 def screen_updates(
@@ -225,9 +260,9 @@ def screen_updates(
     """Split ``updates`` into those that count and ``{node_id: reason}`` for those that don't.
 
     A node that sent more than one update has none counted. Those that count are cast to the
-    dtypes of ``parameters`` (:func:`in_model_dtype`). Without ``parameters`` (a run without a
-    model) updates may carry different keys and dtypes, but a key's non-empty values must have
-    the shape of the first update that passed with it.
+    dtypes of ``parameters`` (:func:`in_model_dtype`); encoded ones are decoded. Without
+    ``parameters`` (a run without a model) updates may carry different keys and dtypes, but a
+    key's non-empty values must have the shape of the first update that passed with it.
     """
     counts = Counter(update.node_id for update in updates)
     screen = RoundScreen(nodes, expected_round=expected_round, parameters=parameters, config=config)
@@ -242,7 +277,7 @@ def screen_updates(
             dropped[update.node_id] = reason
             continue
         assert not isinstance(outcome, str)
-        accepted.append(outcome)
+        accepted.append(outcome.decoded() if isinstance(outcome, EncodedUpdate) else outcome)
     return accepted, dropped
 
 
@@ -251,12 +286,14 @@ def duplicates_reason(count: int) -> str:
     return f"sent {count} updates for one round"
 
 
-def _shape_conflict(gradients: TensorMap, seen: dict[str, tuple[int, ...]]) -> str | None:
+def _shape_conflict(
+    gradients: Mapping[str, np.ndarray | Encoded], seen: dict[str, tuple[int, ...]]
+) -> str | None:
     """Why a non-empty gradient's shape differs from the one ``seen`` for its key (else note it)."""
     for key, value in gradients.items():
-        if value.size and seen.get(key, value.shape) != value.shape:
+        if math.prod(value.shape) and seen.get(key, value.shape) != value.shape:
             return f"gradient {key!r} has shape {value.shape}, other nodes sent {seen[key]}"
     for key, value in gradients.items():
-        if value.size:
-            seen.setdefault(key, value.shape)
+        if math.prod(value.shape):
+            seen.setdefault(key, tuple(value.shape))
     return None

@@ -75,7 +75,7 @@ pub enum Codes<'a> {
 
 impl Codes<'_> {
     /// Why these codes cannot hold `len` values, if they cannot.
-    fn size_problem(&self, len: usize) -> Option<String> {
+    pub(super) fn size_problem(&self, len: usize) -> Option<String> {
         match *self {
             Codes::Blockwise {
                 levels,
@@ -186,6 +186,58 @@ pub fn dequantise_average(
     Ok(result)
 }
 
+/// Add each term's decoded values, weighted, to `acc` in term order: per element,
+/// `acc[i] = acc[i] + (w_0 * x_0[i])`, then `+ (w_1 * x_1[i])`, ..., term `j` decoded (as
+/// [`dequantise_average`] decodes it) for a model of `precisions[j]`: exactly what adding the
+/// decoded arrays does, so a running sum can take encoded and plain updates in any order.
+/// Consecutive terms of one codec and precision are added [`DEQUANT_FUSE`] at a time.
+///
+/// Errors: codes or scales that do not hold `acc.len()` values (the first such term).
+pub fn add_encoded(
+    acc: &mut [f64],
+    terms: &[Codes<'_>],
+    precisions: &[Precision],
+    weights: &[f64],
+) -> Result<(), DequantError> {
+    assert!(terms.len() == precisions.len() && terms.len() == weights.len());
+    let len = acc.len();
+    for (index, codes) in terms.iter().enumerate() {
+        if let Some(problem) = codes.size_problem(len) {
+            return Err(DequantError::Size { index, problem });
+        }
+    }
+    // Runs of terms decoded alike, at most DEQUANT_FUSE long.
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for index in 0..terms.len() {
+        match runs.last_mut() {
+            Some(run)
+                if run.len() < DEQUANT_FUSE
+                    && terms[index].same_codec(&terms[run.start])
+                    && precisions[index] == precisions[run.start] =>
+            {
+                run.end = index + 1;
+            }
+            _ => runs.push(index..index + 1),
+        }
+    }
+    let threads = parallel::threads_for(len * terms.len());
+    let items = pieces_of(acc, terms.len(), threads);
+    parallel::for_each(items, threads, |(offset, piece)| {
+        for (index, block) in piece.chunks_mut(DEQUANT_BLOCK).enumerate() {
+            for run in &runs {
+                let group = Group {
+                    terms: &terms[run.clone()],
+                    weights: &weights[run.clone()],
+                    first: offset + index * DEQUANT_BLOCK,
+                    divide: None,
+                };
+                add_group::<false>(block, &group, precisions[run.start]);
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Fill `out` on `threads` threads, each element range rounded from a float64 block by
 /// `narrow` (the identity for a float64 result).
 fn run<N: Copy + Send + Sync + FloatOut>(
@@ -196,14 +248,7 @@ fn run<N: Copy + Send + Sync + FloatOut>(
     threads: usize,
     narrow: impl Fn(f64) -> N + Sync + Copy,
 ) {
-    let len = out.len();
-    let mut items: Vec<(usize, &mut [N])> = Vec::new();
-    let mut rest = out;
-    for range in parallel::pieces(len, terms.len(), len * terms.len(), threads, ALIGN) {
-        let (piece, tail) = rest.split_at_mut(range.len());
-        rest = tail;
-        items.push((range.start, piece));
-    }
+    let items = pieces_of(out, terms.len(), threads);
     parallel::for_each_with(
         items,
         threads,
@@ -219,6 +264,20 @@ fn run<N: Copy + Send + Sync + FloatOut>(
             }
         },
     );
+}
+
+/// `out` cut into the pieces that `threads` threads take when `terms` terms are added to
+/// each element, with the index of each piece's first element.
+fn pieces_of<N>(out: &mut [N], terms: usize, threads: usize) -> Vec<(usize, &mut [N])> {
+    let len = out.len();
+    let mut items = Vec::new();
+    let mut rest = out;
+    for range in parallel::pieces(len, terms, len * terms, threads, ALIGN) {
+        let (piece, tail) = rest.split_at_mut(range.len());
+        rest = tail;
+        items.push((range.start, piece));
+    }
+    items
 }
 
 /// The model's float type of a result element type.
@@ -655,7 +714,7 @@ impl<'a, F: Float16> Decoder<'a> for Sixteen<'a, F> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The reference: decode as NumPy does (exact float64 product, rounded to the model's
@@ -725,25 +784,35 @@ mod tests {
                 .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
     }
 
-    #[test]
-    fn every_codec_and_precision_matches_decode_then_average() {
-        let len = 2 * DEQUANT_BLOCK + 37;
-        let nodes = 11;
-        let bytes: Vec<Vec<u8>> = (0..nodes)
+    /// For `nodes` nodes: `2 * len` code bytes each (any bits), `len` scales each (some
+    /// negative), and a weight each.
+    pub(crate) fn sample_inputs(
+        nodes: usize,
+        len: usize,
+    ) -> (Vec<Vec<u8>>, Vec<Vec<f32>>, Vec<f64>) {
+        let bytes = (0..nodes)
             .map(|n| {
                 (0..2 * len)
                     .map(|i| ((i * 73 + n * 29 + i / 7) % 256) as u8)
                     .collect()
             })
             .collect();
-        let scales: Vec<Vec<f32>> = (0..nodes)
+        let scales = (0..nodes)
             .map(|n| {
                 (0..len)
                     .map(|b| ((b * 13 + n) % 17) as f32 * 0.37 - 1.0)
                     .collect()
             })
             .collect();
-        let weights: Vec<f64> = (0..nodes).map(|n| 0.25 + n as f64 * 1.3).collect();
+        let weights = (0..nodes).map(|n| 0.25 + n as f64 * 1.3).collect();
+        (bytes, scales, weights)
+    }
+
+    #[test]
+    fn every_codec_and_precision_matches_decode_then_average() {
+        let len = 2 * DEQUANT_BLOCK + 37;
+        let nodes = 11;
+        let (bytes, scales, weights) = sample_inputs(nodes, len);
         for block in [8, 16, 128] {
             let blocks = len.div_ceil(block);
             let blockwise = |levels: Levels, n: usize| Codes::Blockwise {

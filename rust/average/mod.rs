@@ -31,9 +31,9 @@ use crate::array::{Array, ArrayData, F16};
 use crate::error::AverageError;
 use crate::key::Key;
 use crate::{parallel, simd};
-pub use dequant::{dequantise_average, Codes, DequantError, Levels};
+pub use dequant::{add_encoded, dequantise_average, Codes, DequantError, Levels};
 use kernel::{fused_groups, Start, Term};
-pub use running::WeightedSum;
+pub use running::{EncodedEntry, EncodedUpdate, FoldEncodedError, WeightedSum};
 
 /// One node's gradient map.
 #[derive(Clone, Debug)]

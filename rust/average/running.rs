@@ -12,13 +12,14 @@
 use std::collections::HashMap;
 use std::mem;
 
+use super::dequant::{add_encoded, Codes};
 use super::kernel::Start;
 use super::{
     check_more_weights, check_shapes, group_by_key, kernel, sum_from, terms_plan, work_items,
     NodeUpdate, Out, Plan, Precision, WorkItem,
 };
 use crate::array::{ArrayData, F16};
-use crate::error::AverageError;
+use crate::error::{shape_repr, AverageError};
 use crate::key::Key;
 use crate::{parallel, simd};
 
@@ -55,6 +56,63 @@ pub struct KeyMean {
     pub shape: Vec<usize>,
     /// The mean, row-major, in the carriers' widest float type.
     pub values: ArrayData<'static>,
+}
+
+/// One node's encoded gradient map, for [`WeightedSum::fold_encoded`].
+#[derive(Clone, Debug)]
+pub struct EncodedUpdate<'a> {
+    /// Names the node in error messages.
+    pub label: String,
+    /// The map's entries, in its order.
+    pub entries: Vec<EncodedEntry<'a>>,
+}
+
+/// One tensor of an [`EncodedUpdate`].
+#[derive(Clone, Debug)]
+pub struct EncodedEntry<'a> {
+    pub key: Key<'a>,
+    /// The decoded tensor's shape.
+    pub shape: Vec<usize>,
+    /// The model's float type, which the codes decode to.
+    pub precision: Precision,
+    pub codes: Codes<'a>,
+}
+
+/// One key of a batch of encoded updates: the (update, entry) where it first appears, and
+/// its carriers (update index, entry) in update order.
+type EncodedGroup<'u, 'a> = ((usize, usize), Vec<(usize, &'u EncodedEntry<'a>)>);
+
+/// Why encoded updates cannot be folded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FoldEncodedError {
+    /// As [`WeightedSum::fold`] refuses plain updates.
+    Average(AverageError),
+    /// An update's codes or scales do not hold its tensor's values.
+    Codes {
+        key: Key<'static>,
+        label: String,
+        shape: Vec<usize>,
+        problem: String,
+    },
+}
+
+impl FoldEncodedError {
+    /// The message, with keys written by `key_repr` (see [`AverageError::message_with`]).
+    pub fn message_with(&self, key_repr: &dyn Fn(&Key<'_>) -> String) -> String {
+        match self {
+            FoldEncodedError::Average(error) => error.message_with(key_repr),
+            FoldEncodedError::Codes {
+                key,
+                label,
+                shape,
+                problem,
+            } => format!(
+                "gradient {} of shape {} from {label}: {problem}",
+                key_repr(key),
+                shape_repr(shape)
+            ),
+        }
+    }
 }
 
 /// Accumulator elements divided per piece of work in [`WeightedSum::finish`].
@@ -154,6 +212,113 @@ impl WeightedSum {
                 unreachable!("accumulators are float64")
             };
             self.slots[slots[position]].acc = acc.into_owned();
+        }
+        self.folded += updates.len();
+        self.weight_total = weight_total;
+        Ok(new_keys)
+    }
+
+    /// Add encoded `updates`, weighted by `weights`, after those already folded: bit for bit
+    /// what [`fold`](Self::fold) of the decoded updates (each decoded in its model's float
+    /// type, as [`super::dequantise_average`] decodes) adds, read from the codes in one pass
+    /// per key without a decoded copy. Plain and encoded folds may alternate in any order.
+    ///
+    /// Returns what [`fold`](Self::fold) returns; on an error nothing is added.
+    ///
+    /// # Errors
+    /// Those of [`fold`](Self::fold), then codes or scales that do not hold their tensor.
+    pub fn fold_encoded(
+        &mut self,
+        updates: &[EncodedUpdate<'_>],
+        weights: &[f64],
+    ) -> Result<Vec<(usize, usize)>, FoldEncodedError> {
+        let weight_total =
+            check_more_weights(weights, updates.len(), self.folded, self.weight_total)
+                .map_err(FoldEncodedError::Average)?;
+        // Per key in order of first appearance: its first (update, entry) and its carriers.
+        let mut groups: Vec<EncodedGroup<'_, '_>> = Vec::new();
+        let mut positions: HashMap<&Key<'_>, usize> = HashMap::new();
+        for (node, update) in updates.iter().enumerate() {
+            for (entry_index, entry) in update.entries.iter().enumerate() {
+                let position = *positions.entry(&entry.key).or_insert_with(|| {
+                    groups.push(((node, entry_index), Vec::new()));
+                    groups.len() - 1
+                });
+                if entry.shape.iter().product::<usize>() > 0 {
+                    groups[position].1.push((node, entry));
+                }
+            }
+        }
+        for (_, carriers) in &groups {
+            let Some(&(first_node, first)) = carriers.first() else {
+                continue;
+            };
+            let known = self
+                .index
+                .get(&first.key)
+                .and_then(|&slot| self.slots[slot].first.as_ref());
+            let (shape, label) = match known {
+                Some((shape, label)) => (shape.as_slice(), label.as_str()),
+                None => (first.shape.as_slice(), updates[first_node].label.as_str()),
+            };
+            for &(node, entry) in carriers {
+                if entry.shape != shape {
+                    return Err(FoldEncodedError::Average(AverageError::ShapeMismatch {
+                        key: entry.key.clone().into_owned(),
+                        label: updates[node].label.clone(),
+                        shape: entry.shape.clone(),
+                        first_label: label.to_owned(),
+                        first_shape: shape.to_vec(),
+                    }));
+                }
+                if let Some(problem) = entry.codes.size_problem(shape.iter().product()) {
+                    return Err(FoldEncodedError::Codes {
+                        key: entry.key.clone().into_owned(),
+                        label: updates[node].label.clone(),
+                        shape: entry.shape.clone(),
+                        problem,
+                    });
+                }
+            }
+        }
+
+        // Nothing below fails: record the keys, then add the terms key by key.
+        let mut new_keys = Vec::new();
+        for ((node, entry_index), carriers) in &groups {
+            let key = &updates[*node].entries[*entry_index].key;
+            let slot = *self
+                .index
+                .entry(key.clone().into_owned())
+                .or_insert_with(|| {
+                    new_keys.push((*node, *entry_index));
+                    self.slots.push(Slot {
+                        key: key.clone().into_owned(),
+                        first: None,
+                        acc: Vec::new(),
+                        total: 0.0,
+                        precision: Precision::Half,
+                    });
+                    self.slots.len() - 1
+                });
+            let Some(&(first_node, first)) = carriers.first() else {
+                continue;
+            };
+            let slot = &mut self.slots[slot];
+            if slot.first.is_none() {
+                slot.first = Some((first.shape.clone(), updates[first_node].label.clone()));
+                slot.acc = vec![0.0; first.shape.iter().product()];
+            }
+            let term_weights: Vec<f64> = carriers.iter().map(|&(node, _)| weights[node]).collect();
+            let codes: Vec<Codes<'_>> = carriers.iter().map(|(_, entry)| entry.codes).collect();
+            let precisions: Vec<Precision> =
+                carriers.iter().map(|(_, entry)| entry.precision).collect();
+            slot.total = sum_from(slot.total, term_weights.iter().copied());
+            slot.precision = precisions
+                .iter()
+                .copied()
+                .fold(slot.precision, Precision::max);
+            add_encoded(&mut slot.acc, &codes, &precisions, &term_weights)
+                .expect("the codes' sizes are checked above");
         }
         self.folded += updates.len();
         self.weight_total = weight_total;
@@ -356,6 +521,128 @@ mod tests {
         assert!(matches!(whole[1].values, ArrayData::F16(_)));
         assert!(matches!(whole[2].values, ArrayData::F64(_)));
         assert!(matches!(whole[3].values, ArrayData::F32(_)));
+    }
+
+    #[test]
+    fn encoded_folds_match_folding_the_decoded_updates_in_any_interleaving() {
+        use crate::average::dequant::tests::sample_inputs;
+        use crate::average::{dequantise_average, Levels};
+        let len = 3 * 1024 + 37;
+        let nodes = 10;
+        let (bytes, scales, weights) = sample_inputs(nodes, len);
+        // Node n's codec (n % 5) and its model's float type (n % 3).
+        let codes_of = |n: usize| {
+            let blockwise = |levels: Levels| Codes::Blockwise {
+                levels,
+                codes: if levels == Levels::Int8 {
+                    &bytes[n][..len]
+                } else {
+                    &bytes[n][..len.div_ceil(2)]
+                },
+                scales: &scales[n][..len.div_ceil(16)],
+                block: 16,
+            };
+            match n % 5 {
+                0 => blockwise(Levels::Int8),
+                1 => blockwise(Levels::Int4),
+                2 => blockwise(Levels::E3m0),
+                3 => Codes::Fp16(&bytes[n][..]),
+                _ => Codes::Bf16(&bytes[n][..]),
+            }
+        };
+        let precision_of =
+            |n: usize| [Precision::Double, Precision::Single, Precision::Half][n % 3];
+        let encoded: Vec<EncodedUpdate<'_>> = (0..nodes)
+            .map(|n| EncodedUpdate {
+                label: format!("n{n}"),
+                entries: vec![EncodedEntry {
+                    key: Key::from("w"),
+                    shape: vec![len],
+                    precision: precision_of(n),
+                    codes: codes_of(n),
+                }],
+            })
+            .collect();
+        // Decoding a term alone: (0 + 1 * x) / 1 is x.
+        let decoded: Vec<NodeUpdate<'_>> = (0..nodes)
+            .map(|n| NodeUpdate {
+                label: format!("n{n}"),
+                entries: vec![(
+                    Key::from("w"),
+                    Array::new(
+                        vec![len],
+                        dequantise_average(&[codes_of(n)], &[1.0], len, precision_of(n)).unwrap(),
+                    ),
+                )],
+            })
+            .collect();
+        let whole = as_means(weighted_average(&decoded, &weights).unwrap());
+        // Which nodes go in encoded, and the cuts between folds.
+        for (plain_nodes, cuts) in [
+            (vec![], vec![]),
+            (vec![], vec![3, 4, 9]),
+            (vec![0, 5, 6], vec![1, 5, 6, 8]),
+            (vec![1, 2, 3], vec![2, 4]),
+        ] {
+            let mut sum = WeightedSum::new();
+            let mut start = 0;
+            for &end in cuts.iter().chain([&nodes]) {
+                let mut at = start;
+                while at < end {
+                    let plain = plain_nodes.contains(&at);
+                    let mut stop = at + 1;
+                    while stop < end && plain_nodes.contains(&stop) == plain {
+                        stop += 1;
+                    }
+                    if plain {
+                        sum.fold(&decoded[at..stop], &weights[at..stop]).unwrap();
+                    } else {
+                        sum.fold_encoded(&encoded[at..stop], &weights[at..stop])
+                            .unwrap();
+                    }
+                    at = stop;
+                }
+                start = end;
+            }
+            let means = sum.finish().unwrap();
+            assert_eq!(means, whole, "plain {plain_nodes:?} cuts {cuts:?}");
+        }
+    }
+
+    #[test]
+    fn encoded_folds_refuse_wrong_shapes_and_sizes_and_add_nothing() {
+        let codes = [0u8; 16];
+        let scales = [1.0f32; 2];
+        let one = |label: &str, shape: Vec<usize>, bytes: usize| EncodedUpdate {
+            label: label.to_owned(),
+            entries: vec![EncodedEntry {
+                key: Key::from("w"),
+                shape,
+                precision: Precision::Single,
+                codes: Codes::Blockwise {
+                    levels: crate::average::Levels::Int8,
+                    codes: &codes[..bytes],
+                    scales: &scales,
+                    block: 8,
+                },
+            }],
+        };
+        let mut sum = WeightedSum::new();
+        sum.fold_encoded(&[one("a", vec![16], 16)], &[1.0]).unwrap();
+        assert!(matches!(
+            sum.fold_encoded(&[one("b", vec![4, 4], 16)], &[1.0]),
+            Err(FoldEncodedError::Average(
+                AverageError::ShapeMismatch { .. }
+            ))
+        ));
+        let error = sum
+            .fold_encoded(&[one("c", vec![16], 15)], &[1.0])
+            .unwrap_err();
+        assert_eq!(
+            error.message_with(&|key| key.to_string()),
+            "gradient 'w' of shape (16,) from c: 15 code bytes for 16 values, expected 16"
+        );
+        assert_eq!(sum.folded(), 1);
     }
 
     #[test]

@@ -24,16 +24,7 @@ pub fn dequantise_average<'py>(
     scales: Vec<Option<PyReadonlyArray1<'py, f32>>>,
     weights: Vec<f64>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let precision = match dtype {
-        "float16" => Precision::Half,
-        "float32" => Precision::Single,
-        "float64" => Precision::Double,
-        _ => {
-            return Err(PyValueError::new_err(format!(
-                "cannot decode to dtype {dtype}"
-            )))
-        }
-    };
+    let precision = precision_of(dtype)?;
     if scales.len() != codes.len() {
         return Err(PyValueError::new_err(format!(
             "got {} scale arrays for {} code arrays",
@@ -41,39 +32,17 @@ pub fn dequantise_average<'py>(
             codes.len()
         )));
     }
-    let code_slices = codes
-        .iter()
-        .map(|array| array.as_slice().map_err(contiguous))
-        .collect::<PyResult<Vec<&[u8]>>>()?;
     let mut terms = Vec::with_capacity(codes.len());
-    for (index, (bytes, scales)) in code_slices.into_iter().zip(&scales).enumerate() {
-        let levels = match codec {
-            "int8" => Levels::Int8,
-            "int4" => Levels::Int4,
-            "e3m0" => Levels::E3m0,
-            "fp16" => {
-                terms.push(Codes::Fp16(bytes));
-                continue;
-            }
-            "bf16" => {
-                terms.push(Codes::Bf16(bytes));
-                continue;
-            }
-            _ => {
-                return Err(PyValueError::new_err(format!(
-                    "codec {codec:?} has no codes"
-                )))
-            }
-        };
-        let scales = scales.as_ref().ok_or_else(|| {
-            PyValueError::new_err(format!("update #{index}: codec {codec} needs scales"))
-        })?;
-        terms.push(Codes::Blockwise {
-            levels,
-            codes: bytes,
-            scales: scales.as_slice().map_err(contiguous)?,
-            block: block_size,
-        });
+    for (index, (bytes, scales)) in codes.iter().zip(&scales).enumerate() {
+        let scales = scales
+            .as_ref()
+            .map(|scales| scales.as_slice().map_err(contiguous))
+            .transpose()?;
+        let bytes = bytes.as_slice().map_err(contiguous)?;
+        terms.push(
+            codes_of(codec, block_size, bytes, scales)
+                .map_err(|problem| PyValueError::new_err(format!("update #{index}: {problem}")))?,
+        );
     }
     let result = py
         .detach(|| average::dequantise_average(&terms, &weights, count, precision))
@@ -81,7 +50,44 @@ pub fn dequantise_average<'py>(
     numpy_array(py, &[count], result)
 }
 
-fn contiguous(error: numpy::AsSliceError) -> PyErr {
+/// The core's float type of a model's NumPy dtype name.
+pub(super) fn precision_of(dtype: &str) -> PyResult<Precision> {
+    match dtype {
+        "float16" => Ok(Precision::Half),
+        "float32" => Ok(Precision::Single),
+        "float64" => Ok(Precision::Double),
+        _ => Err(PyValueError::new_err(format!(
+            "cannot decode to dtype {dtype}"
+        ))),
+    }
+}
+
+/// The core's view of one tensor's code `bytes` (and float32 `scales` for a blockwise codec)
+/// encoded by `codec`, or why there is none.
+pub(super) fn codes_of<'a>(
+    codec: &str,
+    block: usize,
+    bytes: &'a [u8],
+    scales: Option<&'a [f32]>,
+) -> Result<Codes<'a>, String> {
+    let levels = match codec {
+        "int8" => Levels::Int8,
+        "int4" => Levels::Int4,
+        "e3m0" => Levels::E3m0,
+        "fp16" => return Ok(Codes::Fp16(bytes)),
+        "bf16" => return Ok(Codes::Bf16(bytes)),
+        _ => return Err(format!("codec {codec:?} has no codes")),
+    };
+    let scales = scales.ok_or_else(|| format!("codec {codec} needs scales"))?;
+    Ok(Codes::Blockwise {
+        levels,
+        codes: bytes,
+        scales,
+        block,
+    })
+}
+
+pub(super) fn contiguous(error: numpy::AsSliceError) -> PyErr {
     PyValueError::new_err(format!(
         "codes and scales must be contiguous arrays ({error})"
     ))

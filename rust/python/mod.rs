@@ -162,30 +162,8 @@ impl<'py> Batch<'py> {
         first: usize,
         check: impl FnOnce(&[f64], usize) -> Result<(), AverageError>,
     ) -> PyResult<Self> {
-        let py = updates.py();
-        let count = updates.len()?;
-        let weights = weights
-            .try_iter()?
-            .enumerate()
-            .map(|(index, w)| weight_value(first + index, &w?))
-            .collect::<PyResult<Vec<f64>>>()?;
-        check(&weights, count).map_err(|error| value_error(py, &error))?;
-        let labels: Vec<String> = match labels {
-            None => (first..first + count)
-                .map(|i| format!("update #{i}"))
-                .collect(),
-            Some(labels) => labels
-                .try_iter()?
-                .map(|label| Ok(label?.str()?.to_string_lossy().into_owned()))
-                .collect::<PyResult<_>>()?,
-        };
-        if labels.len() != count {
-            return Err(PyValueError::new_err(format!(
-                "got {} labels for {count} updates",
-                labels.len()
-            )));
-        }
-        let mut maps = Vec::with_capacity(count);
+        let (weights, labels) = weights_and_labels(updates, weights, labels, first, check)?;
+        let mut maps = Vec::with_capacity(labels.len());
         for (update, label) in updates.try_iter()?.zip(&labels) {
             maps.push(gradient_sources(&update?, Some(label), average_source)?);
         }
@@ -211,6 +189,41 @@ impl<'py> Batch<'py> {
             .collect::<PyResult<_>>()?;
         Ok((updates, &self.weights))
     }
+}
+
+/// The weights of `updates` (their types, then `check`) and their labels (default
+/// ``update #i``), numbering updates and weights in messages from `first`.
+fn weights_and_labels(
+    updates: &Bound<'_, PyAny>,
+    weights: &Bound<'_, PyAny>,
+    labels: Option<&Bound<'_, PyAny>>,
+    first: usize,
+    check: impl FnOnce(&[f64], usize) -> Result<(), AverageError>,
+) -> PyResult<(Vec<f64>, Vec<String>)> {
+    let py = updates.py();
+    let count = updates.len()?;
+    let weights = weights
+        .try_iter()?
+        .enumerate()
+        .map(|(index, w)| weight_value(first + index, &w?))
+        .collect::<PyResult<Vec<f64>>>()?;
+    check(&weights, count).map_err(|error| value_error(py, &error))?;
+    let labels: Vec<String> = match labels {
+        None => (first..first + count)
+            .map(|i| format!("update #{i}"))
+            .collect(),
+        Some(labels) => labels
+            .try_iter()?
+            .map(|label| Ok(label?.str()?.to_string_lossy().into_owned()))
+            .collect::<PyResult<_>>()?,
+    };
+    if labels.len() != count {
+        return Err(PyValueError::new_err(format!(
+            "got {} labels for {count} updates",
+            labels.len()
+        )));
+    }
+    Ok((weights, labels))
 }
 
 /// A new NumPy array of `shape` holding a core result.

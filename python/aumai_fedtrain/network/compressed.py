@@ -11,9 +11,12 @@ sent (:func:`~aumai_fedtrain.network.auth.sign_body`).
 The receiver knows the model, so it knows the exact size of an honest body's codes and scales:
 :func:`compressed_limit` bounds the body before it is read, :func:`read_compressed` refuses one
 of another codec or block size, or with other tensors or sizes, from its header alone, and
-:func:`decode_compressed` decodes it into the model's dtypes (so its memory is bounded by the
-model's shapes, however small the body), refusing non-finite or negative scales. The decoded
-update is what screening, the mean and ``HashVerifier``'s canonical JSON digest see.
+:func:`read_compressed_update` reads its codes and scales (refusing non-finite or negative
+scales) into an :class:`~aumai_fedtrain.compression.EncodedUpdate` of the model's shapes and
+dtypes, never decoded: the coordinator screens it from its codes and scales and folds it into
+the streamed mean with ``fold_encoded``, dequantising inside the fold. :func:`decode_compressed`
+gives its decoded values (what a round's list of updates, robust rules and ``HashVerifier``'s
+canonical JSON digest see).
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from aumai_fedtrain.compression import Codec, Encoded, code_bytes, decode, decode_body, encode_body
+from aumai_fedtrain.compression import (
+    Codec,
+    Encoded,
+    EncodedUpdate,
+    code_bytes,
+    decode_body,
+    encode_body,
+)
 from aumai_fedtrain.models import LocalUpdate, TensorMap
 from aumai_fedtrain.network.wire import (
     FORMAT_KEY,
@@ -42,6 +52,7 @@ __all__ = [
     "decode_compressed",
     "encode_compressed",
     "read_compressed",
+    "read_compressed_update",
 ]
 
 COMPRESSED_UPDATE_KIND = "compressed-update/1"
@@ -120,9 +131,12 @@ def _describe(tensors: Mapping[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{name} {dtype} {shape}" for name, (dtype, shape) in sorted(tensors.items()))
 
 
-def decode_compressed(body: bytes, model: TensorMap, metadata: Mapping[str, str]) -> LocalUpdate:
-    """The update of a body that :func:`read_compressed` accepted (its ``metadata``), decoded
-    into ``model``'s dtypes; :class:`WireError` for a malformed body or bad scales."""
+def read_compressed_update(
+    body: bytes, model: TensorMap, metadata: Mapping[str, str]
+) -> EncodedUpdate:
+    """The update of a body that :func:`read_compressed` accepted (its ``metadata``), still
+    encoded: its codes and scales (one copy of the body's tensors) for ``model``'s shapes and
+    dtypes; :class:`WireError` for a malformed body or bad scales."""
     try:
         encoded = decode_body(body, model)
     except Exception as exc:  # SafetensorError, a short piece: any failure on untrusted bytes
@@ -132,4 +146,10 @@ def decode_compressed(body: bytes, model: TensorMap, metadata: Mapping[str, str]
             np.isfinite(tensor.scales).all() and (tensor.scales >= 0).all()
         ):
             raise WireError(f"tensor {key!r} has non-finite or negative scales")
-    return update_from_metadata(metadata, {key: decode(value) for key, value in encoded.items()})
+    update = update_from_metadata(metadata, {})
+    return EncodedUpdate(**dict(update), encoded=encoded)
+
+
+def decode_compressed(body: bytes, model: TensorMap, metadata: Mapping[str, str]) -> LocalUpdate:
+    """:func:`read_compressed_update`, decoded into ``model``'s dtypes."""
+    return read_compressed_update(body, model, metadata).decoded()

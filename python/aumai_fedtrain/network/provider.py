@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import httpx
 
-from aumai_fedtrain.compression import Codec
+from aumai_fedtrain.compression import Codec, EncodedUpdate
 from aumai_fedtrain.coordinator import QuorumError
 from aumai_fedtrain.models import (
     CompressionConfig,
@@ -69,8 +69,8 @@ from aumai_fedtrain.network.auth import (
 from aumai_fedtrain.network.compressed import (
     CodecMismatchError,
     compressed_limit,
-    decode_compressed,
     read_compressed,
+    read_compressed_update,
 )
 from aumai_fedtrain.network.nodes_file import check_address
 from aumai_fedtrain.network.wire import (
@@ -133,8 +133,6 @@ _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=0)
 _JSON_BYTES_PER_BODY_BYTE = 3
 _JSON_BYTES_PER_ITEM = 96
 _JSON_BYTES_PER_BODY_BYTE_UNKNOWN_MODEL = 64
-# Decoding a compressed tensor holds float64 levels, scales per value and their product.
-_DECODE_BYTES_PER_VALUE = 32
 
 
 class _Dropped(Exception):
@@ -181,14 +179,14 @@ class HttpUpdateProvider(UpdateProvider):
         refused); answers larger than an update of the model can be are refused too (with
         compression: than the codes and scales of the model's update, plus a bounded header).
     memory_budget
-        Bytes that the answers being read, decoded and checked at once may take; an answer
-        waits (within the deadline) for its share, and one that alone needs more is refused.
-        None: twice what the largest valid answer needs, at least :data:`MIN_MEMORY_BUDGET`.
-        An update handed to the coordinator by :meth:`iter_updates` keeps its decoded size
-        counted while it waits in the coordinator's reorder buffer, until it is folded into
-        the mean, but never makes an answer wait (see :class:`_MemoryBudget`: a slow early
-        node must not starve the others); the list that :meth:`get_updates` returns is
-        outside the budget (as are the updates that a robust rule or norm clipping collects).
+        Bytes that the answers being read, decoded and checked at once may take; an answer waits
+        (within the deadline) for its share, and one that alone needs more is refused. None: twice
+        what the largest valid answer needs, at least :data:`MIN_MEMORY_BUDGET`. An update handed to
+        the coordinator by :meth:`iter_updates` keeps its size (a compressed one's codes and scales:
+        it is never decoded) counted while it waits in the coordinator's reorder buffer, until it is
+        folded into the mean, but never makes an answer wait (see :class:`_MemoryBudget`: a slow
+        early node must not starve the others); the list that :meth:`get_updates` returns is outside
+        the budget (as are the updates that a robust rule or norm clipping collects).
     bench_after
         After this many failed rounds in a row a node is benched (see the module doc).
     model_init
@@ -317,7 +315,10 @@ class HttpUpdateProvider(UpdateProvider):
         arrive, and ``ValueError`` for a node without a key or an address, or a quorum above
         the nodes.
         """
-        return updates_in_node_order(self.iter_updates(round_id, state, nodes), nodes)
+        updates = updates_in_node_order(self.iter_updates(round_id, state, nodes), nodes)
+        return [
+            update.decoded() if isinstance(update, EncodedUpdate) else update for update in updates
+        ]
 
     def iter_updates(
         self,
@@ -328,10 +329,12 @@ class HttpUpdateProvider(UpdateProvider):
         """:meth:`get_updates`, each valid update handed over as soon as it is read, decoded
         and checked, each node that will send none (benched, failed) as soon as that is known.
 
-        Each update handed over keeps its decoded size reserved in the round's memory budget
-        until the coordinator releases it (:attr:`Arrivals.release`: folded into the mean or
-        refused); the answer of the first node of ``nodes`` still pending may use the bytes
-        that such waiting updates hold, so that the updates waiting for it never keep it out.
+        Each update handed over keeps its size reserved in the round's memory budget (a compressed
+        answer's: its codes and scales, handed over still encoded as an
+        :class:`~aumai_fedtrain.compression.EncodedUpdate`) until the coordinator releases it
+        (:attr:`Arrivals.release`: folded into the mean or refused); the answer of the first node of
+        ``nodes`` still pending may use the bytes that such waiting updates hold, so that the
+        updates waiting for it never keep it out.
         """
         self._check_nodes(nodes)
         deadline = _RoundDeadline(self.timeout)
@@ -437,13 +440,12 @@ class HttpUpdateProvider(UpdateProvider):
         """The default ``memory_budget`` for a model: room for two of its largest answers."""
         if not weights:
             return MIN_MEMORY_BUDGET
-        expected = expected_tensors(weights)
-        largest = max_update_bytes(expected, self.wire_format)
-        need = self.answer_memory(self.wire_format, largest, weights)
         compression = self._compression()
         if compression is not None:
-            limit = compressed_limit(weights, Codec.of(compression))
-            need = max(need, _compressed_reservation(limit, expected))
+            need = _compressed_reservation(compressed_limit(weights, Codec.of(compression)))
+        else:
+            largest = max_update_bytes(expected_tensors(weights), self.wire_format)
+            need = self.answer_memory(self.wire_format, largest, weights)
         return max(MIN_MEMORY_BUDGET, 2 * need)
 
     def answer_memory(self, fmt: str, body_bytes: int, weights: TensorMap) -> int:
@@ -680,9 +682,10 @@ class HttpUpdateProvider(UpdateProvider):
         nonce: str,
         traffic: _Traffic,
     ) -> LocalUpdate:
-        """Read, check and decode a compressed answer within its share of the memory budget:
-        its size (by the model's codes and scales), header (codec, block size, tensors), node
-        and round, and its signature over the bytes received are checked before decoding."""
+        """Read and check a compressed answer within its share of the memory budget: its size
+        (by the model's codes and scales), header (codec, block size, tensors), node and round,
+        and its signature over the bytes received are checked before its codes and scales are
+        read out (never decoded: the coordinator dequantises them inside its mean)."""
         if fmt != SAFETENSORS:
             raise _Dropped(
                 f"answer of content type {fmt or '(none)'!r}: this run's updates travel "
@@ -691,7 +694,7 @@ class HttpUpdateProvider(UpdateProvider):
         assert round_.expected is not None  # (a compressed round has the global parameters)
         limit = min(self.max_response_bytes, compressed_limit(round_.model, codec))
         size = _declared_size(response, limit)
-        reservation = _compressed_reservation(size, round_.expected)
+        reservation = _compressed_reservation(size)
         with round_.budget.reserve(node.node_id, reservation, round_.deadline) as held:
             content = _read_limited(response, limit, traffic)
             try:
@@ -711,11 +714,11 @@ class HttpUpdateProvider(UpdateProvider):
             if not valid:
                 raise _Dropped(_BAD_SIGNATURE)
             try:
-                update = decode_compressed(content, round_.model, metadata)
+                update = read_compressed_update(content, round_.model, metadata)
             except WireError as exc:
                 raise _Dropped(f"malformed compressed answer: {exc}") from None
             del content
-            held.keep(sum(value.nbytes for value in update.gradients.values()))
+            held.keep(update.nbytes)
         return update
 
     def _reservation(self, fmt: str, size: int, expected: Expected | None) -> int:
@@ -804,11 +807,10 @@ def _signature_of(response: httpx.Response) -> str:
     return signature
 
 
-def _compressed_reservation(size: int, expected: Expected) -> int:
-    """Bytes that reading and decoding a compressed answer of ``size`` bytes may take: the
-    body, the decoded update, and the temporaries of decoding its largest tensor."""
-    largest = max((math.prod(shape) for shape in expected.values()), default=0)
-    return size + decoded_bytes(expected) + _DECODE_BYTES_PER_VALUE * largest
+def _compressed_reservation(size: int) -> int:
+    """Bytes that reading a compressed answer of ``size`` bytes may take: the body, and the
+    codes and scales read out of it (no more: they are never decoded here)."""
+    return 2 * size
 
 
 def _int_or_none(text: str | None) -> int | None:
