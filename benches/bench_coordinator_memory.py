@@ -14,7 +14,10 @@ does. ``--budget-answers K`` sets the HTTP provider's memory budget to K answers
 (the answers being read and decoded), which bounds what is in flight. ``--waiting-memory-mb
 M`` sets the coordinator's allowance for updates waiting in memory for an earlier node's
 (``DiLoCoCoordinator(waiting_memory=...)``, default 256 MiB); beyond it they wait on disk
-(``--spill-dir``, default the temporary directory).
+(``--spill-dir``, default the temporary directory). ``--compression CODEC`` (``int8``,
+``int4``, ...) makes the nodes answer compressed by that codec (blocks of ``--block-size``):
+the coordinator then holds each update as its codes and scales, which it dequantises inside
+the mean's folds.
 
 ``--list-path`` makes the coordinator collect the whole round before averaging, as it did
 before the mean was streamed (and still does for the robust rules): the HTTP provider's
@@ -23,6 +26,7 @@ list of updates, screened, then ``weighted_average``. Run both, side by side::
     python benches/bench_coordinator_memory.py
     python benches/bench_coordinator_memory.py --list-path
     python benches/bench_coordinator_memory.py --budget-answers 2 --waiting-memory-mb 0
+    python benches/bench_coordinator_memory.py --compression int8
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ from typing import Any
 import numpy as np
 
 from aumai_fedtrain import DiLoCoCoordinator, FederatedNode
+from aumai_fedtrain.compression import CODECS
 from aumai_fedtrain.coordinator import DEFAULT_WAITING_MEMORY
-from aumai_fedtrain.models import RoundRecord, TensorMap, TrainingConfig
+from aumai_fedtrain.models import CompressionConfig, RoundRecord, TensorMap, TrainingConfig
 from aumai_fedtrain.network import SAFETENSORS, HttpUpdateProvider, LocalNode
 from aumai_fedtrain.robust import RobustAggregator
 
@@ -140,13 +145,20 @@ def main() -> None:
         help="MiB of updates that may wait in memory for an earlier node's (default: 256)",
     )
     parser.add_argument("--spill-dir", type=Path, default=None, help="where the rest wait")
+    parser.add_argument(
+        "--compression", choices=CODECS, default="none", help="the codec the nodes answer with"
+    )
+    parser.add_argument("--block-size", type=int, default=128, help="values per scale")
     args = parser.parse_args()
     os.environ[VALUES_VARIABLE] = str(args.values)
     if args.list_path:
         RobustAggregator.streams = property(lambda self: False)  # type: ignore[method-assign,assignment]
 
     update_mib = args.values * 4 / MIB
-    config = TrainingConfig(num_nodes=args.nodes, global_rounds=args.rounds)
+    compression = CompressionConfig(codec=args.compression, block_size=args.block_size)
+    config = TrainingConfig(
+        num_nodes=args.nodes, global_rounds=args.rounds, compression=compression
+    )
     tracemalloc.start()
     peak = PeakMemory()
     whole: list[tuple[float, float]] = []
@@ -210,7 +222,7 @@ def main() -> None:
         f"memory budget {args.budget_answers} answers"
         if args.budget_answers is not None
         else "default memory budget"
-    ) + f", waiting memory {args.waiting_memory_mb} MiB"
+    ) + f", waiting memory {args.waiting_memory_mb} MiB, compression {args.compression}"
     print(
         f"\n{args.nodes} nodes x {args.values:,} float32 values over HTTP on 127.0.0.1, {path}, "
         f"{budget}; one update: {update_mib:.1f} MiB\n"

@@ -30,6 +30,7 @@ from aumai_fedtrain.providers.base import Arrivals, UpdateProvider
 from aumai_fedtrain.robust import RobustAggregator
 from aumai_fedtrain.screening import RoundScreen, screen_updates
 from aumai_fedtrain.spool import UpdateSpool
+from tests.test_benches import BENCHES, run_bench
 from tests.test_dequant_parity import (
     ANY_ENCODINGS,
     PARITY_SETTINGS,
@@ -372,3 +373,14 @@ def test_the_coordinator_folds_encoded_updates_encoded_with_the_decoded_result(
     for key, value in expected.final_state.parameters.items():
         assert got.final_state.parameters[key].tobytes() == value.tobytes()
     assert got.history[-1].num_participants == 2
+
+
+def test_the_coordinator_memory_benchmark_runs_real_nodes_with_compression() -> None:
+    script = str(BENCHES / "bench_coordinator_memory.py")
+    flags = ("--compression", "int8", "--block-size", "64", "--waiting-memory-mb", "0")
+    output = run_bench(script, "--nodes", "2", "--values", "1000", "--rounds", "1", *flags)
+
+    assert "round 1: 2 updates," in output
+    assert "waiting memory 0 MiB, compression int8" in output
+    assert "\n| 1 | " in output
+    assert "load average before:" in output
