@@ -173,7 +173,7 @@ class EncodedUpdate(LocalUpdate):
 
     def without_tensors(self) -> LocalUpdate:
         """A plain :class:`LocalUpdate` of the same node, round, loss and samples, without
-        gradients."""
+        gradients or encodings."""
         return LocalUpdate(
             node_id=self.node_id,
             round_id=self.round_id,

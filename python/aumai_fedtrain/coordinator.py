@@ -227,7 +227,7 @@ class _StreamedMean:
         else:
             assert position is not None  # (screening refuses unknown nodes)
             self._waiting[position] = (outcome, hold)
-            self._waiting_bytes += _gradient_bytes(outcome)
+            self._waiting_bytes += outcome.nbytes
         self._settle(node_id)
 
     def _discard(self, position: int) -> None:
@@ -237,7 +237,7 @@ class _StreamedMean:
             return
         update, hold = waiting
         if not isinstance(update, SpooledUpdate):  # (on disk, its space returns at close)
-            self._waiting_bytes -= _gradient_bytes(update)
+            self._waiting_bytes -= update.nbytes
         if hold is not None:
             hold.let_go()
 
@@ -263,7 +263,7 @@ class _StreamedMean:
                     extra={"event": "spill_failed"},
                 )
                 return
-            nbytes = _gradient_bytes(update)
+            nbytes = update.nbytes
             self._waiting[position] = (spooled, None)
             self.spilled = (self.spilled[0] + 1, self.spilled[1] + nbytes)
             self._waiting_bytes -= nbytes
@@ -311,7 +311,7 @@ class _StreamedMean:
                     continue
             else:
                 update = waiting_update
-                self._waiting_bytes -= _gradient_bytes(update)
+                self._waiting_bytes -= update.nbytes
             with self._phases.timed("verify"):
                 reason = self._screen.shape_conflict(update)
             if reason is not None:
@@ -341,23 +341,10 @@ class _StreamedMean:
                         values = [update.gradients for update in run]
                         self._sum.fold(values, weights[span], labels[span])
             self._folded.update(update.node_id for update in ready)
-            self.counted.extend(_without_gradients(update) for update in ready)
+            self.counted.extend(update.without_tensors() for update in ready)
         ready.clear()
         for hold in holds:
             hold.let_go()
-
-
-def _gradient_bytes(update: LocalUpdate) -> int:
-    """Bytes of an update's gradients as held: an encoded update's codes and scales."""
-    encoded = update.nbytes if isinstance(update, EncodedUpdate) else 0
-    return encoded + sum(values.nbytes for values in update.gradients.values())
-
-
-def _without_gradients(update: LocalUpdate) -> LocalUpdate:
-    """A plain update of ``update``'s node, round, loss and samples, without its tensors."""
-    if isinstance(update, EncodedUpdate):
-        return update.without_tensors()
-    return update.model_copy(update={"gradients": {}})
 
 
 _END = object()

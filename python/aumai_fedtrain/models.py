@@ -188,6 +188,16 @@ class LocalUpdate(_Model):
     loss: FiniteFloat
     samples_used: Annotated[int, Field(ge=0)]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pseudo-gradient's values as held."""
+        return sum(values.nbytes for values in self.gradients.values())
+
+    def without_tensors(self) -> LocalUpdate:
+        """This update without its pseudo-gradient (``gradients`` empty): what a round's
+        record of the nodes counted keeps."""
+        return self.model_copy(update={"gradients": {}})
+
 
 class SimulationConfig(_Model):
     """Settings of the built-in simulation: dataset, model and how data is split.

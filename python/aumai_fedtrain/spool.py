@@ -143,7 +143,7 @@ def _without_arrays(update: LocalUpdate) -> LocalUpdate:
     """``update`` without the arrays of :func:`_arrays_of` (an encoded update keeps each
     tensor's codec, shape and dtype, with empty codes and scales)."""
     if not isinstance(update, EncodedUpdate):
-        return update.model_copy(update={"gradients": {}})
+        return update.without_tensors()
     templates = {
         key: replace(
             tensor,

@@ -669,7 +669,7 @@ class HttpUpdateProvider(UpdateProvider):
             del content
             self._check(update, response.headers.get(SIGNATURE_HEADER), node, round_, nonce)
             # The update stays in memory until the coordinator folds it: its bytes stay held.
-            held.keep(sum(value.nbytes for value in update.gradients.values()))
+            held.keep(update.nbytes)
         return update
 
     def _receive_compressed(
