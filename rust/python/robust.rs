@@ -165,10 +165,8 @@ pub(super) fn balance_statistics(
     let mut center_map = side_map(center, "center", &maps)?;
     let mut reference_map = side_map(reference, "reference", &maps)?;
     let taken = arrays(&mut maps);
-    let (center_arrays, reference_arrays) = (
-        take_side(&mut center_map),
-        take_side(&mut reference_map),
-    );
+    let (center_arrays, reference_arrays) =
+        (take_side(&mut center_map), take_side(&mut reference_map));
     let center_refs: Option<Vec<&Array<'_>>> = center_arrays.as_ref().map(|c| c.iter().collect());
     let reference_refs: Option<Vec<&Array<'_>>> =
         reference_arrays.as_ref().map(|r| r.iter().collect());
