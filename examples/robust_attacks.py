@@ -8,7 +8,9 @@ lr 0.003, outer Nesterov lr 0.7, momentum 0.9), through the library itself
 workers (the last ones) attack from the first round; every rule is configured for f = 2
 (trimmed mean: trim fraction 0.25; multi-Krum: f = 2). The table gives each rule's test loss
 (test half of the held-out set) averaged over the seeds, and its gap to the clean run of the
-plain mean, seed by seed (``diverged``: the outer step made the model non-finite).
+plain mean, seed by seed (``diverged``: the outer step made the model non-finite). The robust
+rules run with their default outlier filters (``balance_limit`` 0.5, ``reputation_warmup`` 3);
+``--options '{"balance_limit": null, "reputation_warmup": null}'`` turns them off.
 
 ``python examples/robust_attacks.py`` runs the documented experiment (1 attacker, 5 seeds; long
 on two cores: 5 rules x 7 cases x 5 seeds runs of 80 rounds); ``--quick`` is a smoke run.

@@ -22,15 +22,18 @@ float32 result; every rule computes in float64 and rounds once at the end):
   applied before any rule (:func:`aggregate` composes them);
 - :func:`bucket_means`: bucketing (Karimireddy, He & Jaggi 2022): the means of random buckets
   of ``s`` updates, drawn from the run's seed and the round, which the robust rule then
-  combines (after norm clipping).
+  combines (after norm clipping);
+- :func:`exclude_outliers`: the outlier filters the coordinator applies before a robust rule
+  (the balance of each update around the round's median, and each node's direction reputation
+  over the run); the plain mean ignores them.
 
 Sample weights buy no influence: the robust rules weigh every update equally, whatever
 ``samples_used`` a node claims (only the plain mean weighs by samples, and screening caps the
 claim at what a node can process in a round).
 
 The coordinate work runs in the native core when it is available (``median``,
-``trimmed_mean``, ``squared_distances``, ``pairwise_squared_distances`` of
-:mod:`aumai_fedtrain._native`), else in the NumPy functions of this module; both give the same
+``trimmed_mean``, ``squared_distances``, ``pairwise_squared_distances``,
+``balance_statistics`` of :mod:`aumai_fedtrain._native`), else in the NumPy functions of this module; both give the same
 bits, because every float operation and its order is specified here:
 
 - values are read as float64 and signed zeros as ``+0.0`` (``x + 0.0``), so sorting is total;
@@ -40,7 +43,7 @@ bits, because every float operation and its order is specified here:
 - a squared distance ``sum((x - y) ** 2)`` over one key accumulates the squared differences of
   the row-major values in 8 lanes (value ``i`` into lane ``i % 8``, in order), combines them as
   ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``, and adds the keys' sums in key order
-  from ``0.0``;
+  from ``0.0``; the filters' dot products sum ``x * y`` in the same lanes and order;
 - every mean of whole updates (Krum's, CenteredClip's steps) is the backend's
   ``weighted_average``, already bit-exact across backends.
 
