@@ -1,7 +1,9 @@
 //! Sign balance and direction of the updates: the statistics of the robust rules' outlier
 //! filters (the balance filter and the direction reputation of `aumai_fedtrain.robust`).
 
-use super::{add_squared_differences, check, combine_lanes, RobustError, Updates, BLOCK, LANES};
+use super::{
+    add_in_lanes, add_squared_differences, check, combine_lanes, RobustError, Updates, BLOCK, LANES,
+};
 use crate::array::Array;
 use crate::{parallel, simd};
 
@@ -72,7 +74,7 @@ fn update_balance(
                 || {
                     add_squared_differences(&mut squares, xs, &ZEROS[..xs.len()]);
                     if let Some(rs) = rs {
-                        add_products(&mut dots, xs, rs);
+                        add_in_lanes(&mut dots, xs, rs, |x, y| x * y);
                     }
                 },
             );
@@ -81,26 +83,6 @@ fn update_balance(
         result.squared_norm += combine_lanes(&squares);
     }
     result
-}
-
-/// Add `x_i * y_i` to lane `i % LANES` (`xs` starts at a multiple of [`LANES`]).
-#[inline(always)]
-fn add_products(lanes: &mut [f64; LANES], xs: &[f64], ys: &[f64]) {
-    let mut x_chunks = xs.chunks_exact(LANES);
-    let mut y_chunks = ys.chunks_exact(LANES);
-    for (x, y) in x_chunks.by_ref().zip(y_chunks.by_ref()) {
-        for lane in 0..LANES {
-            lanes[lane] += x[lane] * y[lane];
-        }
-    }
-    for (lane, (x, y)) in x_chunks
-        .remainder()
-        .iter()
-        .zip(y_chunks.remainder())
-        .enumerate()
-    {
-        lanes[lane] += x * y;
-    }
 }
 
 #[cfg(test)]

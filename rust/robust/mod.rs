@@ -258,22 +258,29 @@ fn combine_lanes(lanes: &[f64; LANES]) -> f64 {
 /// Add `(x_i - y_i)^2` to lane `i % LANES` (`xs` starts at a multiple of [`LANES`]).
 #[inline(always)]
 fn add_squared_differences(lanes: &mut [f64; LANES], xs: &[f64], ys: &[f64]) {
+    add_in_lanes(lanes, xs, ys, |x, y| {
+        let d = x - y;
+        d * d
+    });
+}
+
+/// Add `term(x_i, y_i)` to lane `i % LANES` (`xs` starts at a multiple of [`LANES`]).
+#[inline(always)]
+fn add_in_lanes(lanes: &mut [f64; LANES], xs: &[f64], ys: &[f64], term: impl Fn(f64, f64) -> f64) {
     let mut x_chunks = xs.chunks_exact(LANES);
     let mut y_chunks = ys.chunks_exact(LANES);
     for (x, y) in x_chunks.by_ref().zip(y_chunks.by_ref()) {
         for lane in 0..LANES {
-            let d = x[lane] - y[lane];
-            lanes[lane] += d * d;
+            lanes[lane] += term(x[lane], y[lane]);
         }
     }
-    for (lane, (x, y)) in x_chunks
+    for (lane, (&x, &y)) in x_chunks
         .remainder()
         .iter()
         .zip(y_chunks.remainder())
         .enumerate()
     {
-        let d = x - y;
-        lanes[lane] += d * d;
+        lanes[lane] += term(x, y);
     }
 }
 
