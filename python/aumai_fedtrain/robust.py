@@ -33,8 +33,8 @@ claim at what a node can process in a round).
 
 The coordinate work runs in the native core when it is available (``median``,
 ``trimmed_mean``, ``squared_distances``, ``pairwise_squared_distances``,
-``balance_statistics`` of :mod:`aumai_fedtrain._native`), else in the NumPy functions of this module; both give the same
-bits, because every float operation and its order is specified here:
+``balance_statistics`` of :mod:`aumai_fedtrain._native`), else in the NumPy functions of this
+module; both give the same bits, because every float operation and its order is specified here:
 
 - values are read as float64 and signed zeros as ``+0.0`` (``x + 0.0``), so sorting is total;
 - the median of an even count is ``(a + b) * 0.5`` of the two middle values;
