@@ -202,6 +202,9 @@ def test_the_majority_is_never_excluded_and_the_most_extreme_go_first(backend_na
     assert [u.node_id for u in result.kept] == ["node-000", "node-002", "node-004"]
     two = robust.exclude_outliers(updates[1:4:2], AggregationConfig(rule="median"))
     assert two.excluded == {} and len(two.spared) == 2  # floor((2 - 1) / 2) = 0
+    krum = robust.exclude_outliers(updates, AggregationConfig(rule="krum", krum_f=1))
+    assert list(krum.excluded) == ["node-001"]  # Krum with f = 1 needs 4 of the 5 updates
+    robust.aggregate(krum.kept, AggregationConfig(rule="krum", krum_f=1), [1.0] * 4)
 
 
 def test_the_coordinator_warns_naming_the_flagged_nodes_it_keeps(

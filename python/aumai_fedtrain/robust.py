@@ -686,7 +686,8 @@ def exclude_outliers(
       push against the global model's direction of travel, is excluded. The record is updated
       before the decision and an excluded node keeps being scored, so it can recover.
 
-    At most ``floor((N - 1) / 2)`` updates are excluded: when more are flagged, those excluded
+    At most ``floor((N - 1) / 2)`` updates are excluded (fewer when multi-Krum would lack the
+    ``f + 3`` updates or the ``m`` it needs): when more are flagged, those excluded
     are the ones flagged by balance, largest ``|balance|`` first, then those flagged by
     reputation alone, lowest mean cosine first (ties: the earlier update); the others are kept
     and listed in :attr:`Exclusions.spared`. Sample weights play no part. The plain ``mean``
@@ -740,7 +741,7 @@ def exclude_outliers(
         if rank is not None:
             flagged.append((rank, update.node_id, EXCLUSION + "; ".join(reasons)))
     flagged.sort(key=lambda flag: flag[0])
-    cap = (len(updates) - 1) // 2
+    cap = _most_excluded(config, len(updates))
     chosen_flags = {node_id: reason for _, node_id, reason in flagged[:cap]}
     in_order = {u.node_id: chosen_flags[u.node_id] for u in updates if u.node_id in chosen_flags}
     return Exclusions(
@@ -749,6 +750,20 @@ def exclude_outliers(
         records,
         {node_id: reason for _, node_id, reason in flagged[cap:]},
     )
+
+
+def _most_excluded(config: AggregationConfig, count: int) -> int:
+    """How many of ``count`` updates the filters may exclude: ``floor((count - 1) / 2)``, fewer
+    when multi-Krum would not have the ``f + 3`` updates (or bucket means) and ``m`` it needs."""
+    most = (count - 1) // 2
+    while most > 0 and config.rule == "krum":
+        try:
+            check_krum(bucket_count(count - most, config.bucket_size), config.krum_f, config.krum_m)
+        except ValueError:
+            most -= 1
+        else:
+            break
+    return most
 
 
 def _balance_reason(below: int, above: int, total: int, balance: float, limit: float) -> str:
