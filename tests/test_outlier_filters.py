@@ -10,6 +10,7 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -37,6 +38,8 @@ from aumai_fedtrain.simulation import (
     simulated_nodes,
 )
 from tests.helpers import run_cli
+from tests.test_resume import CONFIG as RESUME_CONFIG
+from tests.test_resume import reference_and_resumed
 from tests.test_robust import SETTINGS, Maps, needs_native, round_updates, update_sets, values
 
 ATTACKER = "node-007"
@@ -103,9 +106,11 @@ def with_maps(draw: st.DrawFn) -> tuple[Maps, Center, Center]:
         }
 
     choice = draw(st.sampled_from(["none", "median", "drawn"]))
-    center = {"none": lambda: None, "median": lambda: robust.numpy_median(updates)}.get(
-        choice, drawn
-    )()
+    center = None
+    if choice == "median":
+        center = robust.numpy_median(updates)
+    elif choice == "drawn":
+        center = drawn()
     reference = drawn() if draw(st.booleans()) else None
     return updates, center, reference
 
@@ -117,7 +122,7 @@ def test_balance_statistics_are_bit_exact_on_both_backends(
     inputs: tuple[Maps, Center, Center],
 ) -> None:
     updates, center, reference = inputs
-    native = get_backend("native").balance_statistics(updates, center, reference)
+    native = robust.kernels(get_backend("native")).balance_statistics(updates, center, reference)
     numpy = robust.numpy_balance_statistics(updates, center, reference)
     assert [(b, a, d.hex(), n.hex()) for b, a, d, n in native] == [
         (b, a, d.hex(), n.hex()) for b, a, d, n in numpy
@@ -129,7 +134,7 @@ def test_balance_statistics_are_bit_exact_on_both_backends(
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_balance_counts_strict_sides_and_ties_on_neither(backend_name: str, dtype: type) -> None:
     kernels = robust.kernels(get_backend(backend_name))
-    updates = [
+    updates: Maps = [
         {"w": np.array([1.0, 2.0, -0.0, 5.0], dtype), "e": np.zeros((0, 3), dtype)},
         {"w": np.array([3.0, 2.0, 0.0, 1.0], dtype), "e": np.zeros((0, 3), dtype)},
     ]
@@ -146,8 +151,8 @@ def test_balance_counts_strict_sides_and_ties_on_neither(backend_name: str, dtyp
 
 @needs_native
 def test_the_native_kernel_checks_its_maps() -> None:
-    native = get_backend("native")
-    updates = [{"w": np.zeros(4), "e": np.zeros(2)}]
+    native = robust.kernels(get_backend("native"))
+    updates: Maps = [{"w": np.zeros(4), "e": np.zeros(2)}]
     with pytest.raises(ValueError, match=r"^reference has keys \['w'\], update #0 has"):
         native.balance_statistics(updates, None, {"w": np.zeros(4)})
     with pytest.raises(ValueError, match=r"shape"):
@@ -330,6 +335,25 @@ def test_a_resumed_run_keeps_the_reputation_bit_for_bit(tmp_path: Path) -> None:
     assert resumed.final_state is not None and reference.final_state is not None
     for node, record in reference.final_state.reputation.items():
         assert resumed.final_state.reputation[node].cosine_sum.hex() == record.cosine_sum.hex()
+
+
+def test_a_robust_run_killed_with_sigkill_resumes_with_its_reputation(tmp_path: Path) -> None:
+    # Prepare / Execute: a centered_clip run uninterrupted, and one SIGKILLed after round 3
+    options = ["--aggregation", "centered_clip", "--reputation-warmup", "2"]
+    expected, actual, reached, _ = reference_and_resumed(
+        tmp_path, json.dumps(RESUME_CONFIG), options, kill_at=3
+    )
+
+    # Assert: every node's record, and so the state, bit for bit
+    rounds, nodes = cast(int, RESUME_CONFIG["global_rounds"]), cast(int, RESUME_CONFIG["num_nodes"])
+    assert 3 <= reached < rounds
+    assert len(expected.state.reputation) == nodes
+    assert actual.state == expected.state
+    for node, record in expected.state.reputation.items():
+        assert record.rounds == rounds - 1
+        assert actual.state.reputation[node].cosine_sum.hex() == record.cosine_sum.hex()
+    assert [r.dropped for r in actual.history] == [r.dropped for r in expected.history]
+    assert actual.credits == expected.credits
 
 
 # --- configuration and command line ---------------------------------------------------------------
