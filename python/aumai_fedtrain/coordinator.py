@@ -429,7 +429,9 @@ class DiLoCoCoordinator:
         unknown node, a duplicate, a wrong ``round_id``, non-finite or out-of-bounds values,
         shapes that do not match the model, implausible samples), and
         :class:`DivergenceError` when the outer step would make the model non-finite. A
-        rejected round changes nothing (no credit, no state).
+        rejected round changes nothing (no credit, no state). A robust rule's outlier filters
+        (:func:`aumai_fedtrain.robust.exclude_outliers`) may exclude updates: they are logged
+        with their reasons, left out of ``participating_nodes`` and not credited.
         """
         accepted, dropped = self.screen(state, updates)
         if dropped:
@@ -538,7 +540,8 @@ class DiLoCoCoordinator:
 
         Every update is screened (:meth:`screen`); a node whose update does not count is
         dropped for the round with its reason (logged on the ``aumai_fedtrain`` logger and kept
-        in :attr:`RoundRecord.dropped`), and the round goes on when at least ``min_nodes``
+        in :attr:`RoundRecord.dropped`; so is an update a robust rule's outlier filters
+        exclude), and the round goes on when at least ``min_nodes``
         updates count, else :class:`QuorumError` ends the run with the last checkpoint intact.
         Stops early when the provider returns no update and reports no failure. With
         ``checkpoint_dir`` the complete run state is written atomically after every round;
