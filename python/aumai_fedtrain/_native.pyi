@@ -262,3 +262,17 @@ def squared_distances(
 def pairwise_squared_distances(updates: Sequence[Mapping[str, Any]]) -> list[list[float]]:
     """The symmetric ``N x N`` matrix of squared L2 distances (as :func:`squared_distances`
     sums them; zero diagonal), threaded over the pairs. Raises as :func:`median` does."""
+
+def balance_statistics(
+    updates: Sequence[Mapping[str, Any]],
+    center: Mapping[str, Any] | None = None,
+    reference: Mapping[str, Any] | None = None,
+) -> list[tuple[int, int, float, float]]:
+    """Per map, in one threaded pass: its values strictly below and strictly above ``center``
+    (0 and 0 without one; ties count on neither side), its dot product with ``reference``
+    (0.0 without one) and its squared L2 norm.
+
+    The dot product and the norm sum per key in 8 lanes as :func:`squared_distances` does (the
+    norm has its bits). Raises as :func:`median` does (a ``center`` or ``reference`` with other
+    keys is named so).
+    """

@@ -33,6 +33,7 @@ from aumai_fedtrain.models import (
     FederatedNode,
     GlobalState,
     LocalUpdate,
+    NodeReputation,
     NodeTimes,
     RoundRecord,
     TensorMap,
@@ -43,7 +44,7 @@ from aumai_fedtrain.models import (
 from aumai_fedtrain.observability.metrics_file import METRICS_FILE, MetricsFile
 from aumai_fedtrain.outer import outer_dtype, outer_step, zero_momentum
 from aumai_fedtrain.providers.base import Arrivals, RoundStats, UpdateProvider
-from aumai_fedtrain.robust import RobustAggregator
+from aumai_fedtrain.robust import Exclusions, RobustAggregator
 from aumai_fedtrain.screening import RoundScreen, duplicates_reason, screen_updates
 from aumai_fedtrain.spool import SpooledUpdate, SpoolError, UpdateSpool
 
@@ -454,22 +455,62 @@ class DiLoCoCoordinator:
         unknown node, a duplicate, a wrong ``round_id``, non-finite or out-of-bounds values,
         shapes that do not match the model, implausible samples), and
         :class:`DivergenceError` when the outer step would make the model non-finite. A
-        rejected round changes nothing (no credit, no state).
+        rejected round changes nothing (no credit, no state). A robust rule's outlier filters
+        (:func:`aumai_fedtrain.robust.exclude_outliers`) may exclude updates: they are logged
+        with their reasons, left out of ``participating_nodes`` and not credited.
         """
         accepted, dropped = self.screen(state, updates)
         if dropped:
             node, reason = next(iter(dropped.items()))
             raise ValueError(f"update from node {node!r}: {reason}")
-        return self._apply(state, accepted)
+        exclusions = self._exclude(state, accepted)
+        if exclusions.excluded:
+            logger.warning(
+                "round %d: %d of %d updates excluded (%s)",
+                state.round_id + 1,
+                len(exclusions.excluded),
+                len(accepted),
+                _describe_drops(exclusions.excluded),
+                extra={
+                    "event": "dropped",
+                    "round_id": state.round_id + 1,
+                    "dropped": exclusions.excluded,
+                },
+            )
+        return self._apply(state, exclusions.kept, reputation=exclusions.reputation)
+
+    def _exclude(self, state: GlobalState, updates: Sequence[LocalUpdate]) -> Exclusions:
+        """The robust rule's outlier filters over screened ``updates`` (nothing excluded by the
+        mean); a warning names the flagged nodes kept because a majority is never excluded."""
+        if not isinstance(self._averager, RobustAggregator):
+            return Exclusions(list(updates), {}, dict(state.reputation))
+        exclusions = self._averager.exclude(updates, state.global_weights, state.reputation)
+        if exclusions.spared:
+            logger.warning(
+                "round %d: robust aggregation flagged %d of %d updates but never excludes a "
+                "majority: it excludes the %d most extreme and keeps %s",
+                state.round_id + 1,
+                len(exclusions.excluded) + len(exclusions.spared),
+                len(updates),
+                len(exclusions.excluded),
+                ", ".join(exclusions.spared),
+                extra={"event": "spared", "round_id": state.round_id + 1},
+            )
+        return exclusions
 
     def _apply(
-        self, state: GlobalState, updates: Sequence[LocalUpdate], phases: _Phases | None = None
+        self,
+        state: GlobalState,
+        updates: Sequence[LocalUpdate],
+        phases: _Phases | None = None,
+        reputation: dict[str, NodeReputation] | None = None,
     ) -> GlobalState:
-        """Average screened ``updates``, take the outer step, check it and credit the nodes."""
+        """Average screened ``updates``, take the outer step, check it and credit the nodes;
+        ``reputation`` is the next state's (None: ``state``'s)."""
         phases = phases if phases is not None else _Phases()
         with phases.timed("aggregate"):
             delta = self.collect_updates(updates, state.global_weights)
-        return self._step(state, delta, updates, phases)
+        return self._step(state, delta, updates, phases, reputation)
 
     def _step(
         self,
@@ -477,9 +518,11 @@ class DiLoCoCoordinator:
         delta: TensorMap,
         updates: Sequence[LocalUpdate],
         phases: _Phases,
+        reputation: dict[str, NodeReputation] | None = None,
     ) -> GlobalState:
         """Take the outer step with the aggregate ``delta`` of ``updates`` (their gradients
-        are not read), check it and credit the nodes."""
+        are not read), check it and credit the nodes; ``reputation`` is the next state's
+        (None: ``state``'s)."""
         config = self._require_config()
         parameters, momentum = state.parameters, state.momentum
         if parameters is not None:
@@ -503,6 +546,7 @@ class DiLoCoCoordinator:
             total_samples=sum(update.samples_used for update in updates),
             parameters=parameters,
             momentum=momentum,
+            reputation=state.reputation if reputation is None else reputation,
         )
 
     def run_training(
@@ -522,7 +566,8 @@ class DiLoCoCoordinator:
 
         Every update is screened (:meth:`screen`); a node whose update does not count is
         dropped for the round with its reason (logged on the ``aumai_fedtrain`` logger and kept
-        in :attr:`RoundRecord.dropped`), and the round goes on when at least ``min_nodes``
+        in :attr:`RoundRecord.dropped`; so is an update a robust rule's outlier filters
+        exclude), and the round goes on when at least ``min_nodes``
         updates count, else :class:`QuorumError` ends the run with the last checkpoint intact.
         Stops early when the provider returns no update and reports no failure. With
         ``checkpoint_dir`` the complete run state is written atomically after every round;
@@ -646,6 +691,7 @@ class DiLoCoCoordinator:
         round_id = state.round_id + 1
         phases = _Phases()
         stream: _StreamedMean | None = None
+        reputation: dict[str, NodeReputation] | None = None
         if isinstance(self._averager, RobustAggregator) and self._averager.streams:
             stream = self._stream(run, state, phases)
             received, accepted, dropped = stream.received, stream.counted, stream.dropped
@@ -658,6 +704,10 @@ class DiLoCoCoordinator:
                 with phases.timed("verify"):
                     accepted, refused = self.screen(state, updates)
                 dropped |= refused
+                with phases.timed("aggregate"):
+                    exclusions = self._exclude(state, accepted)
+                accepted, reputation = exclusions.kept, exclusions.reputation
+                dropped |= exclusions.excluded
         if not received and not dropped:
             return None
         _check_quorum(round_id, len(accepted), len(node_list), run.min_nodes, dropped)
@@ -671,7 +721,7 @@ class DiLoCoCoordinator:
                 extra={"event": "dropped", "round_id": round_id, "dropped": dropped},
             )
         if stream is None:
-            state = self._apply(state, accepted, phases)
+            state = self._apply(state, accepted, phases, reputation)
         else:
             with phases.timed("aggregate"):
                 delta = stream.finish()

@@ -37,6 +37,7 @@ __all__ = [
     "FederatedNode",
     "GlobalState",
     "LocalUpdate",
+    "NodeReputation",
     "NodeTimes",
     "RoundRecord",
     "SimulationConfig",
@@ -243,6 +244,14 @@ class AggregationConfig(_Model):
     ``clip_radius_multiple`` x the round's median distance from the start. ``bucket_size``
     > 1 first averages random buckets of that many updates (drawn from the seed and round)
     and applies the robust rule to the bucket means (not with the mean).
+
+    Before a robust rule combines them, two filters exclude outlying updates for the round
+    (:func:`aumai_fedtrain.robust.exclude_outliers`; None turns one off): the balance filter
+    drops an update whose share of values below minus above the round's coordinate-wise median
+    exceeds ``balance_limit`` in magnitude, and the direction reputation drops a node whose
+    updates' mean cosine with the previous round's aggregate is negative once it has
+    ``reputation_warmup`` of them. Never a majority is excluded. The plain ``mean`` streams
+    updates as they arrive and ignores both filters.
     """
 
     model_config = ConfigDict(
@@ -259,6 +268,8 @@ class AggregationConfig(_Model):
     clip_start: Literal["median", "previous"] = "median"
     clip_radius_multiple: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     bucket_size: PositiveInt = 1
+    balance_limit: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = 0.5
+    reputation_warmup: PositiveInt | None = 3
 
     @model_validator(mode="after")
     def _bucketing_needs_a_robust_rule(self) -> AggregationConfig:
@@ -329,12 +340,21 @@ class TrainingConfig(_Model):
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
 
+class NodeReputation(_Model):
+    """A node's direction record (:attr:`AggregationConfig.reputation_warmup`): the sum of its
+    updates' cosines with the previous round's aggregate, over ``rounds`` rounds."""
+
+    cosine_sum: FiniteFloat = 0.0
+    rounds: Annotated[int, Field(ge=0)] = 0
+
+
 class GlobalState(_Model):
     """The coordinator's view after a round.
 
     ``global_weights`` is the aggregated (averaged) update of the last round. When the run has
     a model, ``parameters`` holds the global model and ``momentum`` the outer optimizer's
-    buffer, so a checkpointed state is all that a resume needs.
+    buffer, so a checkpointed state is all that a resume needs. ``reputation`` is each node's
+    direction record of the robust rules' reputation filter (by node id; empty when it is off).
     """
 
     round_id: Annotated[int, Field(ge=0)] = 0
@@ -344,6 +364,7 @@ class GlobalState(_Model):
     total_samples: Annotated[int, Field(ge=0)] = 0
     parameters: TensorMap | None = None
     momentum: TensorMap | None = None
+    reputation: dict[str, NodeReputation] = Field(default_factory=dict)
 
 
 MAX_LISTED_NODES = 64

@@ -22,16 +22,19 @@ float32 result; every rule computes in float64 and rounds once at the end):
   applied before any rule (:func:`aggregate` composes them);
 - :func:`bucket_means`: bucketing (Karimireddy, He & Jaggi 2022): the means of random buckets
   of ``s`` updates, drawn from the run's seed and the round, which the robust rule then
-  combines (after norm clipping).
+  combines (after norm clipping);
+- :func:`exclude_outliers`: the outlier filters the coordinator applies before a robust rule
+  (the balance of each update around the round's median, and each node's direction reputation
+  over the run); the plain mean ignores them.
 
 Sample weights buy no influence: the robust rules weigh every update equally, whatever
 ``samples_used`` a node claims (only the plain mean weighs by samples, and screening caps the
 claim at what a node can process in a round).
 
 The coordinate work runs in the native core when it is available (``median``,
-``trimmed_mean``, ``squared_distances``, ``pairwise_squared_distances`` of
-:mod:`aumai_fedtrain._native`), else in the NumPy functions of this module; both give the same
-bits, because every float operation and its order is specified here:
+``trimmed_mean``, ``squared_distances``, ``pairwise_squared_distances``,
+``balance_statistics`` of :mod:`aumai_fedtrain._native`), else in the NumPy functions of this
+module; both give the same bits, because every float operation and its order is specified here:
 
 - values are read as float64 and signed zeros as ``+0.0`` (``x + 0.0``), so sorting is total;
 - the median of an even count is ``(a + b) * 0.5`` of the two middle values;
@@ -40,7 +43,7 @@ bits, because every float operation and its order is specified here:
 - a squared distance ``sum((x - y) ** 2)`` over one key accumulates the squared differences of
   the row-major values in 8 lanes (value ``i`` into lane ``i % 8``, in order), combines them as
   ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``, and adds the keys' sums in key order
-  from ``0.0``;
+  from ``0.0``; the filters' dot products sum ``x * y`` in the same lanes and order;
 - every mean of whole updates (Krum's, CenteredClip's steps) is the backend's
   ``weighted_average``, already bit-exact across backends.
 
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 import numpy as np
@@ -60,10 +64,18 @@ from aumai_fedtrain import _fallback
 from aumai_fedtrain._fallback import result_dtype
 from aumai_fedtrain.aggregation import GradientAverager, update_weights
 from aumai_fedtrain.backend import Backend, RunningSum, get_backend
-from aumai_fedtrain.models import AggregationConfig, LocalUpdate, TensorMap, TrainingConfig
+from aumai_fedtrain.models import (
+    AggregationConfig,
+    LocalUpdate,
+    NodeReputation,
+    TensorMap,
+    TrainingConfig,
+)
 
 __all__ = [
+    "EXCLUSION",
     "LANES",
+    "Exclusions",
     "RobustAggregator",
     "aggregate",
     "bucket_count",
@@ -71,6 +83,7 @@ __all__ = [
     "buckets",
     "centered_clip",
     "clip_norms",
+    "exclude_outliers",
     "krum",
     "median",
     "trimmed_mean",
@@ -102,6 +115,13 @@ class Kernels(Protocol):
     def pairwise_squared_distances(
         self, updates: Sequence[Mapping[str, np.ndarray]]
     ) -> list[list[float]]: ...
+
+    def balance_statistics(
+        self,
+        updates: Sequence[Mapping[str, np.ndarray]],
+        center: Mapping[str, np.ndarray] | None = None,
+        reference: Mapping[str, np.ndarray] | None = None,
+    ) -> list[tuple[int, int, float, float]]: ...
 
 
 # --- the NumPy kernels (the fallback) ---------------------------------------------------------
@@ -152,9 +172,13 @@ def numpy_trimmed_mean(
 def _sum_of_squares(values: np.ndarray) -> float:
     """``sum(values ** 2)`` in :data:`LANES` lanes (see the module docstring)."""
     flat = np.asarray(values, dtype=np.float64).reshape(-1)
-    squares = flat * flat
-    padded = np.zeros(-(-flat.size // LANES) * LANES)
-    padded[: flat.size] = squares
+    return _lane_sum(flat * flat)
+
+
+def _lane_sum(terms: np.ndarray) -> float:
+    """The sum of the float64 ``terms`` in :data:`LANES` lanes (see the module docstring)."""
+    padded = np.zeros(-(-terms.size // LANES) * LANES)
+    padded[: terms.size] = terms
     if not padded.size:
         return 0.0
     # A running sum down the rows: each lane summed in order, as the native kernel does.
@@ -193,11 +217,37 @@ def numpy_pairwise_squared_distances(
     return matrix
 
 
+def numpy_balance_statistics(
+    updates: Sequence[Mapping[str, np.ndarray]],
+    center: Mapping[str, np.ndarray] | None = None,
+    reference: Mapping[str, np.ndarray] | None = None,
+) -> list[tuple[int, int, float, float]]:
+    """Per update: its values strictly below and strictly above ``center`` (0 without it; ties
+    count on neither side), its dot product with ``reference`` (0.0 without it) and its squared
+    norm, the sums in lanes as the squared distances'."""
+    statistics = []
+    for update in updates:
+        below = above = 0
+        dot = norm = 0.0
+        for key, value in update.items():
+            flat = np.asarray(value, dtype=np.float64).reshape(-1)
+            if center is not None:
+                middle = np.asarray(center[key], dtype=np.float64).reshape(-1)
+                below += int(np.count_nonzero(flat < middle))
+                above += int(np.count_nonzero(flat > middle))
+            if reference is not None:
+                dot = dot + _lane_sum(flat * np.asarray(reference[key], np.float64).reshape(-1))
+            norm = norm + _sum_of_squares(flat)
+        statistics.append((below, above, dot, norm))
+    return statistics
+
+
 class _NumpyKernels:
     median = staticmethod(numpy_median)
     trimmed_mean = staticmethod(numpy_trimmed_mean)
     squared_distances = staticmethod(numpy_squared_distances)
     pairwise_squared_distances = staticmethod(numpy_pairwise_squared_distances)
+    balance_statistics = staticmethod(numpy_balance_statistics)
 
 
 def kernels(backend: Backend) -> Kernels:
@@ -420,7 +470,10 @@ def centered_clip(
     chosen = get_backend(backend)
     maps = _checked("centered_clip", updates, chosen)
     work = kernels(chosen)
-    center = work.median(maps) if start is None else _start(start, maps[0])
+    if start is None:
+        center = work.median(maps)
+    else:
+        center = _like(start, maps[0], "centered_clip: the start")
     count = len(maps)
     radius = tau
     for _ in range(iterations):
@@ -435,27 +488,24 @@ def centered_clip(
     return _in_carriers_dtype(center, maps)
 
 
-def _start(
-    start: Mapping[str, np.ndarray], first: Mapping[str, np.ndarray]
+def _like(
+    tensors: Mapping[str, np.ndarray], first: Mapping[str, np.ndarray], name: str
 ) -> dict[str, np.ndarray]:
-    """``start`` as float64 arrays in ``first``'s key order (``ValueError`` when it does not
-    match the updates' keys and shapes, or is not finite)."""
-    if start.keys() != first.keys():
-        raise ValueError(
-            f"centered_clip: the start has keys {sorted(start)}, the updates {sorted(first)}"
-        )
-    center = {}
+    """``tensors`` as float64 arrays in ``first``'s key order (``ValueError`` starting with
+    ``name`` when they do not match the updates' keys and shapes, or are not finite)."""
+    if tensors.keys() != first.keys():
+        raise ValueError(f"{name} has keys {sorted(tensors)}, the updates {sorted(first)}")
+    like = {}
     for key, value in first.items():
-        array = np.asarray(start[key], dtype=np.float64)
+        array = np.asarray(tensors[key], dtype=np.float64)
         if array.shape != value.shape:
             raise ValueError(
-                f"centered_clip: the start's {key!r} has shape {array.shape}, the updates' "
-                f"{value.shape}"
+                f"{name}'s {key!r} has shape {array.shape}, the updates' {value.shape}"
             )
         if not np.isfinite(array).all():
-            raise ValueError(f"centered_clip: the start's {key!r} has non-finite values")
-        center[key] = array
-    return center
+            raise ValueError(f"{name}'s {key!r} has non-finite values")
+        like[key] = array
+    return like
 
 
 def bucket_count(count: int, size: int) -> int:
@@ -597,6 +647,138 @@ def _robust_rule(
     )
 
 
+@dataclass(frozen=True)
+class Exclusions:
+    """What the outlier filters (:func:`exclude_outliers`) decided for a round."""
+
+    kept: list[LocalUpdate]
+    """The updates the rule combines, in their order."""
+    excluded: dict[str, str]
+    """Node id -> one-line reason, for each update excluded this round."""
+    reputation: dict[str, NodeReputation]
+    """Every node's direction record after this round (the next ``GlobalState.reputation``)."""
+    spared: dict[str, str] = field(default_factory=dict)
+    """Node id -> reason, for the flagged updates kept because a majority is never excluded."""
+
+
+EXCLUSION = "excluded by robust aggregation: "
+"""How every reason of :attr:`Exclusions.excluded` starts."""
+
+
+def exclude_outliers(
+    updates: Sequence[LocalUpdate],
+    config: AggregationConfig,
+    previous: Mapping[str, np.ndarray] | None = None,
+    reputation: Mapping[str, NodeReputation] | None = None,
+    backend: str | None = None,
+) -> Exclusions:
+    """The robust rules' outlier filters over a round's screened ``updates``.
+
+    - Balance (sign statistics in the spirit of SignGuard, Xu et al. 2022): an update's
+      balance is ``(below - above) / total``, its values strictly below and strictly above the
+      round's coordinate-wise median over all keys. Honest updates scatter around the median
+      (small balance); one built from the mean minus a multiple of the spread (ALIE) lies
+      below it everywhere (balance 1). ``|balance| > config.balance_limit`` excludes it.
+    - Direction reputation (learning from history, Karimireddy et al. 2021): from the second
+      round on, each update's cosine with ``previous`` (the previous round's aggregate) is
+      added to its node's record (an update of norm zero adds nothing); a node whose record
+      holds at least ``config.reputation_warmup`` cosines of negative mean, i.e. whose updates
+      push against the global model's direction of travel, is excluded. The record is updated
+      before the decision and an excluded node keeps being scored, so it can recover.
+
+    At most ``floor((N - 1) / 2)`` updates are excluded (fewer when multi-Krum would lack the
+    ``f + 3`` updates or the ``m`` it needs): when more are flagged, those excluded
+    are the ones flagged by balance, largest ``|balance|`` first, then those flagged by
+    reputation alone, lowest mean cosine first (ties: the earlier update); the others are kept
+    and listed in :attr:`Exclusions.spared`. Sample weights play no part. The plain ``mean``
+    (and a config with both filters off) excludes nothing and keeps ``reputation`` as it is.
+
+    Raises
+    ------
+    ValueError
+        Updates whose keys or shapes differ, non-finite values, or a ``previous`` whose keys or
+        shapes are not the updates'.
+    """
+    records = dict(reputation or {})
+    limit, warmup = config.balance_limit, config.reputation_warmup
+    if config.rule == "mean" or not updates or (limit is None and warmup is None):
+        return Exclusions(list(updates), {}, records)
+    chosen = get_backend(backend)
+    maps = _checked("outlier filters", [update.gradients for update in updates], chosen)
+    work = kernels(chosen)
+    center = work.median(maps) if limit is not None else None
+    reference = None
+    if warmup is not None and previous:
+        reference = _like(previous, maps[0], "reputation: the previous aggregate")
+    statistics = work.balance_statistics(maps, center, reference)
+    reference_norm = math.sqrt(work.squared_distances([reference])[0]) if reference else 0.0
+    total = sum(value.size for value in maps[0].values())
+    flagged: list[tuple[tuple[int, float, int], str, str]] = []
+    for index, (update, (below, above, dot, squared)) in enumerate(
+        zip(updates, statistics, strict=True)
+    ):
+        reasons = []
+        rank: tuple[int, float, int] | None = None
+        balance = (below - above) / total if total else 0.0
+        if limit is not None and abs(balance) > limit:
+            reasons.append(_balance_reason(below, above, total, balance, limit))
+            rank = (0, -abs(balance), index)
+        if reference is not None and warmup is not None:
+            record = records.get(update.node_id, NodeReputation())
+            if squared > 0 and reference_norm > 0:
+                cosine = dot / (math.sqrt(squared) * reference_norm)
+                record = NodeReputation(
+                    cosine_sum=record.cosine_sum + cosine, rounds=record.rounds + 1
+                )
+                records[update.node_id] = record
+            mean_cosine = record.cosine_sum / record.rounds if record.rounds else 0.0
+            if record.rounds >= warmup and mean_cosine < 0:
+                reasons.append(
+                    f"its updates point against the global model (mean cosine "
+                    f"{mean_cosine:.3f} over {record.rounds} rounds)"
+                )
+                rank = rank or (1, mean_cosine, index)
+        if rank is not None:
+            flagged.append((rank, update.node_id, EXCLUSION + "; ".join(reasons)))
+    flagged.sort(key=lambda flag: flag[0])
+    cap = _most_excluded(config, len(updates))
+    chosen_flags = {node_id: reason for _, node_id, reason in flagged[:cap]}
+    in_order = {u.node_id: chosen_flags[u.node_id] for u in updates if u.node_id in chosen_flags}
+    return Exclusions(
+        [update for update in updates if update.node_id not in chosen_flags],
+        in_order,
+        records,
+        {node_id: reason for _, node_id, reason in flagged[cap:]},
+    )
+
+
+def _most_excluded(config: AggregationConfig, count: int) -> int:
+    """How many of ``count`` updates the filters may exclude: ``floor((count - 1) / 2)``, fewer
+    when multi-Krum would not have the ``f + 3`` updates (or bucket means) and ``m`` it needs."""
+    most = (count - 1) // 2
+    while most > 0 and config.rule == "krum":
+        try:
+            check_krum(bucket_count(count - most, config.bucket_size), config.krum_f, config.krum_m)
+        except ValueError:
+            most -= 1
+        else:
+            break
+    return most
+
+
+def _balance_reason(below: int, above: int, total: int, balance: float, limit: float) -> str:
+    """Why an update's balance excludes it, with the share of its values on the far side."""
+    if balance > 0:
+        return (
+            f"{below / total:.0%} of its values below the round's median "
+            f"(balance {balance:.2f} > limit {limit:g})"
+        )
+    return (
+        f"{above / total:.0%} of its values above the round's median "
+        f"(balance {balance:.2f} < -limit {limit:g})"
+    )
+
+
 class RobustAggregator:
     """The coordinator's aggregation strategy: the configured rule of ``config.aggregation``.
 
@@ -637,6 +819,16 @@ class RobustAggregator:
         """A new running sum of the backend, for a mean folded update by update (:attr:`streams`
         rules only; weights from :meth:`weights`)."""
         return get_backend(self._backend).WeightedSum()
+
+    def exclude(
+        self,
+        updates: Sequence[LocalUpdate],
+        previous: Mapping[str, np.ndarray] | None = None,
+        reputation: Mapping[str, NodeReputation] | None = None,
+    ) -> Exclusions:
+        """:func:`exclude_outliers` with the run's config: ``previous`` is the previous round's
+        aggregate, ``reputation`` the nodes' records (``GlobalState.reputation``)."""
+        return exclude_outliers(updates, self.config, previous, reputation, self._backend)
 
     def weights(self, updates: Sequence[LocalUpdate]) -> list[float]:
         """The mean's weights of ``updates`` (``aggregation_weights``)."""

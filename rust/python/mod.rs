@@ -43,7 +43,9 @@ mod _native {
     #[pymodule_export]
     use super::dequant::dequantise_average;
     #[pymodule_export]
-    use super::robust::{median, pairwise_squared_distances, squared_distances, trimmed_mean};
+    use super::robust::{
+        balance_statistics, median, pairwise_squared_distances, squared_distances, trimmed_mean,
+    };
     #[pymodule_export]
     use super::running::WeightedSum;
     #[pymodule_export]

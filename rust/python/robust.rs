@@ -121,23 +121,68 @@ pub(super) fn squared_distances(
     center: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Vec<f64>> {
     let mut maps = sources(updates)?;
-    let mut center_map = match center {
-        Some(center) => {
-            let map = gradient_sources(center, Some("center"), average_source)?;
-            if let Some(first) = maps.first() {
-                check_keys("center", &map, first)?;
-            }
-            Some(map)
-        }
-        None => None,
-    };
+    let mut center_map = side_map(center, "center", &maps)?;
     let taken = arrays(&mut maps);
-    let center_arrays: Option<Vec<Array<'_>>> = center_map
-        .as_mut()
-        .map(|map| map.iter_mut().map(|(_, source)| source.take()).collect());
+    let center_arrays = take_side(&mut center_map);
     let center_refs: Option<Vec<&Array<'_>>> = center_arrays.as_ref().map(|c| c.iter().collect());
     py.detach(|| robust::squared_distances(&refs(&taken), center_refs.as_deref()))
         .map_err(value_error)
+}
+
+/// The sources of a map given beside the updates (a centre, a reference), checked to have the
+/// keys of update #0 in the same order.
+fn side_map<'py>(
+    map: Option<&Bound<'py, PyAny>>,
+    label: &str,
+    maps: &[Sources<'py>],
+) -> PyResult<Option<Sources<'py>>> {
+    let Some(map) = map else {
+        return Ok(None);
+    };
+    let sources = gradient_sources(map, Some(label), average_source)?;
+    if let Some(first) = maps.first() {
+        check_keys(label, &sources, first)?;
+    }
+    Ok(Some(sources))
+}
+
+fn take_side<'s>(map: &'s mut Option<Sources<'_>>) -> Option<Vec<Array<'s>>> {
+    map.as_mut()
+        .map(|map| map.iter_mut().map(|(_, source)| source.take()).collect())
+}
+
+/// Per map: values strictly below and above ``center``, the dot product with ``reference`` and
+/// the squared norm (see ``aumai_fedtrain.robust``).
+#[pyfunction]
+#[pyo3(signature = (updates, center = None, reference = None))]
+pub(super) fn balance_statistics(
+    py: Python<'_>,
+    updates: &Bound<'_, PyAny>,
+    center: Option<&Bound<'_, PyAny>>,
+    reference: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<(u64, u64, f64, f64)>> {
+    let mut maps = sources(updates)?;
+    let mut center_map = side_map(center, "center", &maps)?;
+    let mut reference_map = side_map(reference, "reference", &maps)?;
+    let taken = arrays(&mut maps);
+    let (center_arrays, reference_arrays) =
+        (take_side(&mut center_map), take_side(&mut reference_map));
+    let center_refs: Option<Vec<&Array<'_>>> = center_arrays.as_ref().map(|c| c.iter().collect());
+    let reference_refs: Option<Vec<&Array<'_>>> =
+        reference_arrays.as_ref().map(|r| r.iter().collect());
+    let statistics = py
+        .detach(|| {
+            robust::balance(
+                &refs(&taken),
+                center_refs.as_deref(),
+                reference_refs.as_deref(),
+            )
+        })
+        .map_err(value_error)?;
+    Ok(statistics
+        .into_iter()
+        .map(|s| (s.below, s.above, s.dot, s.squared_norm))
+        .collect())
 }
 
 /// The symmetric matrix of squared L2 distances between the maps.

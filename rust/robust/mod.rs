@@ -8,14 +8,15 @@
 //! - [`median`] and [`trimmed_mean`] read every value as `x + 0.0` (so `-0.0` is `+0.0` and
 //!   the sort order is total), the median of an even count is `(a + b) * 0.5`, and the trimmed
 //!   mean sums the kept values in ascending order from `0.0`, then divides by their count;
-//! - [`squared_distances`] and [`pairwise_squared_distances`] sum squared differences per key
-//!   in [`LANES`] lanes (value `i` into lane `i % 8`, in order), combine the lanes as
+//! - [`squared_distances`], [`pairwise_squared_distances`] and [`balance`] (dot products and
+//!   squared norms) sum squared differences or products per key in [`LANES`] lanes (value `i` into lane `i % 8`, in order), combine the lanes as
 //!   `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`, and add the keys' sums in key order
 //!   from `0.0`.
 //!
 //! The kernels expect finite values (the Python layer checks them first); NaN never panics but
 //! gives unspecified results.
 
+mod balance;
 mod clip;
 mod krum;
 mod median;
@@ -26,6 +27,7 @@ use std::fmt;
 use crate::array::{Array, ArrayData};
 use crate::{parallel, simd};
 
+pub use balance::{balance, Balance};
 pub use clip::squared_distances;
 pub use krum::pairwise_squared_distances;
 pub use median::median;
@@ -244,6 +246,11 @@ fn key_squared_distance(x: &ArrayData<'_>, y: Option<&ArrayData<'_>>) -> f64 {
             || add_squared_differences(&mut lanes, xs, ys),
         );
     }
+    combine_lanes(&lanes)
+}
+
+/// The lanes' sum: `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`.
+fn combine_lanes(lanes: &[f64; LANES]) -> f64 {
     ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
         + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
@@ -251,22 +258,29 @@ fn key_squared_distance(x: &ArrayData<'_>, y: Option<&ArrayData<'_>>) -> f64 {
 /// Add `(x_i - y_i)^2` to lane `i % LANES` (`xs` starts at a multiple of [`LANES`]).
 #[inline(always)]
 fn add_squared_differences(lanes: &mut [f64; LANES], xs: &[f64], ys: &[f64]) {
+    add_in_lanes(lanes, xs, ys, |x, y| {
+        let d = x - y;
+        d * d
+    });
+}
+
+/// Add `term(x_i, y_i)` to lane `i % LANES` (`xs` starts at a multiple of [`LANES`]).
+#[inline(always)]
+fn add_in_lanes(lanes: &mut [f64; LANES], xs: &[f64], ys: &[f64], term: impl Fn(f64, f64) -> f64) {
     let mut x_chunks = xs.chunks_exact(LANES);
     let mut y_chunks = ys.chunks_exact(LANES);
     for (x, y) in x_chunks.by_ref().zip(y_chunks.by_ref()) {
         for lane in 0..LANES {
-            let d = x[lane] - y[lane];
-            lanes[lane] += d * d;
+            lanes[lane] += term(x[lane], y[lane]);
         }
     }
-    for (lane, (x, y)) in x_chunks
+    for (lane, (&x, &y)) in x_chunks
         .remainder()
         .iter()
         .zip(y_chunks.remainder())
         .enumerate()
     {
-        let d = x - y;
-        lanes[lane] += d * d;
+        lanes[lane] += term(x, y);
     }
 }
 

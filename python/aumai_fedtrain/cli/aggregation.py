@@ -30,6 +30,28 @@ CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
 RULES = ("mean", "median", "trimmed_mean", "centered_clip", "krum")
 
+OFF = "off"
+"""What ``--balance-limit`` and ``--reputation-warmup`` take to turn their filter off."""
+
+_FILTERS = {"balance_limit": "--balance-limit", "reputation_warmup": "--reputation-warmup"}
+
+
+class _NumberOrOff(click.ParamType[Any]):
+    """A number of ``kind``, or ``off`` (the option's filter off)."""
+
+    def __init__(self, kind: type[int] | type[float]) -> None:
+        self.kind = kind
+        self.name = f"{kind.__name__}|off"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value == OFF or isinstance(value, self.kind):
+            return value
+        try:
+            return self.kind(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a {self.kind.__name__} nor {OFF!r}", param, ctx)
+
+
 _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (
         ("--aggregation", "rule"),
@@ -92,6 +114,23 @@ _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         {"type": int, "help": "krum: updates averaged, 1..N-f (default N - f; 1 is Krum)."},
     ),
     (
+        ("--balance-limit", "balance_limit"),
+        {
+            "type": _NumberOrOff(float),
+            "help": "Robust rules: exclude an update for the round when its share of values "
+            "below minus above the round's median exceeds this in magnitude (0 < L <= 1; "
+            "default 0.5; off: no balance filter).",
+        },
+    ),
+    (
+        ("--reputation-warmup", "reputation_warmup"),
+        {
+            "type": _NumberOrOff(int),
+            "help": "Robust rules: exclude a node whose updates' mean cosine with the previous "
+            "aggregate is negative once it has this many (default 3; off: no reputation).",
+        },
+    ),
+    (
         ("--norm-clip", "norm_clip"),
         {
             "type": float,
@@ -147,13 +186,24 @@ def with_aggregation(
 ) -> TrainingConfig:
     """``config`` with the aggregation options that were given.
 
-    Raises :class:`InputError` for invalid values, and in a ``simulated`` run (whose node count
-    is ``config.num_nodes``) for a multi-Krum whose ``f`` or ``m`` does not fit it.
+    Raises :class:`InputError` for invalid values, for the robust rules' filter options given
+    with the plain mean (which ignores them), and in a ``simulated`` run (whose node count is
+    ``config.num_nodes``) for a multi-Krum whose ``f`` or ``m`` does not fit it.
     """
-    given = {name: value for name, value in options.items() if value is not None}
+    given = {
+        name: None if value == OFF else value
+        for name, value in options.items()
+        if value is not None
+    }
     merged = {**config.aggregation.model_dump(), **given}
     try:
         aggregation = AggregationConfig.model_validate(merged)
+        ignored = [flag for name, flag in _FILTERS.items() if given.get(name) is not None]
+        if aggregation.rule == "mean" and ignored:
+            raise ValueError(
+                f"{ignored[0]} applies to the robust rules; the mean ignores it (choose "
+                "--aggregation median, trimmed_mean, centered_clip or krum)"
+            )
         if simulated and aggregation.rule == "krum":
             buckets = bucket_count(config.num_nodes, aggregation.bucket_size)
             check_krum(buckets, aggregation.krum_f, aggregation.krum_m)
