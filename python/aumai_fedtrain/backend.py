@@ -36,6 +36,13 @@ class RunningSum(Protocol):
         labels: Sequence[str] | None = None,
     ) -> None: ...
 
+    def fold_encoded(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        weights: Sequence[float],
+        labels: Sequence[str] | None = None,
+    ) -> None: ...
+
     def finish(self) -> dict[str, np.ndarray]: ...
 
 

@@ -12,12 +12,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
 
 import numpy as np
 
 from aumai_fedtrain.aggregation import GradientAverager, weighted_mean_loss
-from aumai_fedtrain.backend import RunningSum
 from aumai_fedtrain.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -111,18 +109,6 @@ class _Hold:
             self._release()
 
 
-class _EncodedRunningSum(RunningSum, Protocol):
-    """A backend's running sum, which both backends' ``WeightedSum`` are: it folds encoded
-    updates too."""
-
-    def fold_encoded(
-        self,
-        updates: Sequence[Mapping[str, Any]],
-        weights: Sequence[float],
-        labels: Sequence[str] | None = None,
-    ) -> None: ...
-
-
 class _StreamedMean:
     """One round's weighted mean, folded as the updates arrive.
 
@@ -151,7 +137,7 @@ class _StreamedMean:
         self._screen = screen
         self._averager = averager
         self._phases = phases
-        self._sum = cast(_EncodedRunningSum, averager.running_sum())
+        self._sum = averager.running_sum()
         self._position = {node.node_id: index for index, node in enumerate(nodes)}
         self._settled = [False] * len(nodes)
         self._head = 0
