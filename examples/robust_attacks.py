@@ -112,35 +112,67 @@ def _flat(gradients: TensorMap) -> np.ndarray:
     )
 
 
-def print_geometry(config: TrainingConfig, attacks: list[str], attackers: int) -> None:
-    """Where the attackers' updates sit among the honest ones in a ``centered_clip`` run:
-    L2 norms of the honest mean, of the honest updates' and the attackers' distances from it,
-    and of the errors of the rule's aggregate and of the plain mean of every update."""
+def print_geometry(
+    config: TrainingConfig, attacks: list[str], attackers: int, options: dict[str, object]
+) -> None:
+    """Where the attackers' updates sit among the honest ones in a ``centered_clip`` run (with
+    ``options``): L2 norms of the honest mean, of the honest updates' and the attackers'
+    distances from it, and of the errors of the rule's aggregate and of the plain mean of every
+    update; then the outlier filters' statistics (``robust.exclude_outliers``): each update's
+    balance about the round's coordinate-wise median, and each node's mean cosine with the
+    previous round's aggregate so far (honest: the largest |balance| and the lowest mean
+    cosine; attackers: the most extreme)."""
 
     bad = {node.node_id for node in simulated_nodes(config.num_nodes)[-attackers:]}
+    previous: list[np.ndarray] = []
+    cosines: dict[str, list[float]] = {}
 
     def watch(round_id: int, updates: list[LocalUpdate], aggregate: TensorMap) -> None:
+        flat = {u.node_id: _flat(u.gradients) for u in updates}
+        if previous:
+            reference = previous[-1]
+            for node_id, values in flat.items():
+                norms = np.linalg.norm(values) * np.linalg.norm(reference)
+                if norms > 0:
+                    cosines.setdefault(node_id, []).append(float(values @ reference / norms))
+        previous[:] = [_flat(aggregate)]
         if round_id not in (1, 10, 40, config.global_rounds):
             return
-        honest = np.stack([_flat(u.gradients) for u in updates if u.node_id not in bad])
-        attacking = np.stack([_flat(u.gradients) for u in updates if u.node_id in bad])
+        honest = np.stack([v for node_id, v in flat.items() if node_id not in bad])
+        attacking = np.stack([v for node_id, v in flat.items() if node_id in bad])
         center = honest.mean(axis=0)
         spread = float(np.median(np.linalg.norm(honest - center, axis=1)))
         everyone = np.concatenate([honest, attacking]).mean(axis=0)
+        median = np.median(np.concatenate([honest, attacking]), axis=0)
+
+        def balance(values: np.ndarray) -> np.ndarray:
+            return np.asarray((values < median).mean(axis=1) - (values > median).mean(axis=1))
+
+        def lowest_mean_cosine(nodes: list[str]) -> str:
+            means = [statistics.fmean(cosines[n]) for n in nodes if cosines.get(n)]
+            return f"{min(means):+.3f}" if means else "-"
+
+        honest_cosine = lowest_mean_cosine([n for n in flat if n not in bad])
+        attacker_cosine = lowest_mean_cosine([n for n in flat if n in bad])
         print(
             f"| {attack} | {round_id} | {np.linalg.norm(center):.3f} | {spread:.3f} | "
             f"{np.linalg.norm(attacking - center, axis=1).max() / spread:.2f} | "
             f"{np.linalg.norm(_flat(aggregate) - center):.3f} | "
-            f"{np.linalg.norm(everyone - center):.3f} |"
+            f"{np.linalg.norm(everyone - center):.3f} | "
+            f"{np.abs(balance(honest)).max():.2f} | {np.abs(balance(attacking)).max():.2f} | "
+            f"{honest_cosine} | {attacker_cosine} |"
         )
 
     print(
         "| attack | round | honest mean | honest distance, median | attacker / median | "
-        "centered_clip error | mean error |"
+        "centered_clip error | mean error | honest abs(balance), max | attacker abs(balance) | "
+        "honest mean cosine, min | attacker mean cosine |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for attack in attacks:
-        test_loss(config, "centered_clip", attack, attackers, watch=watch)
+        previous.clear()
+        cosines.clear()
+        test_loss(config, "centered_clip", attack, attackers, options, watch=watch)
 
 
 def gap(loss: float | None, clean: float | None) -> str:
@@ -232,20 +264,25 @@ def main() -> None:
         help="instead: where the attackers sit among the honest updates (first seed)",
     )
     args = parser.parse_args()
-    # Every round of a robust rule logs the updates its filters exclude; the table is the point.
-    logging.getLogger("aumai_fedtrain").setLevel(logging.ERROR)
-    config = experiment_config(args.quick)
-    if args.geometry:
-        seeded = config.model_copy(update={"seed": args.seeds[0]})
-        print_geometry(seeded, [a for a in args.attacks if a in VALUE_ATTACKS], args.attackers)
-        return
-    attacks: list[str] = [CLEAN, *args.attacks]
-    rules: list[AggregationRule] = ["mean", *(rule for rule in args.rules if rule != "mean")]
     try:
         AggregationConfig.model_validate({"rule": "centered_clip", **args.options})
     except ValidationError as exc:
         error = exc.errors()[0]
         parser.error(f"--options: {'.'.join(map(str, error['loc']))}: {error['msg']}")
+    # Every round of a robust rule logs the updates its filters exclude; the table is the point.
+    logging.getLogger("aumai_fedtrain").setLevel(logging.ERROR)
+    config = experiment_config(args.quick)
+    if args.geometry:
+        seeded = config.model_copy(update={"seed": args.seeds[0]})
+        print_geometry(
+            seeded,
+            [a for a in args.attacks if a in VALUE_ATTACKS],
+            args.attackers,
+            args.options,
+        )
+        return
+    attacks: list[str] = [CLEAN, *args.attacks]
+    rules: list[AggregationRule] = ["mean", *(rule for rule in args.rules if rule != "mean")]
     # The clean mean is every gap's baseline; the mean under attack only when it is asked for.
     cases = [
         (rule, attack)
