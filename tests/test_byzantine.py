@@ -235,3 +235,10 @@ def test_the_attack_script_shows_where_the_attacker_sits() -> None:
     # -x is farther from the honest mean than x; ALIE sits at the honest updates' distance.
     assert ratios["sign_flip"] > 1.2
     assert 0.8 < ratios["alie"] < 1.2
+    # ALIE sits below the median in every coordinate, the honest updates on both sides of it;
+    # the mean cosines start in round 2, when there is a previous aggregate.
+    alie = [row for row in rows[1:] if row[0] == "| alie"]
+    assert [float(row[8]) for row in alie] == [1.0, 1.0]
+    assert all(float(row[7]) < 0.5 for row in rows[1:])
+    assert [row[9] for row in rows[1:] if row[1] == "1"] == ["-", "-"]
+    assert all(-1 <= float(row[9]) <= 1 for row in rows[1:] if row[1] == "3")
