@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from aumai_fedtrain import DiLoCoCoordinator, LocalUpdate, TrainingConfig, robust
 from aumai_fedtrain.backend import get_backend
@@ -259,8 +260,37 @@ def test_reputation_scores_before_deciding_and_lets_a_node_recover(backend_name:
     assert robust.exclude_outliers(zero, config, previous, reputation).reputation[
         "node-000"
     ] == NodeReputation(cosine_sum=-0.5, rounds=5)  # an update of norm zero has no direction
-    with pytest.raises(ValueError, match=r"^reputation: the previous aggregate has keys"):
-        robust.exclude_outliers(updates, config, {"v": np.zeros(4)}, reputation)
+    # A previous aggregate of other keys (a run without a model that gained one) scores
+    # nothing, and the records still decide.
+    other = robust.exclude_outliers(
+        [*against, *updates[1:]], config, {"v": np.zeros(4)}, reputation
+    )
+    assert other.reputation == reputation
+    assert list(other.excluded) == ["node-000"]
+
+
+def test_a_cosine_is_clamped_so_tiny_values_buy_no_record(backend_name: str) -> None:
+    # Prepare: values whose squares underflow in the norm but not in the dot product (a
+    # "cosine" of hundreds unclamped), aligned with the previous aggregate
+    config = AggregationConfig(rule="median", reputation_warmup=1, balance_limit=None)
+    updates = round_updates(8, size=300)
+    previous = {key: np.sign(value) + 1.0 for key, value in updates[0].gradients.items()}
+    tiny = {key: 1.5e-162 * np.sign(value) for key, value in previous.items()}
+    tiny["w"].flat[0] = 1.6e-162  # its square rounds up to the smallest subnormal, not to 0
+    shielded = [updates[0].model_copy(update={"gradients": tiny}), *updates[1:]]
+
+    # Execute
+    result = robust.exclude_outliers(shielded, config, previous, {}, backend_name)
+
+    # Assert: at most one cosine's worth
+    assert 0.0 < result.reputation[shielded[0].node_id].cosine_sum <= 1.0
+
+
+def test_a_reputation_record_holds_only_cosines() -> None:
+    assert NodeReputation(cosine_sum=-3.0, rounds=3).rounds == 3
+    for cosine_sum, rounds in ((-1e308, 10**18), (1.5, 1), (0.5, 0)):
+        with pytest.raises(ValidationError, match="is not a sum of"):
+            NodeReputation(cosine_sum=cosine_sum, rounds=rounds)
 
 
 def test_the_mean_and_filters_turned_off_exclude_nothing() -> None:

@@ -347,6 +347,15 @@ class NodeReputation(_Model):
     cosine_sum: FiniteFloat = 0.0
     rounds: Annotated[int, Field(ge=0)] = 0
 
+    @model_validator(mode="after")
+    def _cosines_are_at_most_one(self) -> NodeReputation:
+        if abs(self.cosine_sum) > self.rounds:
+            raise ValueError(
+                f"cosine_sum {self.cosine_sum:.6g} is not a sum of {self.rounds} cosines "
+                "(each in [-1, 1])"
+            )
+        return self
+
 
 class GlobalState(_Model):
     """The coordinator's view after a round.

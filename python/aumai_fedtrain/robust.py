@@ -681,7 +681,9 @@ def exclude_outliers(
       below it everywhere (balance 1). ``|balance| > config.balance_limit`` excludes it.
     - Direction reputation (learning from history, Karimireddy et al. 2021): from the second
       round on, each update's cosine with ``previous`` (the previous round's aggregate) is
-      added to its node's record (an update of norm zero adds nothing); a node whose record
+      added to its node's record (an update of norm zero adds nothing, nor does any update
+      when ``previous`` has other keys or shapes, as when a run without a model adds a key;
+      the cosine is clamped to [-1, 1] against rounding and underflow); a node whose record
       holds at least ``config.reputation_warmup`` cosines of negative mean, i.e. whose updates
       push against the global model's direction of travel, is excluded. The record is updated
       before the decision and an excluded node keeps being scored, so it can recover.
@@ -696,8 +698,7 @@ def exclude_outliers(
     Raises
     ------
     ValueError
-        Updates whose keys or shapes differ, non-finite values, or a ``previous`` whose keys or
-        shapes are not the updates'.
+        Updates whose keys or shapes differ, or non-finite values (in ``previous`` too).
     """
     records = dict(reputation or {})
     limit, warmup = config.balance_limit, config.reputation_warmup
@@ -708,7 +709,7 @@ def exclude_outliers(
     work = kernels(chosen)
     center = work.median(maps) if limit is not None else None
     reference = None
-    if warmup is not None and previous:
+    if warmup is not None and previous and _same_layout(previous, maps[0]):
         reference = _like(previous, maps[0], "reputation: the previous aggregate")
     statistics = work.balance_statistics(maps, center, reference)
     reference_norm = math.sqrt(work.squared_distances([reference])[0]) if reference else 0.0
@@ -723,10 +724,12 @@ def exclude_outliers(
         if limit is not None and abs(balance) > limit:
             reasons.append(_balance_reason(below, above, total, balance, limit))
             rank = (0, -abs(balance), index)
-        if reference is not None and warmup is not None:
+        if warmup is not None:
             record = records.get(update.node_id, NodeReputation())
-            if squared > 0 and reference_norm > 0:
-                cosine = dot / (math.sqrt(squared) * reference_norm)
+            if reference is not None and squared > 0 and reference_norm > 0:
+                # Clamped: values so small that their squares underflow would otherwise give
+                # a "cosine" far beyond 1, a shield of good record for later rounds.
+                cosine = min(1.0, max(-1.0, dot / (math.sqrt(squared) * reference_norm)))
                 record = NodeReputation(
                     cosine_sum=record.cosine_sum + cosine, rounds=record.rounds + 1
                 )
@@ -749,6 +752,13 @@ def exclude_outliers(
         in_order,
         records,
         {node_id: reason for _, node_id, reason in flagged[cap:]},
+    )
+
+
+def _same_layout(tensors: Mapping[str, np.ndarray], first: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``tensors`` has exactly ``first``'s keys and shapes."""
+    return tensors.keys() == first.keys() and all(
+        np.shape(tensors[key]) == value.shape for key, value in first.items()
     )
 
 
