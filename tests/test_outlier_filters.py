@@ -426,6 +426,8 @@ def test_run_takes_the_filter_flags() -> None:
         run_cli(*args, "--balance-limit", "half"),
         run_cli(*args, "--balance-limit", "2"),
         run_cli("run", "--rounds", "1", "--reputation-warmup", "2"),
+        run_cli("run", "--rounds", "1", "--balance-limit", "off"),
+        run_cli(*args, "--reputation-warmup", "1.5"),
     ]
 
     # Assert: a 1% limit excludes someone (never 2 of 4), turning it off excludes no one
@@ -434,9 +436,11 @@ def test_run_takes_the_filter_flags() -> None:
     assert "excluded by robust aggregation" not in off.stderr
     assert json.loads(tight.stdout)["eval_loss"] != json.loads(off.stdout)["eval_loss"]
     messages = [
-        "'half' is neither a float nor 'off'",
-        "balance_limit",
+        "'half' is neither a number nor 'off'",
+        "balance_limit (--balance-limit): Input should be less than or equal to 1",
         "--reputation-warmup applies to the robust rules",
+        "--balance-limit applies to the robust rules",  # even "off": the mean has no filter
+        "'1.5' is neither an integer nor 'off'",
     ]
     for result, message in zip(bad, messages, strict=True):
         assert result.returncode == 2

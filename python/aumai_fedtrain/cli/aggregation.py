@@ -49,7 +49,8 @@ class _NumberOrOff(click.ParamType[Any]):
         try:
             return self.kind(value)
         except ValueError:
-            self.fail(f"{value!r} is neither a {self.kind.__name__} nor {OFF!r}", param, ctx)
+            noun = "an integer" if self.kind is int else "a number"
+            self.fail(f"{value!r} is neither {noun} nor {OFF!r}", param, ctx)
 
 
 _OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
@@ -198,7 +199,7 @@ def with_aggregation(
     merged = {**config.aggregation.model_dump(), **given}
     try:
         aggregation = AggregationConfig.model_validate(merged)
-        ignored = [flag for name, flag in _FILTERS.items() if given.get(name) is not None]
+        ignored = [flag for name, flag in _FILTERS.items() if options.get(name) is not None]
         if aggregation.rule == "mean" and ignored:
             raise ValueError(
                 f"{ignored[0]} applies to the robust rules; the mean ignores it (choose "
@@ -208,8 +209,17 @@ def with_aggregation(
             buckets = bucket_count(config.num_nodes, aggregation.bucket_size)
             check_krum(buckets, aggregation.krum_f, aggregation.krum_m)
     except (ValidationError, ValueError) as exc:
-        raise InputError(f"aggregation options: {one_line(exc)}") from None
+        raise InputError(f"aggregation options: {_with_flags(one_line(exc), given)}") from None
     return config.model_copy(update={"aggregation": aggregation})
+
+
+def _with_flags(message: str, given: dict[str, Any]) -> str:
+    """``message`` with the flag beside each field of ``given`` that it names
+    (``balance_limit`` -> ``balance_limit (--balance-limit)``)."""
+    flags = {names[1]: names[0] for names, _ in _OPTIONS}
+    for name in given:
+        message = message.replace(f"{name}:", f"{name} ({flags[name]}):", 1)
+    return message
 
 
 def with_compression(config: TrainingConfig, options: dict[str, Any]) -> TrainingConfig:
