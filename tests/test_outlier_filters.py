@@ -269,6 +269,26 @@ def test_reputation_scores_before_deciding_and_lets_a_node_recover(backend_name:
     assert list(other.excluded) == ["node-000"]
 
 
+def test_a_run_without_a_model_may_gain_a_key_with_the_reputation_on() -> None:
+    # Prepare: no model, so the updates define the keys; round 2 brings a new one
+    config = TrainingConfig(num_nodes=4, aggregation=AggregationConfig(rule="centered_clip"))
+    coordinator = DiLoCoCoordinator()
+    state = coordinator.initialize(config, simulated_nodes(4))
+    first = [_update(i, [1.0 + i, 2.0, 3.0, 4.0 - i]) for i in range(4)]
+    second = [
+        u.model_copy(update={"round_id": 2, "gradients": {**u.gradients, "b": np.ones(2)}})
+        for u in first
+    ]
+
+    # Execute
+    state = coordinator.run_round(coordinator.run_round(state, first), second)
+
+    # Assert: the round counts every update; the previous aggregate had no "b", so no cosine
+    assert state.round_id == 2 and len(state.participating_nodes) == 4
+    assert set(state.global_weights) == {"w", "b"}
+    assert state.reputation == {}
+
+
 def test_a_cosine_is_clamped_so_tiny_values_buy_no_record(backend_name: str) -> None:
     # Prepare: values whose squares underflow in the norm but not in the dot product (a
     # "cosine" of hundreds unclamped), aligned with the previous aggregate
