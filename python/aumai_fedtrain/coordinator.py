@@ -311,22 +311,19 @@ class _StreamedMean:
         """Fold ``ready`` (in node order) into the sum, then let go of ``holds``: each run of
         plain updates with ``fold``, each run of encoded ones with ``fold_encoded``."""
         if ready:
-            weights = self._averager.weights(ready)
-            labels = [update.node_id for update in ready]
-            at = 0
+            weighted = zip(ready, self._averager.weights(ready), strict=True)
             with self._phases.timed("aggregate"):
                 for encoded, group in itertools.groupby(
-                    ready, key=lambda update: isinstance(update, EncodedUpdate)
+                    weighted, key=lambda pair: isinstance(pair[0], EncodedUpdate)
                 ):
-                    run = list(group)
-                    span = slice(at, at + len(run))
-                    at += len(run)
+                    run, weights = zip(*group, strict=True)
+                    labels = [update.node_id for update in run]
                     if encoded:
                         codes = [u.encoded for u in run if isinstance(u, EncodedUpdate)]
-                        self._sum.fold_encoded(codes, weights[span], labels[span])
+                        self._sum.fold_encoded(codes, list(weights), labels)
                     else:
                         values = [update.gradients for update in run]
-                        self._sum.fold(values, weights[span], labels[span])
+                        self._sum.fold(values, list(weights), labels)
             self._folded.update(update.node_id for update in ready)
             self.counted.extend(update.without_tensors() for update in ready)
         ready.clear()
