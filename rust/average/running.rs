@@ -49,6 +49,17 @@ struct Slot {
     precision: Precision,
 }
 
+impl Slot {
+    /// Take `shape` and `label` as the key's first carrier's, with a zero sum, unless a
+    /// carrier came before.
+    fn start(&mut self, shape: &[usize], label: &str) {
+        if self.first.is_none() {
+            self.first = Some((shape.to_vec(), label.to_owned()));
+            self.acc = vec![0.0; shape.iter().product()];
+        }
+    }
+}
+
 /// One key's mean, from [`WeightedSum::finish`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct KeyMean {
@@ -157,14 +168,8 @@ impl WeightedSum {
             let Some(&(first_node, first)) = group.carriers.first() else {
                 continue;
             };
-            let known = self
-                .index
-                .get(group.key)
-                .and_then(|&slot| self.slots[slot].first.as_ref());
-            let (shape, label) = match known {
-                Some((shape, label)) => (shape.as_slice(), label.as_str()),
-                None => (first.shape(), updates[first_node].label.as_str()),
-            };
+            let (shape, label) =
+                self.expected(group.key, first.shape(), &updates[first_node].label);
             check_shapes(group, updates, label, shape)?;
             plans.push((position, terms_plan(group, weights, shape.to_vec(), 0.0)));
         }
@@ -173,32 +178,13 @@ impl WeightedSum {
         let mut new_keys = Vec::new();
         let slots: Vec<usize> = groups
             .iter()
-            .map(|group| {
-                *self
-                    .index
-                    .entry(group.key.clone().into_owned())
-                    .or_insert_with(|| {
-                        new_keys.push((group.node, group.entry));
-                        self.slots.push(Slot {
-                            key: group.key.clone().into_owned(),
-                            first: None,
-                            acc: Vec::new(),
-                            total: 0.0,
-                            precision: Precision::Half,
-                        });
-                        self.slots.len() - 1
-                    })
-            })
+            .map(|group| self.slot_of(group.key, (group.node, group.entry), &mut new_keys))
             .collect();
         let mut accumulators = Vec::with_capacity(plans.len());
         for (position, plan) in &plans {
             let group = &groups[*position];
             let slot = &mut self.slots[slots[*position]];
-            if slot.first.is_none() {
-                let label = updates[group.carriers[0].0].label.clone();
-                slot.first = Some((plan.shape.clone(), label));
-                slot.acc = vec![0.0; plan.len];
-            }
+            slot.start(&plan.shape, &updates[group.carriers[0].0].label);
             slot.total = sum_from(slot.total, plan.terms.iter().map(|term| term.weight));
             slot.precision = slot.precision.max(plan.precision);
             accumulators.push(ArrayData::F64(mem::take(&mut slot.acc).into()));
@@ -253,14 +239,8 @@ impl WeightedSum {
             let Some(&(first_node, first)) = carriers.first() else {
                 continue;
             };
-            let known = self
-                .index
-                .get(&first.key)
-                .and_then(|&slot| self.slots[slot].first.as_ref());
-            let (shape, label) = match known {
-                Some((shape, label)) => (shape.as_slice(), label.as_str()),
-                None => (first.shape.as_slice(), updates[first_node].label.as_str()),
-            };
+            let (shape, label) =
+                self.expected(&first.key, &first.shape, &updates[first_node].label);
             for &(node, entry) in carriers {
                 if entry.shape != shape {
                     return Err(FoldEncodedError::Average(AverageError::ShapeMismatch {
@@ -286,28 +266,12 @@ impl WeightedSum {
         let mut new_keys = Vec::new();
         for ((node, entry_index), carriers) in &groups {
             let key = &updates[*node].entries[*entry_index].key;
-            let slot = *self
-                .index
-                .entry(key.clone().into_owned())
-                .or_insert_with(|| {
-                    new_keys.push((*node, *entry_index));
-                    self.slots.push(Slot {
-                        key: key.clone().into_owned(),
-                        first: None,
-                        acc: Vec::new(),
-                        total: 0.0,
-                        precision: Precision::Half,
-                    });
-                    self.slots.len() - 1
-                });
+            let slot = self.slot_of(key, (*node, *entry_index), &mut new_keys);
             let Some(&(first_node, first)) = carriers.first() else {
                 continue;
             };
             let slot = &mut self.slots[slot];
-            if slot.first.is_none() {
-                slot.first = Some((first.shape.clone(), updates[first_node].label.clone()));
-                slot.acc = vec![0.0; first.shape.iter().product()];
-            }
+            slot.start(&first.shape, &updates[first_node].label);
             let term_weights: Vec<f64> = carriers.iter().map(|&(node, _)| weights[node]).collect();
             let codes: Vec<Codes<'_>> = carriers.iter().map(|(_, entry)| entry.codes).collect();
             let precisions: Vec<Precision> =
@@ -323,6 +287,48 @@ impl WeightedSum {
         self.folded += updates.len();
         self.weight_total = weight_total;
         Ok(new_keys)
+    }
+
+    /// The shape and label that `key`'s carriers must match: those of its first carrier
+    /// folded so far, else `shape` and `label` (the batch's first).
+    fn expected<'s>(
+        &'s self,
+        key: &Key<'_>,
+        shape: &'s [usize],
+        label: &'s str,
+    ) -> (&'s [usize], &'s str) {
+        match self
+            .index
+            .get(key)
+            .and_then(|&slot| self.slots[slot].first.as_ref())
+        {
+            Some((shape, label)) => (shape.as_slice(), label.as_str()),
+            None => (shape, label),
+        }
+    }
+
+    /// The slot of `key`, made (and `at`, its first (update, entry), recorded in `new_keys`)
+    /// when the key is new.
+    fn slot_of(
+        &mut self,
+        key: &Key<'_>,
+        at: (usize, usize),
+        new_keys: &mut Vec<(usize, usize)>,
+    ) -> usize {
+        *self
+            .index
+            .entry(key.clone().into_owned())
+            .or_insert_with(|| {
+                new_keys.push(at);
+                self.slots.push(Slot {
+                    key: key.clone().into_owned(),
+                    first: None,
+                    acc: Vec::new(),
+                    total: 0.0,
+                    precision: Precision::Half,
+                });
+                self.slots.len() - 1
+            })
     }
 
     /// Check that [`finish`](Self::finish) can succeed: at least one update folded, and no
