@@ -21,9 +21,9 @@ The model is a small decoder-only transformer over bytes (``--d-model 64 --layer
 It reports the held-out loss in bits per byte and the bytes communicated (parameters down and
 the update up, per worker and exchange, at 4 bytes per value: the float32 model), prints a
 table, and writes a plot (with matplotlib) and the results as JSON. The default is the run of
-``docs/experiments.md`` (k = 4, synchronous and H in {1, 10, 50, 100, 500}, seeds 0-2); flags
-scale it up (``--device cuda --d-model 256 --layers 6 --steps 5000 ...``). A tiny run, for
-trying it out::
+``docs/experiments.md`` (k = 4, synchronous and H in {1, 10, 50, 100, 500}, seeds 0-4, two
+runs at a time in their own processes, ``--processes``); flags scale it up (``--device cuda
+--d-model 256 --layers 6 --steps 5000 ...``). A tiny run, for trying it out::
 
     python examples/lm_diloco.py --steps 20 --H 1 10 --seeds 0 --max-corpus-bytes 400000 \\
         --val-bytes 40000 --eval-every 10 --eval-windows 8 --plot none
@@ -37,8 +37,10 @@ import json
 import math
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -389,7 +391,7 @@ def parse_args() -> argparse.Namespace:
     add("--lr", type=float, default=3e-3, help="inner AdamW learning rate (both methods)")
     add("--outer-lr", type=float, default=0.7)
     add("--outer-momentum", type=float, default=0.9)
-    add("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     add("--val-bytes", type=int, default=2_000_000, help="held-out bytes (whole modules)")
     add("--max-corpus-bytes", type=int, help="read no more files than this (tiny runs)")
     add("--corpus-root", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
@@ -397,22 +399,59 @@ def parse_args() -> argparse.Namespace:
     add("--eval-windows", type=int, default=512, help="held-out windows evaluated")
     add("--device", default="cpu", help="cpu, cuda, ...")
     add("--threads", type=int, default=1, help="torch.set_num_threads (0: torch's default)")
+    add("--processes", type=int, default=2, help="runs in parallel, each in its own process")
     add("--manifest", type=Path, help="write the corpus file list (path, bytes, sha256) here")
     add("--json", type=Path, help="write every run's results here")
     add("--plot", default=str(REPO / "docs" / "lm_diloco.png"), help="the plot's path, or none")
     args = parser.parse_args()
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1 (got {args.processes})")
     for h in args.H:
         if h < 1 or args.steps % h:
             parser.error(f"--steps {args.steps} must be a multiple of every H (got H={h})")
     return args
 
 
-def main() -> None:
-    args = parse_args()
+_experiment: Experiment | None = None
+"""The experiment of this process, which :func:`run_job` runs."""
+
+
+def start_process(args: argparse.Namespace, corpus: Corpus | None = None) -> Experiment:
+    """Set up this process for :func:`run_job`: torch's threads, and the experiment (on
+    ``corpus``, read here when not given)."""
+    global _experiment
     if args.threads:  # one thread is much faster than two that share the cores with others
         torch.set_num_threads(args.threads)
+    if corpus is None:
+        corpus = read_corpus(args.corpus_root, args.workers, args.val_bytes, args.max_corpus_bytes)
+    _experiment = Experiment(args, corpus)
+    return _experiment
+
+
+def run_job(job: tuple[int, int | None]) -> Result:
+    """One run: ``(seed, H)``, ``H`` None for the synchronous baseline."""
+    seed, h = job
+    assert _experiment is not None, "start_process first"
+    return _experiment.run_sync(seed) if h is None else _experiment.run_diloco(seed, h)
+
+
+def run_jobs(args: argparse.Namespace, jobs: list[tuple[int, int | None]]) -> Iterable[Result]:
+    """The results of ``jobs`` in order: here, or ``--processes`` at a time in fresh
+    processes (spawned, not forked, as torch wants)."""
+    if args.processes == 1:
+        yield from map(run_job, jobs)
+        return
+    context = get_context("spawn")
+    with ProcessPoolExecutor(
+        args.processes, mp_context=context, initializer=start_process, initargs=(args,)
+    ) as pool:
+        yield from pool.map(run_job, jobs)
+
+
+def main() -> None:
+    args = parse_args()
     corpus = read_corpus(args.corpus_root, args.workers, args.val_bytes, args.max_corpus_bytes)
-    experiment = Experiment(args, corpus)
+    experiment = start_process(args, corpus)
     total = sum(size for _, size, _ in corpus.files)
     print(f"corpus: {len(corpus.files)} files, {total:,} bytes under {corpus.root}")
     print(f"corpus digest (sha256 of 'path NUL sha256' lines): {corpus.digest}")
@@ -430,19 +469,21 @@ def main() -> None:
     )
     if args.manifest:
         args.manifest.write_text("".join(f"{n}\t{b}\t{s}\n" for n, b, s in corpus.files))
+    methods: list[int | None] = [] if args.no_sync else [None]
+    jobs = [(seed, h) for seed in args.seeds for h in [*methods, *args.H]]
+    started = time.perf_counter()
     results = []
-    for seed in args.seeds:
-        methods: list[int | None] = [] if args.no_sync else [None]
-        for h in [*methods, *args.H]:
-            result = experiment.run_sync(seed) if h is None else experiment.run_diloco(seed, h)
-            results.append(result)
-            print(
-                f"seed {seed} {result.method}: {result.final:.4f} bits/byte "
-                f"({result.seconds:.0f} s)",
-                flush=True,
-            )
+    for result in run_jobs(args, jobs):
+        results.append(result)
+        print(
+            f"seed {result.seed} {result.method}: {result.final:.4f} bits/byte "
+            f"({result.seconds:.0f} s)",
+            flush=True,
+        )
     summaries = summarize(results)
     print_table(summaries)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{len(jobs)} runs in {minutes:.1f} minutes with {args.processes} process(es)")
     if args.json:
         payload = {
             "args": {k: str(v) for k, v in vars(args).items()},

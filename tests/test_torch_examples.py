@@ -66,3 +66,23 @@ def test_the_language_model_experiment_runs_at_a_tiny_size(tmp_path: Path) -> No
     assert digest == payload["digest"] and len(files) > 3
     assert re.search(r"^\| DiLoCo H=10 \| [0-9.]+ \| [0-9.]+, [0-9.]+ \| [+-][0-9.]+% \| 1 \|",
                      completed.stdout, flags=re.M)  # fmt: skip
+
+
+def test_the_language_model_runs_in_parallel_processes_give_the_serial_results(
+    tmp_path: Path,
+) -> None:
+    outputs = {processes: tmp_path / f"{processes}.json" for processes in ("1", "2")}
+
+    for processes, output in outputs.items():
+        completed = subprocess.run(
+            [sys.executable, str(EXAMPLES / "lm_diloco.py"), *TINY_LM,
+             "--processes", processes, "--json", str(output)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+
+    def runs(path: Path) -> list[dict[str, object]]:
+        results = json.loads(path.read_text())["results"]
+        return [{k: v for k, v in run.items() if k != "seconds"} for run in results]
+
+    assert runs(outputs["1"]) == runs(outputs["2"])
