@@ -143,6 +143,59 @@ def test_a_tls_handshake_that_never_completes_ends_with_the_round(tmp_path: Path
     assert provider.failures[1] == {"mute": "no answer within 2 s"}
 
 
+class Resolver:
+    """``socket.getaddrinfo`` with some names of the test's own: one that hangs until the test
+    ends, one that fails at once, one that is the first honest node's loopback address."""
+
+    HANGS, FAILS, ALIAS = "hangs.example", "fails.example", "alias.example"
+
+    def __init__(self, alias_of: str) -> None:
+        self.released = threading.Event()
+        self.alias_of = alias_of
+        self._real = socket.getaddrinfo
+
+    def __call__(self, host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == self.HANGS:
+            self.released.wait(COMMAND_TIMEOUT)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        if host == self.FAILS:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == self.ALIAS:
+            loopback_v6 = self._real("::1", *args, **kwargs)
+            return [*loopback_v6, *self._real(self.alias_of, *args, **kwargs)]
+        return self._real(host, *args, **kwargs)
+
+
+def test_a_node_whose_name_does_not_resolve_in_time_is_dropped_at_the_deadline(
+    honest_nodes: Honest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment, cluster = honest_nodes
+    host, port = cluster[0].address.rsplit(":", 1)
+    resolver = Resolver(alias_of=host)
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    keys = {**deployment.keys(), "far": KEY, "gone": KEY}
+    provider = HttpUpdateProvider(keys, token=deployment.token, timeout=2)
+    nodes = [
+        # No node listens on ::1: the alias's second address (loopback IPv4) is tried next.
+        FederatedNode(node_id="node-0", address=f"{Resolver.ALIAS}:{port}"),
+        FederatedNode(node_id="far", address=f"{Resolver.HANGS}:{port}"),
+        FederatedNode(node_id="gone", address=f"{Resolver.FAILS}:{port}"),
+    ]
+
+    try:
+        updates, seconds = ask_within_bound(provider, nodes, STATE)
+    finally:
+        resolver.released.set()
+
+    assert isinstance(updates, list) and [update.node_id for update in updates] == ["node-0"]
+    assert seconds < 2 + 1.5  # the deadline, not the resolver's own (here: the test's) timeout
+    assert provider.failures[1]["far"] == "no answer within 2 s"
+    assert provider.failures[1]["gone"].startswith(
+        f"cannot reach http://{Resolver.FAILS}:{port}/train"
+    )
+    assert "Name or service not known" in provider.failures[1]["gone"]
+
+
 def empty_tensors_answer(count: int, chunked: bool = False) -> bytes:
     """A safetensors answer of ``count`` empty tensors (today's 1.6M-tensor attack, smaller)."""
     metadata = {"aumai-fedtrain": "local-update/1", "node_id": "flood", "round_id": "1",

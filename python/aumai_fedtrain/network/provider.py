@@ -1,9 +1,10 @@
 """``HttpUpdateProvider``: the coordinator's side of a run against real nodes over HTTP(S).
 
 Every round, the nodes are asked in parallel to train from the global parameters, within ONE
-deadline for the whole round (connecting, TLS, retries and their back-off, transfer and
-decoding). Each request is signed with the node's key over a one-time nonce that the node
-handed out just before (``GET /nonce``), so that only this coordinator can make it train.
+deadline for the whole round (resolving the node's name, connecting, TLS, retries and their
+back-off, transfer and decoding). Each request is signed with the node's key over a one-time
+nonce that the node handed out just before (``GET /nonce``), so that only this coordinator can
+make it train.
 Each answer is checked before it can count: it must come within the deadline and
 the size an update of the model can have, be a valid update of the asked node for the asked
 round, match the model's tensors (refused from a safetensors header before anything is
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import math
 import queue
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import httpcore
 import httpx
 
 from aumai_fedtrain.compression import Codec, EncodedUpdate
@@ -381,7 +384,7 @@ class HttpUpdateProvider(UpdateProvider):
         traffics: dict[str, _Traffic] = {}
         with (
             deadline,
-            httpx.Client(verify=self._tls, limits=_LIMITS) as client,
+            _client(self._tls) as client,
             ThreadPoolExecutor(min(self.max_workers, max(1, len(asked)))) as pool,
         ):
             try:
@@ -970,6 +973,80 @@ class _Attempt:
         self._watched.clear()
 
 
+def _client(verify: ssl.SSLContext) -> httpx.Client:
+    """A round's client: a connection per request (:data:`_LIMITS`), the node's name resolved
+    within the connect timeout (:class:`_BoundedResolution`), proxies from the environment as
+    httpx's default client has them."""
+    client = httpx.Client(verify=verify, limits=_LIMITS)
+    # httpx takes no network backend (and a transport of our own would turn the environment's
+    # proxies off); the pool of its direct transport, httpcore's, does. A test fails if a later
+    # httpx moves it (test_a_node_whose_name_does_not_resolve_in_time_is_dropped_at_the_deadline).
+    pool = getattr(getattr(client, "_transport", None), "_pool", None)
+    if isinstance(pool, httpcore.ConnectionPool):
+        pool._network_backend = _BoundedResolution()
+    return client
+
+
+class _BoundedResolution(httpcore.SyncBackend):
+    """httpcore's network backend, with the node's name resolved within the connect timeout.
+
+    ``getaddrinfo`` takes no timeout, and no socket exists yet for the round's deadline to shut
+    down, so a resolver that hangs would hold the round past its deadline. Here it runs in a
+    daemon thread that the connection waits for at most its connect timeout (httpx's timeouts
+    are the time the deadline leaves); then the addresses found are tried in their order, as
+    ``socket.create_connection`` does, within what is left.
+    """
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        ends = None if timeout is None else time.monotonic() + timeout
+        error: httpcore.ConnectError | None = None
+        for address in _resolve(host, port, timeout):
+            left = None if ends is None else max(0.0, ends - time.monotonic())
+            try:
+                return super().connect_tcp(address, port, left, local_address, socket_options)
+            except httpcore.ConnectError as exc:  # the next address, as create_connection does
+                error = exc
+        assert error is not None  # (_resolve finds at least one address or raises)
+        raise error
+
+
+def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
+    """``host``'s addresses in the resolver's order (``host`` itself when it is one):
+    ``httpcore.ConnectTimeout`` when the resolver takes longer than ``timeout`` seconds,
+    ``httpcore.ConnectError`` when it fails."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return [host]
+    answer: list[list[str] | OSError] = []
+    done = threading.Event()
+
+    def look_up() -> None:
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answer.append(list(dict.fromkeys(str(info[4][0]) for info in found)))
+        except OSError as exc:
+            answer.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name=f"resolve {host}", daemon=True).start()
+    if not done.wait(timeout):
+        raise httpcore.ConnectTimeout(f"resolving {host} took longer than {timeout:g} s")
+    addresses = answer[0]
+    if isinstance(addresses, OSError):
+        raise httpcore.ConnectError(str(addresses)) from addresses
+    if not addresses:
+        raise httpcore.ConnectError(f"{host} resolved to no address")
+    return addresses
+
+
 def _shut_down(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # already closed
         sock.shutdown(socket.SHUT_RDWR)
@@ -1175,9 +1252,13 @@ def _speaks_tls(address: httpx.URL, deadline: _RoundDeadline) -> bool | None:
     timeout = min(deadline.remaining(), _PROBE_SECONDS)
     if timeout <= 0:
         return None
+    try:
+        host = _resolve(address.host, port, timeout)[0]
+    except (httpcore.ConnectError, httpcore.ConnectTimeout):
+        return None
     with deadline.attempt() as attempt:
         try:
-            with socket.create_connection((address.host, port), timeout=timeout) as raw:
+            with socket.create_connection((host, port), timeout=timeout) as raw:
                 attempt.watch(raw)
                 with context.wrap_socket(raw, server_hostname=address.host):
                     return True
