@@ -1024,27 +1024,43 @@ def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)
         return [host]
-    answer: list[list[str] | OSError] = []
-    done = threading.Event()
-
-    def look_up() -> None:
-        try:
-            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            answer.append(list(dict.fromkeys(str(info[4][0]) for info in found)))
-        except OSError as exc:
-            answer.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=look_up, name=f"resolve {host}", daemon=True).start()
-    if not done.wait(timeout):
+    with _LOOKUPS_LOCK:
+        lookup = _LOOKUPS.get((host, port))
+        if lookup is None:
+            lookup = _LOOKUPS[host, port] = _Lookup(host, port)
+            threading.Thread(target=lookup.run, name=f"resolve {host}", daemon=True).start()
+    if not lookup.done.wait(timeout):
         raise httpcore.ConnectTimeout(f"resolving {host} took longer than {timeout:g} s")
-    addresses = answer[0]
-    if isinstance(addresses, OSError):
-        raise httpcore.ConnectError(str(addresses)) from addresses
-    if not addresses:
+    if isinstance(lookup.answer, OSError):
+        raise httpcore.ConnectError(str(lookup.answer)) from lookup.answer
+    if not lookup.answer:
         raise httpcore.ConnectError(f"{host} resolved to no address")
-    return addresses
+    return lookup.answer
+
+
+class _Lookup:
+    """One ``getaddrinfo`` under way, which every connection to its host waits for meanwhile:
+    a resolver that hangs holds one thread per host, not one per node, attempt and round."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.done = threading.Event()
+        self.answer: list[str] | OSError = []
+
+    def run(self) -> None:
+        try:
+            found = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            self.answer = list(dict.fromkeys(str(info[4][0]) for info in found))
+        except OSError as exc:
+            self.answer = exc
+        finally:
+            with _LOOKUPS_LOCK:  # the next connection looks the name up afresh
+                del _LOOKUPS[self.host, self.port]
+            self.done.set()
+
+
+_LOOKUPS: dict[tuple[str, int], _Lookup] = {}
+_LOOKUPS_LOCK = threading.Lock()
 
 
 def _shut_down(sock: socket.socket) -> None:
