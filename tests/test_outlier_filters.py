@@ -325,6 +325,64 @@ def test_the_mean_and_filters_turned_off_exclude_nothing() -> None:
         assert result.excluded == {} and result.kept == updates and result.reputation == records
 
 
+@pytest.mark.parametrize("rule", ["median", "centered_clip"])
+def test_the_rules_take_the_filters_median_to_the_last_bit(backend_name: str, rule: str) -> None:
+    updates = round_updates(7, size=6)
+    config = AggregationConfig.model_validate({"rule": rule})
+    weights = [1.0] * len(updates)
+    exclusions = robust.exclude_outliers(updates, config, backend=backend_name)
+
+    computed = robust.aggregate(updates, config, weights, backend_name)
+    given = robust.aggregate(updates, config, weights, backend_name, median=exclusions.median)
+
+    assert exclusions.excluded == {} and exclusions.median is not None
+    assert computed.keys() == given.keys()
+    for key, value in computed.items():
+        assert value.dtype == given[key].dtype
+        assert value.tobytes() == given[key].tobytes()
+
+
+@pytest.mark.parametrize("options", [{"norm_clip": 1.0}, {"bucket_size": 2}])
+def test_a_median_of_other_inputs_is_not_taken(options: dict[str, object]) -> None:
+    updates = round_updates(6, size=3)
+    config = AggregationConfig.model_validate({"rule": "median", **options})
+    wrong = {key: np.full_like(value, 1e6) for key, value in updates[0].gradients.items()}
+
+    result = robust.aggregate(updates, config, [1.0] * 6, "python", median=wrong)
+
+    assert all(np.all(np.abs(value) < 1e5) for value in result.values())
+
+
+@pytest.mark.parametrize("rule", ["median", "centered_clip"])
+def test_a_round_with_nothing_excluded_computes_the_median_once(
+    monkeypatch: pytest.MonkeyPatch, rule: AggregationRule
+) -> None:
+    medians: list[int] = []
+
+    def counted(updates: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        medians.append(len(updates))
+        return robust.numpy_median(updates)
+
+    monkeypatch.setattr(robust._NumpyKernels, "median", staticmethod(counted))
+    config = TrainingConfig(
+        num_nodes=5, aggregation=AggregationConfig.model_validate({"rule": rule})
+    )
+    coordinator = DiLoCoCoordinator(backend="python")
+    updates = round_updates(5, size=3)
+    state = coordinator.initialize(config, simulated_nodes(5))
+
+    coordinator.run_round(state, updates)
+    once = list(medians)
+    corrupted = corrupt(updates, Byzantine("alie", frozenset({"node-004"})), 0)
+    excluded = robust.exclude_outliers(corrupted, config.aggregation, backend="python").excluded
+    medians.clear()
+    coordinator.run_round(state, corrupted)
+
+    assert once == [5]
+    # Updates excluded: the rule's median is of the others, computed again.
+    assert "node-004" in excluded and medians == [5, 5 - len(excluded)]
+
+
 # --- real simulated runs --------------------------------------------------------------------------
 
 

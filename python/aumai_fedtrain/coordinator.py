@@ -405,15 +405,19 @@ class DiLoCoCoordinator:
         return GlobalState(round_id=0, parameters=params, momentum=zero_momentum(params))
 
     def collect_updates(
-        self, updates: Sequence[LocalUpdate], previous: TensorMap | None = None
+        self,
+        updates: Sequence[LocalUpdate],
+        previous: TensorMap | None = None,
+        median: TensorMap | None = None,
     ) -> TensorMap:
         """Aggregate the updates' gradients per key (``ValueError`` when there are none);
         ``previous`` is the previous round's aggregate, which ``clip_start="previous"`` starts
-        from."""
+        from; ``median``, when given, the updates' coordinate-wise median, which the median
+        rule and CenteredClip then take instead of computing it again."""
         if not updates:
             raise ValueError(EMPTY_ROUND_MESSAGE)
         if isinstance(self._averager, RobustAggregator):
-            return self._averager.average(updates, previous)
+            return self._averager.average(updates, previous, median)
         return self._averager.average(updates)
 
     def screen(
@@ -460,7 +464,7 @@ class DiLoCoCoordinator:
                     "dropped": exclusions.excluded,
                 },
             )
-        return self._apply(state, exclusions.kept, reputation=exclusions.reputation)
+        return self._apply(state, exclusions.kept, exclusions=exclusions)
 
     def _exclude(self, state: GlobalState, updates: Sequence[LocalUpdate]) -> Exclusions:
         """The robust rule's outlier filters over screened ``updates`` (nothing excluded by the
@@ -486,13 +490,18 @@ class DiLoCoCoordinator:
         state: GlobalState,
         updates: Sequence[LocalUpdate],
         phases: _Phases | None = None,
-        reputation: dict[str, NodeReputation] | None = None,
+        exclusions: Exclusions | None = None,
     ) -> GlobalState:
         """Average screened ``updates``, take the outer step, check it and credit the nodes;
-        ``reputation`` is the next state's (None: ``state``'s)."""
+        ``exclusions`` (the outlier filters' decisions that left ``updates``) give the next
+        state's reputation (None: ``state``'s) and, when they excluded nothing, the median."""
         phases = phases if phases is not None else _Phases()
+        reputation = median = None
+        if exclusions is not None:
+            reputation = exclusions.reputation
+            median = exclusions.median if not exclusions.excluded else None
         with phases.timed("aggregate"):
-            delta = self.collect_updates(updates, state.global_weights)
+            delta = self.collect_updates(updates, state.global_weights, median)
         return self._step(state, delta, updates, phases, reputation)
 
     def _step(
@@ -674,7 +683,7 @@ class DiLoCoCoordinator:
         round_id = state.round_id + 1
         phases = _Phases()
         stream: _StreamedMean | None = None
-        reputation: dict[str, NodeReputation] | None = None
+        exclusions: Exclusions | None = None
         if isinstance(self._averager, RobustAggregator) and self._averager.streams:
             stream = self._stream(run, state, phases)
             received, accepted, dropped = stream.received, stream.counted, stream.dropped
@@ -689,7 +698,7 @@ class DiLoCoCoordinator:
                 dropped |= refused
                 with phases.timed("aggregate"):
                     exclusions = self._exclude(state, accepted)
-                accepted, reputation = exclusions.kept, exclusions.reputation
+                accepted = exclusions.kept
                 dropped |= exclusions.excluded
         if not received and not dropped:
             return None
@@ -704,7 +713,7 @@ class DiLoCoCoordinator:
                 extra={"event": "dropped", "round_id": round_id, "dropped": dropped},
             )
         if stream is None:
-            state = self._apply(state, accepted, phases, reputation)
+            state = self._apply(state, accepted, phases, exclusions)
         else:
             with phases.timed("aggregate"):
                 delta = stream.finish()

@@ -587,6 +587,7 @@ def aggregate(
     *,
     seed: int = 0,
     previous: Mapping[str, np.ndarray] | None = None,
+    median: Mapping[str, np.ndarray] | None = None,
 ) -> TensorMap:
     """The configured rule over ``updates``, after norm clipping when ``config.norm_clip`` is
     set, then bucketing when ``config.bucket_size > 1`` (buckets drawn from ``seed`` and the
@@ -595,6 +596,11 @@ def aggregate(
     ``previous`` is the previous round's aggregate: ``centered_clip`` starts from it when
     ``config.clip_start`` is ``"previous"``. It may be None (or empty) only in round 1, where
     the rule starts from the median.
+
+    ``median`` is the coordinate-wise median of ``updates``' gradients when the caller has it
+    already (:attr:`Exclusions.median`, when nothing was excluded): the ``median`` rule returns
+    it and ``centered_clip`` starts from it rather than computing it again. It is not used
+    with norm clipping or bucketing, whose inputs are not the updates themselves.
 
     Raises
     ------
@@ -611,7 +617,10 @@ def aggregate(
     inputs = gradients
     if config.bucket_size > 1:
         inputs = list(bucket_means(gradients, config.bucket_size, seed, round_id, backend))
-    return _in_carriers_dtype(_robust_rule(inputs, config, round_id, previous, backend), gradients)
+    if inputs is not gradients or config.norm_clip is not None:
+        median = None  # (the median of other inputs)
+    result = _robust_rule(inputs, config, round_id, previous, backend, median)
+    return _in_carriers_dtype(result, gradients)
 
 
 def _robust_rule(
@@ -620,15 +629,17 @@ def _robust_rule(
     round_id: int,
     previous: Mapping[str, np.ndarray] | None,
     backend: str | None,
+    known_median: Mapping[str, np.ndarray] | None,
 ) -> dict[str, np.ndarray]:
-    """The configured robust rule (not the mean) over ``gradients``."""
+    """The configured robust rule (not the mean) over ``gradients``, whose coordinate-wise
+    median is ``known_median`` when not None."""
     if config.rule == "median":
-        return median(gradients, backend)
+        return dict(known_median) if known_median is not None else median(gradients, backend)
     if config.rule == "trimmed_mean":
         return trimmed_mean(gradients, config.trim_fraction, backend)
     if config.rule == "krum":
         return krum(gradients, config.krum_f, config.krum_m, backend)
-    start = None
+    start = known_median
     if config.clip_start == "previous":
         if previous:
             start = previous
@@ -659,6 +670,10 @@ class Exclusions:
     """Every node's direction record after this round (the next ``GlobalState.reputation``)."""
     spared: dict[str, str] = field(default_factory=dict)
     """Node id -> reason, for the flagged updates kept because a majority is never excluded."""
+    median: dict[str, np.ndarray] | None = None
+    """The coordinate-wise median (float64) of every update of the round, excluded or not,
+    when the balance filter computed it; with nothing excluded, :func:`aggregate` takes it
+    (``median=``) instead of computing it again."""
 
 
 EXCLUSION = "excluded by robust aggregation: "
@@ -752,6 +767,7 @@ def exclude_outliers(
         in_order,
         records,
         {node_id: reason for _, node_id, reason in flagged[cap:]},
+        center,
     )
 
 
@@ -848,10 +864,12 @@ class RobustAggregator:
         self,
         updates: Sequence[LocalUpdate],
         previous: Mapping[str, np.ndarray] | None = None,
+        median: Mapping[str, np.ndarray] | None = None,
     ) -> TensorMap:
         """Aggregate ``updates`` with the configured rule; ``previous`` is the previous round's
         aggregate (``GlobalState.global_weights``, which checkpoints keep), needed after round 1
-        with ``clip_start = "previous"``."""
+        with ``clip_start = "previous"``; ``median``, when given, the updates' coordinate-wise
+        median (see :func:`aggregate`)."""
         if self.streams:
             return self._mean.average(updates)
         return aggregate(
@@ -861,4 +879,5 @@ class RobustAggregator:
             self._backend,
             seed=self.seed,
             previous=previous,
+            median=median,
         )
