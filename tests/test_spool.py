@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import aumai_fedtrain.cli as cli_module
+import aumai_fedtrain.coordinator as coordinator_module
 from aumai_fedtrain import DiLoCoCoordinator, LocalUpdate
 from aumai_fedtrain import spool as spool_module
 from aumai_fedtrain.cli import cli
@@ -95,6 +97,34 @@ def test_only_what_exceeds_the_allowance_goes_to_disk_the_last_in_node_order_fir
     # Node 2 waits in memory within the allowance; when node 1 also waits, node 2 (later in
     # the node list, so folded later) goes to disk.
     assert calls == {"put": [NAMES[2]], "take": [NAMES[2]]}
+
+
+def test_the_trips_to_disk_are_timed_in_the_aggregate_phase(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Prepare: a clock that moves only when an update goes to disk (1 s) or comes back (10 s).
+    clock = [0.0]
+    monkeypatch.setattr(coordinator_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    put, take = UpdateSpool.put, UpdateSpool.take
+
+    def slow_put(self: UpdateSpool, update: LocalUpdate) -> SpooledUpdate:
+        clock[0] += 1.0
+        return put(self, update)
+
+    def slow_take(self: UpdateSpool, spooled: SpooledUpdate) -> LocalUpdate:
+        clock[0] += 10.0
+        return take(self, spooled)
+
+    monkeypatch.setattr(UpdateSpool, "put", slow_put)
+    monkeypatch.setattr(UpdateSpool, "take", slow_take)
+
+    # Execute: two updates of each round wait on disk.
+    result = train(ScriptedProvider(SCRIPT), waiting_memory=0, spill_dir=tmp_path)
+
+    # Assert
+    for record in result.history:
+        assert record.phase_seconds["aggregate"] == 2 * 1.0 + 2 * 10.0
+        assert record.phase_seconds["collect"] == 0.0
 
 
 def test_each_round_says_how_many_updates_waited_on_disk(

@@ -239,7 +239,8 @@ class _StreamedMean:
             if isinstance(update, SpooledUpdate):
                 continue
             try:
-                spooled = self._spool.put(update)
+                with self._phases.timed("aggregate"):  # (the mean's own bookkeeping)
+                    spooled = self._spool.put(update)
             except OSError as exc:
                 self._spill_failed = True
                 logger.warning(
@@ -281,7 +282,8 @@ class _StreamedMean:
                 self._fold(ready, holds)  # the earlier ones first, in node order
                 ready, holds = [], []
                 try:
-                    update = self._spool.take(waiting_update)
+                    with self._phases.timed("aggregate"):
+                        update = self._spool.take(waiting_update)
                 except SpoolError as exc:
                     # The coordinator's disk failed, not the node: said apart from the drops.
                     logger.warning(
