@@ -55,7 +55,6 @@ from diloco_vs_sync import pyplot  # beside this file
 
 LEFT_OUT = frozenset({"site-packages", "dist-packages", "test", "tests", "__pycache__"})
 BYTES_PER_VALUE = 4  # a float32 model's values on the wire
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -402,7 +401,7 @@ def parse_args() -> argparse.Namespace:
     add("--processes", type=int, default=2, help="runs in parallel, each in its own process")
     add("--manifest", type=Path, help="write the corpus file list (path, bytes, sha256) here")
     add("--json", type=Path, help="write every run's results here")
-    add("--plot", default=str(REPO / "docs" / "lm_diloco.png"), help="the plot's path, or none")
+    add("--plot", default="lm_diloco.png", help="the plot's path, or none [lm_diloco.png]")
     args = parser.parse_args()
     if args.processes < 1:
         parser.error(f"--processes must be at least 1 (got {args.processes})")
@@ -491,6 +490,7 @@ def main() -> None:
             "results": [asdict(r) for r in results],
         }
         args.json.write_text(json.dumps(payload, indent=1))
+        print(f"results written to {args.json}")
     if args.plot != "none":
         plot(summaries, Path(args.plot))
 

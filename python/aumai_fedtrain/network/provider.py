@@ -593,6 +593,8 @@ class HttpUpdateProvider(UpdateProvider):
                 ) as response:
                     return self._receive(response, node, round_, nonce, traffic)
             except httpx.TransportError as exc:
+                if isinstance(exc.__cause__, _ResolveTimeout):
+                    raise _Dropped(f"{too_late} (its host name did not resolve in time)") from None
                 # (httpx's timeouts are the time left: a timeout is the deadline too.)
                 if deadline.expired or isinstance(exc, httpx.TimeoutException):
                     raise too_late from None
@@ -1019,7 +1021,7 @@ class _BoundedResolution(httpcore.SyncBackend):
 
 def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
     """``host``'s addresses in the resolver's order (``host`` itself when it is one):
-    ``httpcore.ConnectTimeout`` when the resolver takes longer than ``timeout`` seconds,
+    :class:`_ResolveTimeout` when the resolver takes longer than ``timeout`` seconds,
     ``httpcore.ConnectError`` when it fails."""
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)
@@ -1030,12 +1032,16 @@ def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
             lookup = _LOOKUPS[host, port] = _Lookup(host, port)
             threading.Thread(target=lookup.run, name=f"resolve {host}", daemon=True).start()
     if not lookup.done.wait(timeout):
-        raise httpcore.ConnectTimeout(f"resolving {host} took longer than {timeout:g} s")
+        raise _ResolveTimeout(f"resolving {host} took longer than {timeout:g} s")
     if isinstance(lookup.answer, OSError):
         raise httpcore.ConnectError(str(lookup.answer)) from lookup.answer
     if not lookup.answer:
         raise httpcore.ConnectError(f"{host} resolved to no address")
     return lookup.answer
+
+
+class _ResolveTimeout(httpcore.ConnectTimeout):
+    """The resolver did not answer within the connect timeout."""
 
 
 class _Lookup:

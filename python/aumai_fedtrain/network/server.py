@@ -788,7 +788,8 @@ class _RepeatFilter(logging.Filter):
             self._seen.clear()
         self._seen[key] = (now, 0)
         if repeats:
-            record.msg = f"{record.getMessage()} (and {repeats} more times in "
+            times = "time" if repeats == 1 else "times"
+            record.msg = f"{record.getMessage()} (and {repeats} more {times} in "
             record.msg += f"{REPEAT_WINDOW_SECONDS:g} s)"
             record.args = None
         return True
