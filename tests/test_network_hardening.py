@@ -15,6 +15,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -147,7 +148,7 @@ class Resolver:
     """``socket.getaddrinfo`` with some names of the test's own: one that hangs until the test
     ends, one that fails at once, one that is the first honest node's loopback address."""
 
-    HANGS, FAILS, ALIAS = "hangs.example", "fails.example", "alias.example"
+    HANGS, FAILS, ALIAS, ODD = "hangs.example", "fails.example", "alias.example", "odd.example"
 
     def __init__(self, alias_of: str) -> None:
         self.released = threading.Event()
@@ -162,6 +163,8 @@ class Resolver:
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         if host == self.FAILS:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == self.ODD:  # what the idna codec raises for a label empty or too long
+            raise UnicodeError("encoding with 'idna' codec failed (UnicodeError: label too long)")
         if host == self.ALIAS:
             loopback_v6 = self._real("::1", *args, **kwargs)
             return [*loopback_v6, *self._real(self.alias_of, *args, **kwargs)]
@@ -175,7 +178,7 @@ def test_a_node_whose_name_does_not_resolve_in_time_is_dropped_at_the_deadline(
     host, port = cluster[0].address.rsplit(":", 1)
     resolver = Resolver(alias_of=host)
     monkeypatch.setattr(socket, "getaddrinfo", resolver)
-    keys = {**deployment.keys(), "far": KEY, "farther": KEY, "gone": KEY}
+    keys = {**deployment.keys(), "far": KEY, "farther": KEY, "gone": KEY, "odd": KEY}
     provider = HttpUpdateProvider(keys, token=deployment.token, timeout=2)
     nodes = [
         # No node listens on ::1: the alias's second address (loopback IPv4) is tried next.
@@ -183,7 +186,10 @@ def test_a_node_whose_name_does_not_resolve_in_time_is_dropped_at_the_deadline(
         FederatedNode(node_id="far", address=f"{Resolver.HANGS}:{port}"),
         FederatedNode(node_id="farther", address=f"{Resolver.HANGS}:{port}"),
         FederatedNode(node_id="gone", address=f"{Resolver.FAILS}:{port}"),
+        FederatedNode(node_id="odd", address=f"{Resolver.ODD}:{port}"),
     ]
+    thread_errors: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
 
     try:
         rounds = [ask_within_bound(provider, nodes, STATE) for _ in range(2)]
@@ -197,12 +203,68 @@ def test_a_node_whose_name_does_not_resolve_in_time_is_dropped_at_the_deadline(
     assert resolver.hanging_lookups == 1
     assert provider.failures[1]["far"] == provider.failures[1]["farther"]
     assert provider.failures[1]["far"] == (
-        "no answer within 2 s (its host name did not resolve in time)"
+        f"no answer within 2 s (resolving {Resolver.HANGS} did not end in time)"
     )
     assert provider.failures[1]["gone"].startswith(
         f"cannot reach http://{Resolver.FAILS}:{port}/train"
     )
     assert "Name or service not known" in provider.failures[1]["gone"]
+    assert provider.failures[1]["odd"].startswith(
+        f"cannot reach http://{Resolver.ODD}:{port}/train: {Resolver.ODD}: encoding with 'idna'"
+    )
+    assert thread_errors == []  # (no lookup thread died with a traceback)
+
+
+def test_a_round_given_up_does_not_wait_for_a_hanging_resolver(
+    honest_nodes: Honest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment, cluster = honest_nodes
+    resolver = Resolver(alias_of="127.0.0.1")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    keys = {**deployment.keys(), "far": KEY}
+    provider = HttpUpdateProvider(keys, token=deployment.token, timeout=60)
+    nodes = [
+        FederatedNode(node_id="node-0", address=cluster[0].address),
+        FederatedNode(node_id="far", address=f"{Resolver.HANGS}:9"),
+    ]
+
+    arrivals = provider.iter_updates(1, STATE, nodes)
+    try:
+        first = next(arrivals)
+        started = time.monotonic()
+        arrivals.close()  # as the coordinator does when the round is given up (Ctrl-C, errors)
+        seconds = time.monotonic() - started
+    finally:
+        resolver.released.set()
+
+    assert [update.node_id for update in first.updates] == ["node-0"]
+    assert seconds < 5  # not the 60 s deadline the lookup would otherwise be waited for
+
+
+def test_a_proxy_whose_name_hangs_holds_the_round_no_longer_than_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    resolver = Resolver(alias_of="127.0.0.1")
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, f"http://{Resolver.HANGS}:3128")
+    provider = HttpUpdateProvider({"node-0": KEY}, timeout=2, retries=0)
+
+    try:
+        error, seconds = ask_within_bound(
+            provider, [FederatedNode(node_id="node-0", address="127.0.0.1:9")], STATE
+        )
+    finally:
+        resolver.released.set()
+
+    assert isinstance(error, QuorumError)
+    assert seconds < 2 + 1.5
+    assert resolver.hanging_lookups == 1  # the proxy's name was looked up
+    assert provider.failures[1]["node-0"] == (
+        f"no answer within 2 s (resolving {Resolver.HANGS} did not end in time)"
+    )
 
 
 def empty_tensors_answer(count: int, chunked: bool = False) -> bytes:
@@ -392,8 +454,11 @@ def test_a_node_survives_a_thousand_idle_connections(
     assert len(output) < 20_000, output[-3000:]
 
 
-def test_tls_on_one_side_only_is_named(honest_nodes: Honest, tmp_path: Path) -> None:
+def test_tls_on_one_side_only_is_named(
+    honest_nodes: Honest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     deployment, cluster = honest_nodes
+    monkeypatch.setattr(socket, "getaddrinfo", Resolver(alias_of="127.0.0.1"))
     ca, cert, key = make_certificates(tmp_path)
     tls_node = deployment.local_node(
         1, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), ca_file=ca
@@ -407,10 +472,14 @@ def test_tls_on_one_side_only_is_named(honest_nodes: Honest, tmp_path: Path) -> 
         bare = [FederatedNode(node_id="node-1", address=tls_node.address)]
         explicit_http = [FederatedNode(node_id="node-1", address=f"http://{tls_node.address}")]
         plain_node = [FederatedNode(node_id="node-0", address=cluster[0].address)]
+        # The probe tries the name's addresses in order, as the connection did (::1 refuses).
+        alias = f"{Resolver.ALIAS}:{tls_node.port}"
+        named = [FederatedNode(node_id="node-1", address=alias)]
         outcomes = [
             ask_within_bound(plain_provider, bare, STATE)[0],
             ask_within_bound(tls_provider, explicit_http, STATE)[0],
             ask_within_bound(tls_provider, plain_node, STATE)[0],
+            ask_within_bound(plain_provider, named, STATE)[0],
         ]
         handshake = socket.create_connection(("127.0.0.1", tls_node.port), REQUEST_TIMEOUT)
         with handshake:
@@ -424,6 +493,10 @@ def test_tls_on_one_side_only_is_named(honest_nodes: Honest, tmp_path: Path) -> 
     assert "node-1: node speaks TLS: pass --ca-file" in str(outcomes[1])
     assert "node-0: node speaks plain HTTP, not TLS: write http:// in its address" in str(
         outcomes[2]
+    )
+    assert str(outcomes[3]).endswith(
+        "(node-1: node speaks TLS: pass --ca-file (ca_file=), or write https:// in its address "
+        f"(asked over plain HTTP: http://{alias}/train))"
     )
     assert silent_handshake_closed == b""
 

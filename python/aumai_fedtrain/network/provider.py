@@ -384,7 +384,7 @@ class HttpUpdateProvider(UpdateProvider):
         traffics: dict[str, _Traffic] = {}
         with (
             deadline,
-            _client(self._tls) as client,
+            _client(self._tls, deadline) as client,
             ThreadPoolExecutor(min(self.max_workers, max(1, len(asked)))) as pool,
         ):
             try:
@@ -594,7 +594,10 @@ class HttpUpdateProvider(UpdateProvider):
                     return self._receive(response, node, round_, nonce, traffic)
             except httpx.TransportError as exc:
                 if isinstance(exc.__cause__, _ResolveTimeout):
-                    raise _Dropped(f"{too_late} (its host name did not resolve in time)") from None
+                    looked_up = exc.__cause__.host
+                    raise _Dropped(
+                        f"{too_late} (resolving {looked_up} did not end in time)"
+                    ) from None
                 # (httpx's timeouts are the time left: a timeout is the deadline too.)
                 if deadline.expired or isinstance(exc, httpx.TimeoutException):
                     raise too_late from None
@@ -889,7 +892,8 @@ class _RoundDeadline:
         self.seconds = seconds
         self._ends = time.monotonic() + seconds
         self.expired = False
-        self._over = threading.Event()
+        self.over = threading.Event()
+        """Set when the round ends (its deadline, or :meth:`expire`)."""
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._timer = threading.Timer(seconds, self.expire)
@@ -908,7 +912,7 @@ class _RoundDeadline:
 
     def sleep(self, seconds: float) -> None:
         """Wait ``seconds``, or less when the deadline comes first."""
-        self._over.wait(seconds)
+        self.over.wait(seconds)
 
     @contextlib.contextmanager
     def attempt(self) -> Iterator[_Attempt]:
@@ -941,7 +945,7 @@ class _RoundDeadline:
         """End the round now: every watched connection is shut down."""
         with self._lock:
             self.expired = True
-            self._over.set()
+            self.over.set()
             for watched in self._sockets:
                 _shut_down(watched)
 
@@ -975,17 +979,20 @@ class _Attempt:
         self._watched.clear()
 
 
-def _client(verify: ssl.SSLContext) -> httpx.Client:
-    """A round's client: a connection per request (:data:`_LIMITS`), the node's name resolved
-    within the connect timeout (:class:`_BoundedResolution`), proxies from the environment as
-    httpx's default client has them."""
+def _client(verify: ssl.SSLContext, deadline: _RoundDeadline) -> httpx.Client:
+    """A round's client: a connection per request (:data:`_LIMITS`), names (the nodes', and
+    the proxies') resolved within the connect timeout and the round (:class:`_BoundedResolution`),
+    proxies from the environment as httpx's default client has them."""
     client = httpx.Client(verify=verify, limits=_LIMITS)
     # httpx takes no network backend (and a transport of our own would turn the environment's
-    # proxies off); the pool of its direct transport, httpcore's, does. A test fails if a later
-    # httpx moves it (test_a_node_whose_name_does_not_resolve_in_time_is_dropped_at_the_deadline).
-    pool = getattr(getattr(client, "_transport", None), "_pool", None)
-    if isinstance(pool, httpcore.ConnectionPool):
-        pool._network_backend = _BoundedResolution()
+    # proxies off); the pools of its transports, httpcore's, do. A test fails if a later httpx
+    # moves them (test_a_node_whose_name_does_not_resolve_in_time_is_dropped_at_the_deadline).
+    backend = _BoundedResolution(deadline.over)
+    mounted = getattr(client, "_mounts", {}).values()
+    for transport in [getattr(client, "_transport", None), *mounted]:
+        pool = getattr(transport, "_pool", None)
+        if isinstance(pool, httpcore.ConnectionPool):  # (proxies' pools too)
+            pool._network_backend = backend
     return client
 
 
@@ -996,8 +1003,12 @@ class _BoundedResolution(httpcore.SyncBackend):
     down, so a resolver that hangs would hold the round past its deadline. Here it runs in a
     daemon thread that the connection waits for at most its connect timeout (httpx's timeouts
     are the time the deadline leaves); then the addresses found are tried in their order, as
-    ``socket.create_connection`` does, within what is left.
+    ``socket.create_connection`` does, within what is left. A round that ends (``over``) stops
+    the wait at once.
     """
+
+    def __init__(self, over: threading.Event) -> None:
+        self.over = over
 
     def connect_tcp(
         self,
@@ -1009,7 +1020,7 @@ class _BoundedResolution(httpcore.SyncBackend):
     ) -> httpcore.NetworkStream:
         ends = None if timeout is None else time.monotonic() + timeout
         error: httpcore.ConnectError | None = None
-        for address in _resolve(host, port, timeout):
+        for address in _resolve(host, port, timeout, self.over):
             left = None if ends is None else max(0.0, ends - time.monotonic())
             try:
                 return super().connect_tcp(address, port, left, local_address, socket_options)
@@ -1019,10 +1030,10 @@ class _BoundedResolution(httpcore.SyncBackend):
         raise error
 
 
-def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
+def _resolve(host: str, port: int, timeout: float | None, over: threading.Event) -> list[str]:
     """``host``'s addresses in the resolver's order (``host`` itself when it is one):
-    :class:`_ResolveTimeout` when the resolver takes longer than ``timeout`` seconds,
-    ``httpcore.ConnectError`` when it fails."""
+    :class:`_ResolveTimeout` when the resolver takes longer than ``timeout`` seconds or
+    ``over`` is set first, ``httpcore.ConnectError`` when it fails."""
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)
         return [host]
@@ -1031,17 +1042,23 @@ def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
         if lookup is None:
             lookup = _LOOKUPS[host, port] = _Lookup(host, port)
             threading.Thread(target=lookup.run, name=f"resolve {host}", daemon=True).start()
-    if not lookup.done.wait(timeout):
-        raise _ResolveTimeout(f"resolving {host} took longer than {timeout:g} s")
+    if not _first(lookup.done, over, timeout):
+        raise _ResolveTimeout(host)
     if isinstance(lookup.answer, OSError):
         raise httpcore.ConnectError(str(lookup.answer)) from lookup.answer
+    if isinstance(lookup.answer, Exception):  # e.g. UnicodeError: a label empty or too long
+        raise httpcore.ConnectError(f"{host}: {lookup.answer}") from lookup.answer
     if not lookup.answer:
         raise httpcore.ConnectError(f"{host} resolved to no address")
     return lookup.answer
 
 
 class _ResolveTimeout(httpcore.ConnectTimeout):
-    """The resolver did not answer within the connect timeout."""
+    """The resolver did not answer for ``host`` within the connect timeout or the round."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"resolving {host} did not end in time")
+        self.host = host
 
 
 class _Lookup:
@@ -1051,13 +1068,13 @@ class _Lookup:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.done = threading.Event()
-        self.answer: list[str] | OSError = []
+        self.answer: list[str] | Exception = []
 
     def run(self) -> None:
         try:
             found = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
             self.answer = list(dict.fromkeys(str(info[4][0]) for info in found))
-        except OSError as exc:
+        except Exception as exc:  # (handed to the connections, never raised in this thread)
             self.answer = exc
         finally:
             with _LOOKUPS_LOCK:  # the next connection looks the name up afresh
@@ -1067,6 +1084,18 @@ class _Lookup:
 
 _LOOKUPS: dict[tuple[str, int], _Lookup] = {}
 _LOOKUPS_LOCK = threading.Lock()
+_POLL_SECONDS = 0.1
+
+
+def _first(done: threading.Event, over: threading.Event, timeout: float | None) -> bool:
+    """Wait until ``done`` is set (True), or ``over`` is or ``timeout`` seconds pass (False)."""
+    ends = None if timeout is None else time.monotonic() + timeout
+    while not done.is_set():
+        left = _POLL_SECONDS if ends is None else min(ends - time.monotonic(), _POLL_SECONDS)
+        if over.is_set() or left <= 0:
+            return False
+        done.wait(left)
+    return True
 
 
 def _shut_down(sock: socket.socket) -> None:
@@ -1274,20 +1303,26 @@ def _speaks_tls(address: httpx.URL, deadline: _RoundDeadline) -> bool | None:
     timeout = min(deadline.remaining(), _PROBE_SECONDS)
     if timeout <= 0:
         return None
+    ends = time.monotonic() + timeout
     try:
-        host = _resolve(address.host, port, timeout)[0]
+        addresses = _resolve(address.host, port, timeout, deadline.over)
     except (httpcore.ConnectError, httpcore.ConnectTimeout):
         return None
-    with deadline.attempt() as attempt:
-        try:
-            with socket.create_connection((host, port), timeout=timeout) as raw:
-                attempt.watch(raw)
-                with context.wrap_socket(raw, server_hostname=address.host):
-                    return True
-        except ssl.SSLError:
-            return False
-        except OSError:
+    for host in addresses:  # in order, as create_connection tries them
+        left = ends - time.monotonic()
+        if left <= 0:
             return None
+        with deadline.attempt() as attempt:
+            try:
+                with socket.create_connection((host, port), timeout=left) as raw:
+                    attempt.watch(raw)
+                    with context.wrap_socket(raw, server_hostname=address.host):
+                        return True
+            except ssl.SSLError:
+                return False
+            except OSError:
+                continue
+    return None
 
 
 def _tls_failure(error: BaseException) -> bool:
