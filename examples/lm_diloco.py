@@ -35,10 +35,15 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import signal
+import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -263,7 +268,7 @@ class Experiment:
         optimizer = self.optimizer(model, config)
         streams = [iter(self.windows(w, seed)) for w in range(args.workers)]
         exchanged = 2 * self.parameter_count() * BYTES_PER_VALUE * args.workers
-        result = Result("synchronous", seed, None, args.steps, args.steps * exchanged)
+        result = Result(method_name(None), seed, None, args.steps, args.steps * exchanged)
         for step in range(1, args.steps + 1):
             optimizer.zero_grad(set_to_none=True)
             for stream in streams:  # the average of the workers' gradients
@@ -294,7 +299,7 @@ class Experiment:
         model = build_model(self.make_model, config, self.device)
         exchanged = 2 * self.parameter_count() * BYTES_PER_VALUE * args.workers
         rounds = config.global_rounds
-        result = Result(f"DiLoCo H={h}", seed, h, rounds, rounds * exchanged)
+        result = Result(method_name(h), seed, h, rounds, rounds * exchanged)
         for round_id in range(1, rounds + 1):
             state = coordinator.run_round(state, provider.get_updates(round_id, state, nodes))
             if self.due(round_id * h):
@@ -427,6 +432,21 @@ def start_process(args: argparse.Namespace, corpus: Corpus | None = None) -> Exp
     return _experiment
 
 
+def start_worker(args: argparse.Namespace, parent: int) -> None:
+    """Set up a worker process of :func:`run_jobs`: Ctrl-C is the main process's to handle,
+    and the worker ends as soon as the main process does, however it ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=end_with_parent, args=(parent,), daemon=True).start()
+    start_process(args)
+
+
+def end_with_parent(parent: int) -> None:
+    """End this process once ``parent`` is no longer its parent (it ended)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def run_job(job: tuple[int, int | None]) -> Result:
     """One run: ``(seed, H)``, ``H`` None for the synchronous baseline."""
     seed, h = job
@@ -441,10 +461,38 @@ def run_jobs(args: argparse.Namespace, jobs: list[tuple[int, int | None]]) -> It
         yield from map(run_job, jobs)
         return
     context = get_context("spawn")
-    with ProcessPoolExecutor(
-        args.processes, mp_context=context, initializer=start_process, initargs=(args,)
-    ) as pool:
-        yield from pool.map(run_job, jobs)
+    pool = ProcessPoolExecutor(
+        args.processes, mp_context=context, initializer=start_worker, initargs=(args, os.getpid())
+    )
+    try:
+        for future in [pool.submit(run_job, job) for job in jobs]:
+            # Waited for in short slices: a signal (Ctrl-C, SIGTERM) is handled between them,
+            # where a wait without a timeout would hold it until the run ends.
+            while True:
+                try:
+                    yield future.result(timeout=0.5)
+                    break
+                except TimeoutError:
+                    continue
+    except BaseException:
+        # Not waiting for the runs under way: their processes are ended now (Python 3.14 has
+        # terminate_workers() for this).
+        workers = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.terminate()
+        raise
+    pool.shutdown()
+
+
+def method_name(h: int | None) -> str:
+    """The method of ``H`` (None: the synchronous baseline), as the table names it."""
+    return "synchronous" if h is None else f"DiLoCo H={h}"
+
+
+def stop(signum: int, frame: object) -> None:
+    """SIGTERM: end as Ctrl-C does."""
+    raise SystemExit(128 + signum)
 
 
 def main() -> None:
@@ -471,14 +519,31 @@ def main() -> None:
     methods: list[int | None] = [] if args.no_sync else [None]
     jobs = [(seed, h) for seed in args.seeds for h in [*methods, *args.H]]
     started = time.perf_counter()
-    results = []
-    for result in run_jobs(args, jobs):
-        results.append(result)
+    results: list[Result] = []
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for result in run_jobs(args, jobs):
+            results.append(result)
+            print(
+                f"seed {result.seed} {result.method}: {result.final:.4f} bits/byte "
+                f"({result.seconds:.0f} s)",
+                flush=True,
+            )
+    except (KeyboardInterrupt, SystemExit) as exc:
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
+        print(f"interrupted after {len(results)} of {len(jobs)} runs", file=sys.stderr)
+        sys.exit(code)
+    except Exception as exc:  # one line, not a worker's traceback
+        seed, h = jobs[len(results)]
+        hint = ""
+        if isinstance(exc, BrokenProcessPool):
+            hint = " (a worker process died: out of memory? try --processes 1)"
         print(
-            f"seed {result.seed} {result.method}: {result.final:.4f} bits/byte "
-            f"({result.seconds:.0f} s)",
-            flush=True,
+            f"error: the run of seed {seed}, {method_name(h)} failed: "
+            f"{type(exc).__name__}: {exc}{hint}",
+            file=sys.stderr,
         )
+        sys.exit(1)
     summaries = summarize(results)
     print_table(summaries)
     minutes = (time.perf_counter() - started) / 60

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.test_examples import EXAMPLES
@@ -86,3 +89,55 @@ def test_the_language_model_runs_in_parallel_processes_give_the_serial_results(
         return [{k: v for k, v in run.items() if k != "seconds"} for run in results]
 
     assert runs(outputs["1"]) == runs(outputs["2"])
+
+
+def test_the_language_model_run_stopped_with_sigterm_leaves_no_process(tmp_path: Path) -> None:
+    long_runs = [*TINY_LM, "--steps", "5000", "--H", "1", "--eval-every", "5000", "--no-sync"]
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "lm_diloco.py"), *long_runs, "--processes", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the runs start once the model is described
+            if line.startswith("model:"):
+                break
+        workers = workers_of(process.pid)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    assert process.returncode == 128 + signal.SIGTERM
+    assert output.strip().endswith("interrupted after 0 of 2 runs")
+    assert len(workers) == 2
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+
+
+def workers_of(parent: int) -> list[int]:
+    """The worker processes of the pool of ``parent``, once both are started."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        workers = [
+            int(pid)
+            for pid in children
+            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+        ]
+        if len(workers) == 2:
+            return workers
+        time.sleep(0.1)
+    return []
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended but not reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
