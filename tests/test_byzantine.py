@@ -111,10 +111,13 @@ def test_screening_stops_nan_and_inflated_samples_before_any_rule(
     average = RobustAggregator.average
 
     def spy(
-        self: RobustAggregator, updates: Sequence[LocalUpdate], previous: Any = None
+        self: RobustAggregator,
+        updates: Sequence[LocalUpdate],
+        previous: Any = None,
+        median: Any = None,
     ) -> TensorMap:
         seen.append({update.node_id for update in updates})
-        return average(self, updates, previous)
+        return average(self, updates, previous, median)
 
     running_sum = RobustAggregator.running_sum
 
