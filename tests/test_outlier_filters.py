@@ -374,13 +374,15 @@ def test_a_round_with_nothing_excluded_computes_the_median_once(
     coordinator.run_round(state, updates)
     once = list(medians)
     corrupted = corrupt(updates, Byzantine("alie", frozenset({"node-004"})), 0)
-    excluded = robust.exclude_outliers(corrupted, config.aggregation, backend="python").excluded
+    exclusions = robust.exclude_outliers(corrupted, config.aggregation, backend="python")
+    excluded = exclusions.excluded
     medians.clear()
     coordinator.run_round(state, corrupted)
 
     assert once == [5]
     # Updates excluded: the rule's median is of the others, computed again.
     assert "node-004" in excluded and medians == [5, 5 - len(excluded)]
+    assert exclusions.median is None  # (it was the median of all five)
 
 
 # --- real simulated runs --------------------------------------------------------------------------

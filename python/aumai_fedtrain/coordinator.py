@@ -496,12 +496,11 @@ class DiLoCoCoordinator:
     ) -> GlobalState:
         """Average screened ``updates``, take the outer step, check it and credit the nodes;
         ``exclusions`` (the outlier filters' decisions that left ``updates``) give the next
-        state's reputation (None: ``state``'s) and, when they excluded nothing, the median."""
+        state's reputation (None: ``state``'s) and the median of ``updates`` when known."""
         phases = phases if phases is not None else _Phases()
         reputation = median = None
         if exclusions is not None:
-            reputation = exclusions.reputation
-            median = exclusions.median if not exclusions.excluded else None
+            reputation, median = exclusions.reputation, exclusions.median
         with phases.timed("aggregate"):
             delta = self.collect_updates(updates, state.global_weights, median)
         return self._step(state, delta, updates, phases, reputation)

@@ -598,7 +598,7 @@ def aggregate(
     the rule starts from the median.
 
     ``median`` is the coordinate-wise median of ``updates``' gradients when the caller has it
-    already (:attr:`Exclusions.median`, when nothing was excluded): the ``median`` rule returns
+    already (:attr:`Exclusions.median`): the ``median`` rule returns
     it and ``centered_clip`` starts from it rather than computing it again. It is not used
     with norm clipping or bucketing, whose inputs are not the updates themselves.
 
@@ -671,9 +671,9 @@ class Exclusions:
     spared: dict[str, str] = field(default_factory=dict)
     """Node id -> reason, for the flagged updates kept because a majority is never excluded."""
     median: dict[str, np.ndarray] | None = None
-    """The coordinate-wise median (float64) of every update of the round, excluded or not,
-    when the balance filter computed it; with nothing excluded, :func:`aggregate` takes it
-    (``median=``) instead of computing it again."""
+    """The coordinate-wise median (float64) of :attr:`kept`, when the balance filter computed
+    it and excluded nothing (else None): :func:`aggregate` takes it (``median=``) instead of
+    computing it again."""
 
 
 EXCLUSION = "excluded by robust aggregation: "
@@ -767,7 +767,7 @@ def exclude_outliers(
         in_order,
         records,
         {node_id: reason for _, node_id, reason in flagged[cap:]},
-        center,
+        None if chosen_flags else center,  # (the median of every update: of kept, if all are)
     )
 
 
